@@ -1,0 +1,31 @@
+# `make test` and `make run` do all the set-up on a fresh machine: a .venv with CPU torch, then the project.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test run lint gpu-test clean
+
+$(STAMP): pyproject.toml constraints/tested.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# CPU torch where none is installed: an unpinned torch would pull several GB of CUDA wheels
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
+	$(BIN)/python -m pip install -q -c constraints/tested.txt -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not gpu" tests
+
+gpu-test: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu tests
+
+run: $(STAMP)
+	$(BIN)/python -m model.showcase --out runs/tiny-model
+
+lint: $(STAMP)
+	$(BIN)/ruff check model align demo tests bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

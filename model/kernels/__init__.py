@@ -1,0 +1,71 @@
+"""The one place that decides which kernels run.
+
+`get_ops(device)` returns an `Ops` bundle. The reference bundle (pure PyTorch, `ref.py`) runs anywhere and is
+the oracle the fast kernels are tested against. On CUDA, `cuda.py` may supply fast twins with the same
+signatures; any op it cannot supply falls back to the reference. The choice is logged once per device.
+Set `FALCON_ALIGN_KERNELS=ref` to force the reference path everywhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from . import ref
+
+logger = logging.getLogger("falcon_align.kernels")
+
+
+@dataclass(frozen=True)
+class Ops:
+    name: str
+    ssd_scan: Callable
+    causal_conv1d: Callable
+    causal_conv1d_update: Callable
+    selective_state_update: Callable
+    rmsnorm_gated: Callable
+
+
+REFERENCE = Ops(
+    name="reference",
+    ssd_scan=ref.ssd_scan_ref,
+    causal_conv1d=ref.causal_conv1d_ref,
+    causal_conv1d_update=ref.causal_conv1d_update_ref,
+    selective_state_update=ref.selective_state_update_ref,
+    rmsnorm_gated=ref.rmsnorm_gated_ref,
+)
+
+_chosen: dict[str, Ops] = {}
+
+
+def _fast_ops() -> Ops | None:
+    try:
+        from . import cuda
+    except ImportError as err:  # the module itself guards its imports; this is belt and braces
+        logger.info("falcon-align kernels: CUDA ops unavailable (%s)", err)
+        return None
+    overrides = cuda.available_ops()
+    if not overrides:
+        return None
+    return replace(REFERENCE, name="cuda[" + ",".join(sorted(overrides)) + "]", **overrides)
+
+
+def get_ops(device: torch.device | str) -> Ops:
+    device = torch.device(device)
+    key = device.type
+    if key not in _chosen:
+        ops = REFERENCE
+        if device.type == "cuda" and os.environ.get("FALCON_ALIGN_KERNELS", "auto") != "ref":
+            ops = _fast_ops() or REFERENCE
+        logger.info("falcon-align kernels on %s: %s", key, ops.name)
+        _chosen[key] = ops
+    return _chosen[key]
+
+
+def reset_choice() -> None:
+    """Forget the cached choice (tests flip FALCON_ALIGN_KERNELS)."""
+    _chosen.clear()

@@ -1,0 +1,70 @@
+"""Chunked linear cross-entropy: lm_head, µP logit multiplier and CE without ever building (tokens, vocab).
+
+The forward walks the tokens in chunks; for each chunk it forms the chunk's logits, takes the loss, and
+immediately turns them into the gradients for the hidden states and the head weight, so neither the
+forward nor the backward holds more than one chunk of logits. Only positions with a label are scored.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, multiplier, chunk_size):
+        # hidden (N, d); weight (V, d); labels (N,) all valid. Returns the summed loss (fp32 scalar).
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.weight_dtype = weight.dtype
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits, fp64 when asked (tests)
+        grad_h = torch.empty_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
+        total = hidden.new_zeros((), dtype=acc)
+        for start in range(0, hidden.size(0), chunk_size):
+            h = hidden[start:start + chunk_size]
+            y = labels[start:start + chunk_size]
+            logits = (h @ weight.t()).to(acc) * multiplier  # (n, V) — one chunk only
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+            if want_h or want_w:
+                # d loss / d logits = softmax − onehot; the multiplier scales the chain back to h @ Wᵀ
+                g = torch.exp(logits - lse[:, None], out=logits)
+                g[torch.arange(y.numel(), device=y.device), y] -= 1.0
+                g = (g * multiplier).to(hidden.dtype)
+                if want_h:
+                    grad_h[start:start + chunk_size] = g @ weight
+                if want_w:
+                    grad_w += (g.t() @ h).to(acc)
+        ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None
+
+
+def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
+    """labels (b, l) aligned with input_ids → targets (b, l): position t predicts labels[t+1]; last is ignored."""
+    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def chunked_causal_lm_loss(hidden, weight, labels=None, multiplier=1.0, *, shift_labels=None,
+                           num_items_in_batch=None, chunk_size=4096):
+    """hidden (b, l, d) final-norm outputs; weight (V, d) the lm_head; labels (b, l) with -100 ignored, or
+    pre-shifted `shift_labels`. Mean over scored tokens, or sum / num_items_in_batch (gradient accumulation)."""
+    targets = shift_labels if shift_labels is not None else shift_for_next_token(labels)
+    targets = targets.to(hidden.device).reshape(-1)
+    keep = targets != IGNORE_INDEX
+    h = hidden.reshape(-1, hidden.size(-1))[keep]
+    total = _LinearCrossEntropy.apply(h, weight, targets[keep], float(multiplier), chunk_size)
+    if num_items_in_batch is not None:
+        denom = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
+    else:
+        denom = keep.sum().clamp(min=1).to(total.dtype)
+    return total / denom

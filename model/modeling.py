@@ -1,0 +1,415 @@
+"""Falcon-H1: parallel hybrid blocks (GQA attention ‖ Mamba-2 on one normed input) + SwiGLU, with µP multipliers.
+
+Parameter names are transformers' own (`model.layers.{i}.mamba.in_proj`, `self_attn.q_proj`,
+`feed_forward.down_proj`, `final_layernorm`, ...), so released checkpoints load strictly and PEFT targets
+match. Kernels come from `model.kernels.get_ops` only; this file never probes for packages.
+
+Per layer (spec §3.2):
+    h = input_layernorm(x)
+    x = x + mamba(h) · ssm_out + self_attn(h · attn_in) · attn_out
+    x = x + feed_forward(pre_ff_layernorm(x))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from .cache import FalconH1HybridCache
+from .config import FalconH1Config
+from .kernels import get_ops
+from .kernels.ref import rmsnorm_ref
+from .loss import chunked_causal_lm_loss
+from .packing import build_attention_mask, positions_from_attention_mask, resolve_seq_idx
+
+# transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class FalconH1RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        return rmsnorm_ref(x, self.weight, self.variance_epsilon)
+
+
+class FalconH1RMSNormGated(nn.Module):
+    """Holds `mamba.norm.weight`; the math lives in the kernels (group-wise over d_ssm / n_groups)."""
+
+    def __init__(self, hidden_size: int, eps: float, n_groups: int, norm_before_gate: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.group_size = hidden_size // n_groups
+        self.norm_before_gate = norm_before_gate
+
+    def forward(self, y, z, ops):
+        return ops.rmsnorm_gated(y, z, self.weight, self.variance_epsilon, self.group_size, self.norm_before_gate)
+
+
+def _rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """position_ids (b, l) → cos, sin (b, 1, l, head_dim) NeoX layout; frequencies in fp32 as HF does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+                                             device=position_ids.device) / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq  # (b, l, head_dim/2)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class FalconH1Attention(nn.Module):
+    def __init__(self, config: FalconH1Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.key_multiplier = config.key_multiplier
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(self, u, cos, sin, mask, cache):
+        b, l, _ = u.shape
+        q = self.q_proj(u).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, l, hd)
+        k = self.k_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2) * self.key_multiplier
+        v = self.v_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin  # keys are cached scaled and rotated
+        if cache is not None:
+            k, v = cache.update_kv(self.layer_idx, k, v)
+        causal = mask is None and k.size(2) == l and l > 1
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
+            dropout_p=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(o.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
+
+
+class FalconH1Mixer(nn.Module):
+    """Mamba-2 mixer. in_proj output order: [z, x, B, C, dt]; the conv runs over [x, B, C]."""
+
+    def __init__(self, config: FalconH1Config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.d_ssm = config.d_ssm
+        self.n_heads = config.mamba_n_heads
+        self.head_dim = config.mamba_d_head
+        self.n_groups = config.mamba_n_groups
+        self.d_state = config.mamba_d_state
+        self.conv_dim = config.conv_dim
+        self.chunk_size = config.mamba_chunk_size
+        self.time_step_limit = tuple(config.time_step_limit or (0.0, float("inf")))
+        self.ssm_in_multiplier = config.ssm_in_multiplier
+        self.in_proj = nn.Linear(config.hidden_size, config.in_proj_dim, bias=config.mamba_proj_bias)
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim,
+                                padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias)
+        self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = (FalconH1RMSNormGated(self.d_ssm, config.rms_norm_eps, self.n_groups,
+                                          config.mamba_norm_before_gate) if config.mamba_rms_norm else None)
+        self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
+        self.register_buffer("mup_vector", mup_vector(config), persistent=False)
+
+    def forward(self, h, ops, seq_idx=None, pad_mask=None, cache=None):
+        b, l, _ = h.shape
+        H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
+        zxbcdt = self.in_proj(h * self.ssm_in_multiplier) * self.mup_vector
+        z, xBC, dt = zxbcdt.split([self.d_ssm, self.conv_dim, H], dim=-1)
+        if pad_mask is not None:  # pads enter the conv as zeros, exactly like positions before the start
+            xBC = xBC * pad_mask[..., None]
+        A = -torch.exp(self.A_log.float())
+        conv_w = self.conv1d.weight.squeeze(1)  # (conv_dim, K)
+        continuing = cache is not None and cache.has_state(self.layer_idx)
+
+        if continuing and l == 1:  # decode: one recurrence step on the cached states
+            xBC = ops.causal_conv1d_update(xBC[:, 0], cache.conv_states[self.layer_idx], conv_w, self.conv1d.bias,
+                                           activation="silu")
+            x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+            y = ops.selective_state_update(
+                cache.ssm_states[self.layer_idx], x.view(b, H, P), dt[:, 0], A, B.view(b, G, N), C.view(b, G, N),
+                D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit,
+            ).view(b, 1, self.d_ssm)
+        else:
+            conv_init = cache.conv_states[self.layer_idx] if continuing else None
+            ssm_init = cache.ssm_states[self.layer_idx] if continuing else None
+            xBC, conv_final = ops.causal_conv1d(xBC.transpose(1, 2), conv_w, self.conv1d.bias, seq_idx=seq_idx,
+                                                initial_states=conv_init, return_final_states=True,
+                                                activation="silu")
+            xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
+            dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H) fp32
+            if self.time_step_limit != (0.0, float("inf")):
+                dt = dt.clamp(*self.time_step_limit)
+            if pad_mask is not None:  # a pad neither feeds nor decays the state: dt = 0, x = 0
+                xBC = xBC * pad_mask[..., None]
+                dt = dt * pad_mask[..., None]
+            x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+            y, ssm_final = ops.ssd_scan(
+                x.reshape(b, l, H, P), dt, A, B.reshape(b, l, G, N), C.reshape(b, l, G, N), self.chunk_size,
+                D=self.D, seq_idx=seq_idx, initial_states=ssm_init, return_final_states=True,
+            )
+            if cache is not None:
+                cache.set_mamba_states(self.layer_idx, conv_final, ssm_final)
+            y = y.reshape(b, l, self.d_ssm)
+        if self.norm is not None:
+            y = self.norm(y, z, ops)
+        else:
+            y = y * F.silu(z)
+        return self.out_proj(y.to(h.dtype))
+
+
+def mup_vector(config: FalconH1Config) -> torch.Tensor:
+    """(in_proj_dim,) per-channel multipliers of in_proj's output: ssm_multipliers over [z, x, B, C, dt]."""
+    d, gn, H = config.d_ssm, config.mamba_n_groups * config.mamba_d_state, config.mamba_n_heads
+    sizes = [d, d, gn, gn, H]
+    return torch.cat([torch.full((s,), float(m)) for s, m in zip(sizes, config.ssm_multipliers)])
+
+
+class FalconH1MLP(nn.Module):
+    def __init__(self, config: FalconH1Config):
+        super().__init__()
+        bias = config.mlp_bias
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
+        self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
+
+    def forward(self, x):
+        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_multiplier)) * self.down_multiplier
+
+
+class FalconH1DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: FalconH1Config, layer_idx: int):
+        super().__init__()
+        self.feed_forward = FalconH1MLP(config)
+        self.mamba = FalconH1Mixer(config, layer_idx)
+        self.self_attn = FalconH1Attention(config, layer_idx)
+        self.input_layernorm = FalconH1RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.pre_ff_layernorm = FalconH1RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_in_multiplier = config.attention_in_multiplier
+        self.attention_out_multiplier = config.attention_out_multiplier
+        self.ssm_out_multiplier = config.ssm_out_multiplier
+
+    def forward(self, hidden_states, cos=None, sin=None, attn_mask=None, seq_idx=None, pad_mask=None, cache=None,
+                ops=None):
+        h = self.input_layernorm(hidden_states)
+        m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache) * self.ssm_out_multiplier
+        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache) * self.attention_out_multiplier
+        hidden_states = hidden_states + (m + a)
+        return hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
+
+
+class FalconH1PreTrainedModel(PreTrainedModel):
+    config_class = FalconH1Config
+    config: FalconH1Config
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FalconH1DecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True
+    _keys_to_ignore_on_load_unexpected = [r"mup_vector", r"inv_freq"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # transformers' `init.*` helpers skip tensors already loaded from a checkpoint; plain in-place
+        # fills here would overwrite loaded weights when from_pretrained initialises what is left.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Conv1d):
+            init.kaiming_uniform_(module.weight, a=5**0.5)  # PyTorch's default conv init
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (FalconH1RMSNorm, FalconH1RMSNormGated)):
+            init.ones_(module.weight)
+        elif isinstance(module, FalconH1Mixer):
+            init.ones_(module.dt_bias)
+            init.copy_(module.A_log, torch.log(torch.arange(1, module.n_heads + 1, dtype=torch.float32)))
+            init.ones_(module.D)
+            # non-persistent: never in a checkpoint, so always recomputed (meta-device init leaves garbage)
+            module.mup_vector.copy_(mup_vector(self.config).to(module.mup_vector.device))
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # we bring our own hybrid cache (prepare_inputs_for_generation)
+
+
+class FalconH1Model(FalconH1PreTrainedModel):
+    def __init__(self, config: FalconH1Config):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(FalconH1DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_layernorm = FalconH1RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, seq_idx=None, cu_seq_lens_q=None, **kwargs):
+        cache = kwargs.pop("cache", None) or past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        # µP: the embedding multiplier applies to inputs_embeds too (HF skips it there, spec §9 #9)
+        hidden = inputs_embeds * self.config.embedding_multiplier
+        b, l, _ = hidden.shape
+
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = FalconH1HybridCache(self.config, b)
+        past_len = cache.get_seq_length() if cache is not None else 0
+
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("attention_mask must be 2D (batch, past+current length), "
+                             f"got {tuple(attention_mask.shape)}")
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        if position_ids is None:
+            if padded:
+                position_ids = positions_from_attention_mask(attention_mask)[:, -l:]
+            else:
+                position_ids = torch.arange(past_len, past_len + l, device=hidden.device)[None].expand(b, l)
+        seq_idx = None if (padded or past_len) else resolve_seq_idx(position_ids, seq_idx, cu_seq_lens_q, l)
+        pad_mask = attention_mask[:, -l:].to(hidden.dtype) if padded else None
+
+        ops = get_ops(hidden.device)
+        cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
+        attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None, seq_idx)
+        for layer in self.layers:
+            hidden = layer(hidden, cos=cos, sin=sin, attn_mask=attn_mask, seq_idx=seq_idx, pad_mask=pad_mask,
+                           cache=cache, ops=ops)
+        if cache is not None:
+            cache.advance(l)
+        hidden = self.final_layernorm(hidden)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache})
+
+
+class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FalconH1Config):
+        super().__init__(config)
+        self.model = FalconH1Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
+                use_cache=None, logits_to_keep=0, inputs_embeds=None, shift_labels=None, num_items_in_batch=None,
+                return_logits=False, **kwargs):
+        """Causal LM forward. With `labels` (or pre-shifted `shift_labels`) the loss is a chunked CE over the
+        scaled logits and the full logits are not built unless `return_logits=True`."""
+        cache = kwargs.pop("cache", None) or past_key_values
+        for unused in ("output_attentions", "output_hidden_states", "return_dict", "cache_position"):
+            kwargs.pop(unused, None)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = out.last_hidden_state
+        mult = self.config.lm_head_multiplier
+        loss = logits = None
+        if labels is not None or shift_labels is not None:
+            loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, mult, shift_labels=shift_labels,
+                                          num_items_in_batch=num_items_in_batch)
+        if loss is None or return_logits:
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden[:, keep]) * mult
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+    # ------------------------------------------------------------------ generation
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, **kwargs):
+        """Feeds only the tokens the cache has not seen; positions follow the attention mask (left padding)."""
+        cache = kwargs.pop("cache", None) or past_key_values
+        if use_cache and cache is None:
+            cache = FalconH1HybridCache(self.config, input_ids.shape[0])
+        seen = cache.get_seq_length() if cache is not None else 0
+        inputs = {}
+        if inputs_embeds is not None and seen == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+            new = inputs_embeds.shape[1]
+        else:
+            inputs["input_ids"] = input_ids[:, seen:]
+            new = input_ids.shape[1] - seen
+        if attention_mask is not None:
+            inputs["position_ids"] = positions_from_attention_mask(attention_mask)[:, -new:]
+        inputs.update(attention_mask=attention_mask, past_key_values=cache, use_cache=use_cache,
+                      logits_to_keep=kwargs.get("logits_to_keep") or 1)
+        return inputs
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, strict: bool = True,
+                        **kwargs):
+        """transformers' loader, made strict: safetensors only unless `allow_pickle=True`, and any missing,
+        unexpected or mis-shaped tensor is an error naming the key."""
+        path = Path(os.fspath(pretrained_model_name_or_path))
+        if path.is_dir() and not allow_pickle:
+            has_safetensors = any(path.glob("*.safetensors"))
+            pickles = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+            if pickles and not has_safetensors:
+                raise ValueError(
+                    f"{path}: only pickle checkpoints found ({', '.join(pickles)}); pickles can run arbitrary code "
+                    "when loaded. Convert to safetensors, or pass allow_pickle=True if you trust the source.")
+        if not allow_pickle:
+            kwargs.setdefault("use_safetensors", True)
+        kwargs["output_loading_info"] = True
+        if strict:  # let transformers finish loading, then name every mismatch ourselves
+            kwargs.setdefault("ignore_mismatched_sizes", True)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if strict:
+            _raise_on_loading_problems(path, info, model)
+        return model
+
+
+def _raise_on_loading_problems(path, info, model) -> None:
+    problems = []
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    missing = [k for k in info.get("missing_keys", []) if k not in tied]
+    if missing:
+        problems.append(f"missing keys: {sorted(missing)}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected keys: {sorted(info['unexpected_keys'])}")
+    if info.get("mismatched_keys"):
+        problems.append("shape mismatches (key, checkpoint, model): " + str(sorted(info["mismatched_keys"])))
+    if problems:
+        raise ValueError(f"{path}: checkpoint does not match FalconH1ForCausalLM — " + "; ".join(problems))

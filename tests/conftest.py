@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny Falcon-H1 configs and HF twins carrying the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import FalconH1Config, FalconH1ForCausalLM
+
+# every one of the nine µP multipliers ≠ 1
+MULTIPLIERS = dict(
+    embedding_multiplier=2.5, lm_head_multiplier=0.3, key_multiplier=0.7, attention_in_multiplier=1.3,
+    attention_out_multiplier=0.8, ssm_in_multiplier=1.25, ssm_out_multiplier=0.6, mlp_multipliers=[0.9, 0.55],
+    ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3],
+)
+
+
+def tiny_kwargs(**overrides) -> dict:
+    kw = dict(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head="auto", mamba_n_groups=1,
+        mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8, mamba_rms_norm=True, mamba_norm_before_gate=False,
+        rope_theta=1e11, tie_word_embeddings=False, max_position_embeddings=512, pad_token_id=0, **MULTIPLIERS,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial values everywhere (norm weights, D, dt_bias too), so no parameter hides behind an init of 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
+            elif name.endswith(("norm.weight", "layernorm.weight")) or name.endswith(".D"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32, **overrides) -> FalconH1ForCausalLM:
+    torch.manual_seed(seed)
+    model = FalconH1ForCausalLM(FalconH1Config(**tiny_kwargs(**overrides)))
+    return randomize_(model, seed).to(dtype).eval()
+
+
+def hf_twin(ours: FalconH1ForCausalLM):
+    """transformers' own FalconH1ForCausalLM with exactly our weights (strict)."""
+    from transformers import FalconH1Config as HFConfig
+    from transformers import FalconH1ForCausalLM as HFModel
+
+    cfg = HFConfig(**{k: v for k, v in ours.config.to_dict().items()
+                      if k not in ("architectures", "transformers_version", "model_type")})
+    cfg._attn_implementation = "eager"
+    hf = HFModel(cfg).to(next(ours.parameters()).dtype)
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    return hf.eval()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp(min=1e-30)).item()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()

@@ -1,0 +1,87 @@
+"""Chunked linear cross-entropy: same value and gradients as full CE on the scaled logits, no full logits."""
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from model.loss import chunked_causal_lm_loss
+from tests.conftest import tiny_model
+
+
+def full_ce(hidden, weight, labels, mult):
+    logits = (hidden @ weight.t()).float() * mult
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
+
+
+def _case(seed=0, b=3, l=40, d=16, v=300):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(b, l, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (b, l), generator=gen)
+    labels[0, :10] = -100
+    labels[2, 30:] = -100
+    return hidden, weight, labels
+
+
+def test_chunked_ce_equals_full_ce_value_and_grads():
+    hidden, weight, labels = _case()
+    ref = full_ce(hidden, weight, labels, 0.37)
+    g_ref = torch.autograd.grad(ref, (hidden, weight))
+    got = chunked_causal_lm_loss(hidden, weight, labels, 0.37, chunk_size=7)
+    g_got = torch.autograd.grad(got, (hidden, weight))
+    assert abs(got.item() - ref.item()) < 1e-6
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+def test_fp32_model_loss_equals_full_ce_within_1e6():
+    model = tiny_model(seed=1)
+    ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(ids, labels=ids, return_logits=True)
+        ref = F.cross_entropy(out.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    assert abs(out.loss.item() - ref.item()) < 1e-6
+
+
+def test_num_items_in_batch_and_shift_labels():
+    hidden, weight, labels = _case(seed=2)
+    n = int((labels[:, 1:] != -100).sum())
+    mean = chunked_causal_lm_loss(hidden, weight, labels, 1.0)
+    summed = chunked_causal_lm_loss(hidden, weight, labels, 1.0, num_items_in_batch=2 * n)
+    assert abs(summed.item() * 2 - mean.item()) < 1e-9
+    shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    assert abs(chunked_causal_lm_loss(hidden, weight, shift_labels=shifted).item() - mean.item()) < 1e-12
+
+
+class _LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_loss_never_builds_the_full_logits():
+    """Every tensor made in forward+backward stays under one chunk of logits, far below tokens × vocab."""
+    vocab, tokens, chunk = 5000, 2 * 600, 128
+    hidden = torch.randn(2, 600, 8, requires_grad=True)
+    weight = torch.randn(vocab, 8, requires_grad=True)
+    labels = torch.randint(0, vocab, (2, 600))
+    with _LargestTensor() as spy:
+        chunked_causal_lm_loss(hidden, weight, labels, 0.5, chunk_size=chunk).backward()
+    assert spy.largest <= chunk * vocab < tokens * vocab // 4
+    with _LargestTensor() as spy_full:
+        full_ce(hidden, weight, labels, 0.5).backward()
+    assert spy_full.largest >= tokens * vocab * 0.99  # the spy does see a full logits tensor when one is built
+
+
+def test_model_forward_with_labels_returns_no_logits_by_default():
+    model = tiny_model(seed=3)
+    ids = torch.randint(0, 97, (1, 12))
+    out = model(ids, labels=ids)
+    assert out.logits is None and out.loss.requires_grad

@@ -1,0 +1,83 @@
+"""Packed / padding-free rows: each document sees only itself in the SSM scan, the conv window and attention."""
+
+import torch
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from tests.conftest import rel_err, tiny_model
+
+
+def _docs(lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 97, (n,), generator=gen).tolist() for n in lengths]
+
+
+def _alone(model, doc):
+    with torch.no_grad():
+        return model(torch.tensor([doc])).logits[0]
+
+
+def test_trl_padding_free_batch_equals_each_document_alone():
+    model = tiny_model(seed=4, mamba_n_groups=2)
+    docs = _docs([7, 12, 5, 9, 3, 14])
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collator([{"input_ids": d} for d in docs])
+    assert {"position_ids", "cu_seq_lens_q", "seq_idx"} <= set(batch)
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    starts = batch["cu_seq_lens_q"].tolist()
+    for i, doc in enumerate(docs):
+        assert rel_err(packed[starts[i]:starts[i + 1]], _alone(model, doc)) < 1e-5, i
+
+
+def test_several_packed_rows_from_position_ids_only():
+    """Rows of 2–3 documents each; only restarting position_ids mark the boundaries."""
+    model = tiny_model(seed=5)
+    rows = [_docs([6, 11], seed=1), _docs([4, 9, 4], seed=2), _docs([10, 7], seed=3)]
+    ids = torch.tensor([sum(r, []) for r in rows])
+    pos = torch.tensor([sum((list(range(len(d))) for d in r), []) for r in rows])
+    with torch.no_grad():
+        packed = model(ids, position_ids=pos).logits
+    for b, row in enumerate(rows):
+        start = 0
+        for doc in row:
+            assert rel_err(packed[b, start:start + len(doc)], _alone(model, doc)) < 1e-5
+            start += len(doc)
+
+
+def test_packing_without_boundaries_would_leak():
+    """The isolation is real: without position_ids the second document's logits change."""
+    model = tiny_model(seed=6)
+    a, b = _docs([8, 8], seed=4)
+    with torch.no_grad():
+        leaked = model(torch.tensor([a + b])).logits[0, 8:]
+    assert rel_err(leaked, _alone(model, b)) > 1e-3
+
+
+def test_packed_loss_equals_per_document_losses():
+    model = tiny_model(seed=7)
+    docs = _docs([9, 6, 11], seed=5)
+    collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
+    batch = collator([{"input_ids": d} for d in docs])
+    with torch.no_grad():
+        packed = model(**batch).loss
+        total, count = 0.0, 0
+        for d in docs:
+            ids = torch.tensor([d])
+            total += model(ids, labels=ids).loss.item() * (len(d) - 1)
+            count += len(d) - 1
+    assert abs(packed.item() - total / count) < 1e-5
+
+
+def test_right_and_left_padding_are_exact():
+    model = tiny_model(seed=8, mamba_n_groups=2)
+    short, long = _docs([6, 10], seed=6)
+    right = torch.tensor([short + [0] * 4, long])
+    left = torch.tensor([[0] * 4 + short, long])
+    m_right = torch.tensor([[1] * 6 + [0] * 4, [1] * 10])
+    m_left = torch.tensor([[0] * 4 + [1] * 6, [1] * 10])
+    ref_short, ref_long = _alone(model, short), _alone(model, long)
+    with torch.no_grad():
+        r = model(right, attention_mask=m_right).logits
+        lft = model(left, attention_mask=m_left).logits
+    assert rel_err(r[0, :6], ref_short) < 1e-5 and rel_err(r[1], ref_long) < 1e-5
+    assert rel_err(lft[0, 4:], ref_short) < 1e-5 and rel_err(lft[1], ref_long) < 1e-5

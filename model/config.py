@@ -52,31 +52,58 @@ class FalconH1Config(_HFFalconH1Config):
             if not cond:
                 raise ConfigError(f"FalconH1Config.{field}: {msg}")
 
-        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                      "intermediate_size", "vocab_size", "mamba_n_heads", "mamba_n_groups", "mamba_d_state",
-                      "mamba_d_conv", "mamba_chunk_size", "head_dim"):
+        for field in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "vocab_size",
+            "mamba_n_heads",
+            "mamba_n_groups",
+            "mamba_d_state",
+            "mamba_d_conv",
+            "mamba_chunk_size",
+            "head_dim",
+        ):
             value = getattr(self, field)
             need(isinstance(value, int) and value > 0, field, f"must be a positive integer, got {value!r}")
-        need(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-             f"{self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads} (GQA)")
+        need(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "num_key_value_heads",
+            f"{self.num_key_value_heads} must divide num_attention_heads={self.num_attention_heads} (GQA)",
+        )
         need(self.head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.head_dim}")
-        need(self.d_ssm % self.mamba_n_heads == 0, "mamba_n_heads",
-             f"{self.mamba_n_heads} must divide mamba_d_ssm={self.d_ssm}")
-        need(isinstance(self.mamba_d_head, int) and self.mamba_d_head * self.mamba_n_heads == self.d_ssm,
-             "mamba_d_head", f"mamba_d_head={self.mamba_d_head!r} × mamba_n_heads={self.mamba_n_heads} "
-             f"must equal mamba_d_ssm={self.d_ssm}")
-        need(self.mamba_n_heads % self.mamba_n_groups == 0, "mamba_n_groups",
-             f"{self.mamba_n_groups} must divide mamba_n_heads={self.mamba_n_heads}")
-        need(self.d_ssm % self.mamba_n_groups == 0, "mamba_n_groups",
-             f"{self.mamba_n_groups} must divide mamba_d_ssm={self.d_ssm} (group-wise gated norm)")
-        need(len(self.mlp_multipliers) == 2, "mlp_multipliers",
-             f"needs [gate, down], got {self.mlp_multipliers!r}")
-        need(len(self.ssm_multipliers) == 5, "ssm_multipliers",
-             f"needs [z, x, B, C, dt], got {self.ssm_multipliers!r}")
+        need(
+            self.d_ssm % self.mamba_n_heads == 0,
+            "mamba_n_heads",
+            f"{self.mamba_n_heads} must divide mamba_d_ssm={self.d_ssm}",
+        )
+        need(
+            isinstance(self.mamba_d_head, int) and self.mamba_d_head * self.mamba_n_heads == self.d_ssm,
+            "mamba_d_head",
+            f"mamba_d_head={self.mamba_d_head!r} × mamba_n_heads={self.mamba_n_heads} "
+            f"must equal mamba_d_ssm={self.d_ssm}",
+        )
+        need(
+            self.mamba_n_heads % self.mamba_n_groups == 0,
+            "mamba_n_groups",
+            f"{self.mamba_n_groups} must divide mamba_n_heads={self.mamba_n_heads}",
+        )
+        need(
+            self.d_ssm % self.mamba_n_groups == 0,
+            "mamba_n_groups",
+            f"{self.mamba_n_groups} must divide mamba_d_ssm={self.d_ssm} (group-wise gated norm)",
+        )
+        need(len(self.mlp_multipliers) == 2, "mlp_multipliers", f"needs [gate, down], got {self.mlp_multipliers!r}")
+        need(len(self.ssm_multipliers) == 5, "ssm_multipliers", f"needs [z, x, B, C, dt], got {self.ssm_multipliers!r}")
         need(self.hidden_act == "silu", "hidden_act", f"Falcon-H1 uses 'silu', got {self.hidden_act!r}")
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
-        need(rope_type == "default", "rope_parameters",
-             f"only rope_type 'default' is supported (Falcon-H1 uses θ=1e11 unscaled), got {rope_type!r}")
+        need(
+            rope_type == "default",
+            "rope_parameters",
+            f"only rope_type 'default' is supported (Falcon-H1 uses θ=1e11 unscaled), got {rope_type!r}",
+        )
 
     def to_dict(self):
         out = super().to_dict()

@@ -24,8 +24,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_w else None
         total = hidden.new_zeros((), dtype=acc)
         for start in range(0, hidden.size(0), chunk_size):
-            h = hidden[start:start + chunk_size]
-            y = labels[start:start + chunk_size]
+            h = hidden[start : start + chunk_size]
+            y = labels[start : start + chunk_size]
             logits = (h @ weight.t()).to(acc) * multiplier  # (n, V) — one chunk only
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
@@ -35,7 +35,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g[torch.arange(y.numel(), device=y.device), y] -= 1.0
                 g = (g * multiplier).to(hidden.dtype)
                 if want_h:
-                    grad_h[start:start + chunk_size] = g @ weight
+                    grad_h[start : start + chunk_size] = g @ weight
                 if want_w:
                     grad_w += (g.t() @ h).to(acc)
         ctx.save_for_backward(grad_h if want_h else None, grad_w if want_w else None)
@@ -54,8 +54,9 @@ def shift_for_next_token(labels: torch.Tensor) -> torch.Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def chunked_causal_lm_loss(hidden, weight, labels=None, multiplier=1.0, *, shift_labels=None,
-                           num_items_in_batch=None, chunk_size=4096):
+def chunked_causal_lm_loss(
+    hidden, weight, labels=None, multiplier=1.0, *, shift_labels=None, num_items_in_batch=None, chunk_size=4096
+):
     """hidden (b, l, d) final-norm outputs; weight (V, d) the lm_head; labels (b, l) with -100 ignored, or
     pre-shifted `shift_labels`. Mean over scored tokens, or sum / num_items_in_batch (gradient accumulation)."""
     targets = shift_labels if shift_labels is not None else shift_for_next_token(labels)

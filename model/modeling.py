@@ -60,8 +60,9 @@ class FalconH1RMSNormGated(nn.Module):
 
 def _rope_cos_sin(position_ids, head_dim, theta, dtype):
     """position_ids (b, l) → cos, sin (b, 1, l, head_dim) NeoX layout; frequencies in fp32 as HF does."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
-                                             device=position_ids.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    )
     freqs = position_ids[..., None].float() * inv_freq  # (b, l, head_dim/2)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -98,7 +99,13 @@ class FalconH1Attention(nn.Module):
             k, v = cache.update_kv(self.layer_idx, k, v)
         causal = mask is None and k.size(2) == l and l > 1
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5, enable_gqa=self.n_kv != self.n_heads,
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=causal,
+            scale=self.head_dim**-0.5,
+            enable_gqa=self.n_kv != self.n_heads,
             dropout_p=self.dropout if self.training else 0.0,
         )
         return self.o_proj(o.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
@@ -120,13 +127,22 @@ class FalconH1Mixer(nn.Module):
         self.time_step_limit = tuple(config.time_step_limit or (0.0, float("inf")))
         self.ssm_in_multiplier = config.ssm_in_multiplier
         self.in_proj = nn.Linear(config.hidden_size, config.in_proj_dim, bias=config.mamba_proj_bias)
-        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, config.mamba_d_conv, groups=self.conv_dim,
-                                padding=config.mamba_d_conv - 1, bias=config.mamba_conv_bias)
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            config.mamba_d_conv,
+            groups=self.conv_dim,
+            padding=config.mamba_d_conv - 1,
+            bias=config.mamba_conv_bias,
+        )
         self.dt_bias = nn.Parameter(torch.ones(self.n_heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.n_heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = (FalconH1RMSNormGated(self.d_ssm, config.rms_norm_eps, self.n_groups,
-                                          config.mamba_norm_before_gate) if config.mamba_rms_norm else None)
+        self.norm = (
+            FalconH1RMSNormGated(self.d_ssm, config.rms_norm_eps, self.n_groups, config.mamba_norm_before_gate)
+            if config.mamba_rms_norm
+            else None
+        )
         self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
         self.register_buffer("mup_vector", mup_vector(config), persistent=False)
 
@@ -142,19 +158,34 @@ class FalconH1Mixer(nn.Module):
         continuing = cache is not None and cache.has_state(self.layer_idx)
 
         if continuing and l == 1:  # decode: one recurrence step on the cached states
-            xBC = ops.causal_conv1d_update(xBC[:, 0], cache.conv_states[self.layer_idx], conv_w, self.conv1d.bias,
-                                           activation="silu")
+            xBC = ops.causal_conv1d_update(
+                xBC[:, 0], cache.conv_states[self.layer_idx], conv_w, self.conv1d.bias, activation="silu"
+            )
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
             y = ops.selective_state_update(
-                cache.ssm_states[self.layer_idx], x.view(b, H, P), dt[:, 0], A, B.view(b, G, N), C.view(b, G, N),
-                D=self.D, dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit,
+                cache.ssm_states[self.layer_idx],
+                x.view(b, H, P),
+                dt[:, 0],
+                A,
+                B.view(b, G, N),
+                C.view(b, G, N),
+                D=self.D,
+                dt_bias=self.dt_bias,
+                dt_softplus=True,
+                dt_limit=self.time_step_limit,
             ).view(b, 1, self.d_ssm)
         else:
             conv_init = cache.conv_states[self.layer_idx] if continuing else None
             ssm_init = cache.ssm_states[self.layer_idx] if continuing else None
-            xBC, conv_final = ops.causal_conv1d(xBC.transpose(1, 2), conv_w, self.conv1d.bias, seq_idx=seq_idx,
-                                                initial_states=conv_init, return_final_states=True,
-                                                activation="silu")
+            xBC, conv_final = ops.causal_conv1d(
+                xBC.transpose(1, 2),
+                conv_w,
+                self.conv1d.bias,
+                seq_idx=seq_idx,
+                initial_states=conv_init,
+                return_final_states=True,
+                activation="silu",
+            )
             xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H) fp32
             if self.time_step_limit != (0.0, float("inf")):
@@ -164,8 +195,16 @@ class FalconH1Mixer(nn.Module):
                 dt = dt * pad_mask[..., None]
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
             y, ssm_final = ops.ssd_scan(
-                x.reshape(b, l, H, P), dt, A, B.reshape(b, l, G, N), C.reshape(b, l, G, N), self.chunk_size,
-                D=self.D, seq_idx=seq_idx, initial_states=ssm_init, return_final_states=True,
+                x.reshape(b, l, H, P),
+                dt,
+                A,
+                B.reshape(b, l, G, N),
+                C.reshape(b, l, G, N),
+                self.chunk_size,
+                D=self.D,
+                seq_idx=seq_idx,
+                initial_states=ssm_init,
+                return_final_states=True,
             )
             if cache is not None:
                 cache.set_mamba_states(self.layer_idx, conv_final, ssm_final)
@@ -209,8 +248,9 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
-    def forward(self, hidden_states, cos=None, sin=None, attn_mask=None, seq_idx=None, pad_mask=None, cache=None,
-                ops=None):
+    def forward(
+        self, hidden_states, cos=None, sin=None, attn_mask=None, seq_idx=None, pad_mask=None, cache=None, ops=None
+    ):
         h = self.input_layernorm(hidden_states)
         m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache) * self.ssm_out_multiplier
         a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache) * self.attention_out_multiplier
@@ -272,8 +312,18 @@ class FalconH1Model(FalconH1PreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, seq_idx=None, cu_seq_lens_q=None, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        seq_idx=None,
+        cu_seq_lens_q=None,
+        **kwargs,
+    ):
         cache = kwargs.pop("cache", None) or past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -290,8 +340,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
         past_len = cache.get_seq_length() if cache is not None else 0
 
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError("attention_mask must be 2D (batch, past+current length), "
-                             f"got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be 2D (batch, past+current length), got {tuple(attention_mask.shape)}"
+            )
         padded = attention_mask is not None and not bool(attention_mask.all())
         if position_ids is None:
             if padded:
@@ -305,8 +356,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
         attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None, seq_idx)
         for layer in self.layers:
-            hidden = layer(hidden, cos=cos, sin=sin, attn_mask=attn_mask, seq_idx=seq_idx, pad_mask=pad_mask,
-                           cache=cache, ops=ops)
+            hidden = layer(
+                hidden, cos=cos, sin=sin, attn_mask=attn_mask, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, ops=ops
+            )
         if cache is not None:
             cache.advance(l)
         hidden = self.final_layernorm(hidden)
@@ -334,30 +386,56 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.lm_head = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, past_key_values=None,
-                use_cache=None, logits_to_keep=0, inputs_embeds=None, shift_labels=None, num_items_in_batch=None,
-                return_logits=False, **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        labels=None,
+        past_key_values=None,
+        use_cache=None,
+        logits_to_keep=0,
+        inputs_embeds=None,
+        shift_labels=None,
+        num_items_in_batch=None,
+        return_logits=False,
+        **kwargs,
+    ):
         """Causal LM forward. With `labels` (or pre-shifted `shift_labels`) the loss is a chunked CE over the
         scaled logits and the full logits are not built unless `return_logits=True`."""
         cache = kwargs.pop("cache", None) or past_key_values
         for unused in ("output_attentions", "output_hidden_states", "return_dict", "cache_position"):
             kwargs.pop(unused, None)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
         hidden = out.last_hidden_state
         mult = self.config.lm_head_multiplier
         loss = logits = None
         if labels is not None or shift_labels is not None:
-            loss = chunked_causal_lm_loss(hidden, self.lm_head.weight, labels, mult, shift_labels=shift_labels,
-                                          num_items_in_batch=num_items_in_batch)
+            loss = chunked_causal_lm_loss(
+                hidden,
+                self.lm_head.weight,
+                labels,
+                mult,
+                shift_labels=shift_labels,
+                num_items_in_batch=num_items_in_batch,
+            )
         if loss is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep]) * mult
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
     # ------------------------------------------------------------------ generation
-    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs):
+    def prepare_inputs_for_generation(
+        self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
+    ):
         """Feeds only the tokens the cache has not seen; positions follow the attention mask (left padding)."""
         cache = kwargs.pop("cache", None) or past_key_values
         if use_cache and cache is None:
@@ -372,14 +450,19 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
             new = input_ids.shape[1] - seen
         if attention_mask is not None:
             inputs["position_ids"] = positions_from_attention_mask(attention_mask)[:, -new:]
-        inputs.update(attention_mask=attention_mask, past_key_values=cache, use_cache=use_cache,
-                      logits_to_keep=kwargs.get("logits_to_keep") or 1)
+        inputs.update(
+            attention_mask=attention_mask,
+            past_key_values=cache,
+            use_cache=use_cache,
+            logits_to_keep=kwargs.get("logits_to_keep") or 1,
+        )
         return inputs
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, strict: bool = True,
-                        **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, *args, allow_pickle: bool = False, strict: bool = True, **kwargs
+    ):
         """transformers' loader, made strict: safetensors only unless `allow_pickle=True`, and any missing,
         unexpected or mis-shaped tensor is an error naming the key."""
         path = Path(os.fspath(pretrained_model_name_or_path))
@@ -389,7 +472,8 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
             if pickles and not has_safetensors:
                 raise ValueError(
                     f"{path}: only pickle checkpoints found ({', '.join(pickles)}); pickles can run arbitrary code "
-                    "when loaded. Convert to safetensors, or pass allow_pickle=True if you trust the source.")
+                    "when loaded. Convert to safetensors, or pass allow_pickle=True if you trust the source."
+                )
         if not allow_pickle:
             kwargs.setdefault("use_safetensors", True)
         kwargs["output_loading_info"] = True

@@ -32,24 +32,44 @@ _MUP_7B = dict(
     ssm_multipliers=[0.353553, 0.25, 0.176777, 0.5, 0.353553],
 )
 _COMMON = dict(
-    hidden_act="silu", rms_norm_eps=1e-5, rope_theta=1e11, tie_word_embeddings=False, mamba_d_conv=4,
-    mamba_conv_bias=True, mamba_proj_bias=False, mamba_norm_before_gate=False, bos_token_id=1,
-    eos_token_id=11, pad_token_id=0,
+    hidden_act="silu",
+    rms_norm_eps=1e-5,
+    rope_theta=1e11,
+    tie_word_embeddings=False,
+    mamba_d_conv=4,
+    mamba_conv_bias=True,
+    mamba_proj_bias=False,
+    mamba_norm_before_gate=False,
+    bos_token_id=1,
+    eos_token_id=11,
+    pad_token_id=0,
 )
 
 
 def _shape(L, d, heads, kv, hd, d_ssm, mh, mp, G, N, chunk, inter, vocab, max_pos, rms_norm):
-    return dict(num_hidden_layers=L, hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv,
-                head_dim=hd, mamba_d_ssm=d_ssm, mamba_n_heads=mh, mamba_d_head=mp, mamba_n_groups=G,
-                mamba_d_state=N, mamba_chunk_size=chunk, intermediate_size=inter, vocab_size=vocab,
-                max_position_embeddings=max_pos, mamba_rms_norm=rms_norm)
+    return dict(
+        num_hidden_layers=L,
+        hidden_size=d,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=hd,
+        mamba_d_ssm=d_ssm,
+        mamba_n_heads=mh,
+        mamba_d_head=mp,
+        mamba_n_groups=G,
+        mamba_d_state=N,
+        mamba_chunk_size=chunk,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        mamba_rms_norm=rms_norm,
+    )
 
 
 PRESETS: dict[str, dict] = {
     "0.5b": {**_shape(36, 1024, 8, 2, 64, 1536, 24, 64, 1, 128, 128, 2048, 32784, 16384, False), **_MUP_0_5B},
     "1.5b": {**_shape(24, 2048, 8, 2, 128, 3072, 48, 64, 1, 256, 128, 4608, 65537, 131072, True), **_MUP_0_5B},
-    "1.5b-deep": {**_shape(66, 1280, 6, 2, 128, 1536, 24, 64, 1, 256, 128, 3072, 65537, 131072, True),
-                  **_MUP_0_5B},
+    "1.5b-deep": {**_shape(66, 1280, 6, 2, 128, 1536, 24, 64, 1, 256, 128, 3072, 65537, 131072, True), **_MUP_0_5B},
     "3b": {**_shape(32, 2560, 10, 2, 128, 4096, 32, 128, 1, 256, 128, 6144, 65536, 131072, True), **_MUP_7B},
     "7b": {**_shape(44, 3072, 12, 2, 128, 3072, 24, 128, 1, 256, 128, 12288, 130048, 262144, True), **_MUP_7B},
     "34b": {**_shape(72, 5120, 20, 4, 128, 4096, 32, 128, 2, 256, 128, 21504, 261120, 262144, True), **_MUP_7B},

@@ -54,10 +54,26 @@ def packed_row(rng: random.Random, width: int):
 
 def tiny_config() -> FalconH1Config:
     return FalconH1Config(
-        vocab_size=260, hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_state=16, mamba_n_groups=1,
-        mamba_chunk_size=32, mamba_rms_norm=True, mamba_norm_before_gate=False, rope_theta=1e11,
-        max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2, **_MUP_0_5B,
+        vocab_size=260,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        mamba_d_ssm=128,
+        mamba_n_heads=8,
+        mamba_d_state=16,
+        mamba_n_groups=1,
+        mamba_chunk_size=32,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=False,
+        rope_theta=1e11,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        **_MUP_0_5B,
     )
 
 
@@ -138,15 +154,21 @@ def main(argv=None) -> dict:
         cached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         uncached = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, use_cache=False)
         cache_matches &= cached.tolist() == uncached.tolist()
-        samples[text] = decode(cached[0, ids.shape[1]:].tolist())
+        samples[text] = decode(cached[0, ids.shape[1] :].tolist())
 
     report = {
-        "params": n_params, "steps": args.steps, "train_seconds": round(train_s, 1),
-        "first_loss": round(losses[0], 3), "last_loss": round(losses[-1], 3),
+        "params": n_params,
+        "steps": args.steps,
+        "train_seconds": round(train_s, 1),
+        "first_loss": round(losses[0], 3),
+        "last_loss": round(losses[-1], 3),
         "heldout_next_char_accuracy_before": round(acc_before, 3),
         "heldout_next_char_accuracy_after": round(acc_after, 3),
-        "reload_max_abs_logit_diff_ours": err_ours, "reload_max_abs_logit_diff_vanilla_transformers": err_vanilla,
-        "cached_equals_uncached_decoding": cache_matches, "samples": samples, "checkpoint": str(out),
+        "reload_max_abs_logit_diff_ours": err_ours,
+        "reload_max_abs_logit_diff_vanilla_transformers": err_vanilla,
+        "cached_equals_uncached_decoding": cache_matches,
+        "samples": samples,
+        "checkpoint": str(out),
     }
     (out / "showcase_report.json").write_text(json.dumps(report, indent=2))
     print("\n| check | value |\n|---|---|")

@@ -9,18 +9,41 @@ from model import FalconH1Config, FalconH1ForCausalLM
 
 # every one of the nine µP multipliers ≠ 1
 MULTIPLIERS = dict(
-    embedding_multiplier=2.5, lm_head_multiplier=0.3, key_multiplier=0.7, attention_in_multiplier=1.3,
-    attention_out_multiplier=0.8, ssm_in_multiplier=1.25, ssm_out_multiplier=0.6, mlp_multipliers=[0.9, 0.55],
+    embedding_multiplier=2.5,
+    lm_head_multiplier=0.3,
+    key_multiplier=0.7,
+    attention_in_multiplier=1.3,
+    attention_out_multiplier=0.8,
+    ssm_in_multiplier=1.25,
+    ssm_out_multiplier=0.6,
+    mlp_multipliers=[0.9, 0.55],
     ssm_multipliers=[0.35, 0.25, 0.4, 0.5, 0.3],
 )
 
 
 def tiny_kwargs(**overrides) -> dict:
     kw = dict(
-        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head="auto", mamba_n_groups=1,
-        mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8, mamba_rms_norm=True, mamba_norm_before_gate=False,
-        rope_theta=1e11, tie_word_embeddings=False, max_position_embeddings=512, pad_token_id=0, **MULTIPLIERS,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        mamba_d_ssm=64,
+        mamba_n_heads=8,
+        mamba_d_head="auto",
+        mamba_n_groups=1,
+        mamba_d_state=8,
+        mamba_d_conv=4,
+        mamba_chunk_size=8,
+        mamba_rms_norm=True,
+        mamba_norm_before_gate=False,
+        rope_theta=1e11,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        **MULTIPLIERS,
     )
     kw.update(overrides)
     return kw
@@ -51,8 +74,13 @@ def hf_twin(ours: FalconH1ForCausalLM):
     from transformers import FalconH1Config as HFConfig
     from transformers import FalconH1ForCausalLM as HFModel
 
-    cfg = HFConfig(**{k: v for k, v in ours.config.to_dict().items()
-                      if k not in ("architectures", "transformers_version", "model_type")})
+    cfg = HFConfig(
+        **{
+            k: v
+            for k, v in ours.config.to_dict().items()
+            if k not in ("architectures", "transformers_version", "model_type")
+        }
+    )
     cfg._attn_implementation = "eager"
     hf = HFModel(cfg).to(next(ours.parameters()).dtype)
     hf.load_state_dict(ours.state_dict(), strict=True)

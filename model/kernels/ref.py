@@ -44,8 +44,22 @@ def _discretize_dt(dt, dt_bias, dt_softplus, dt_limit):
     return dt
 
 
-def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
-                 dt_softplus=False, dt_limit=_NO_LIMIT, return_final_states=False):
+def ssd_scan_ref(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    seq_idx=None,
+    dt_softplus=False,
+    dt_limit=_NO_LIMIT,
+    return_final_states=False,
+):
     """Chunked SSD (Mamba-2) scan, exact evaluation of the per-head recurrence
 
         S_t = exp(dt_t · A) · S_{t-1} + dt_t · x_t ⊗ B_t,    y_t = S_t · C_t + D · x_t  (then · silu(z_t))
@@ -99,8 +113,7 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xdt)
 
     # 3. carry states across chunks (a scan over c+1 states, the initial one first)
-    init = (initial_states.to(cdt) if initial_states is not None
-            else torch.zeros(b, h, p, n, dtype=cdt, device=x.device))
+    init = initial_states.to(cdt) if initial_states is not None else torch.zeros(b, h, p, n, dtype=cdt, device=x.device)
     states = torch.cat([init[:, None], chunk_states], dim=1)  # (b, c+1, h, p, n)
     carry = torch.exp(_segsum(F.pad(A_cum[..., -1], (1, 0))))  # (b, h, c+1 to, c+1 from)
     if seq_idx is not None:
@@ -123,8 +136,9 @@ def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initi
     return (y, final_states) if return_final_states else y
 
 
-def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False,
-                      activation=None):
+def causal_conv1d_ref(
+    x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
+):
     """Depthwise causal conv. x (b, d, l); weight (d, k); bias (d,); initial_states (b, d, k-1): the raw
     inputs before x[..., 0] (they belong to the document of position 0); seq_idx (b, l) masks every tap
     that reaches into another document. Returns y (b, d, l) [, final_states (b, d, k-1): last raw inputs].
@@ -148,7 +162,7 @@ def causal_conv1d_ref(x, weight, bias=None, seq_idx=None, initial_states=None, r
         y = F.silu(y)
     elif activation is not None:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    return (y, xp[..., -(k - 1):].clone()) if return_final_states else y
+    return (y, xp[..., -(k - 1) :].clone()) if return_final_states else y
 
 
 def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
@@ -161,8 +175,9 @@ def causal_conv1d_update_ref(x, conv_state, weight, bias=None, activation=None):
     return F.silu(y) if activation in ("silu", "swish") else y
 
 
-def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                               dt_limit=_NO_LIMIT):
+def selective_state_update_ref(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=_NO_LIMIT
+):
     """One recurrence step; `state` (b, h, p, n) fp32 is updated in place.
     x (b, h, p); dt (b, h); A (h,); B, C (b, g, n); D (h,); z (b, h, p). Returns y (b, h, p) in x.dtype.
     """

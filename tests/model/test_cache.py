@@ -19,7 +19,7 @@ def test_cached_decoding_equals_full_forward_at_every_step():
         cache = out.past_key_values
         assert rel_err(out.logits, full[:, :7]) < 1e-5
         for t in range(7, 20):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
             assert rel_err(out.logits[:, -1], full[:, t]) < 1e-5, t
 
 
@@ -30,8 +30,10 @@ def test_chunked_prefill_equals_one_shot_prefill():
     with torch.no_grad():
         one_shot = model(ids, use_cache=True)
         cache = FalconH1HybridCache(model.config, 2)
-        pieces = [model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
-                  for a, b in [(0, 5), (5, 6), (6, 17), (17, 23)]]
+        pieces = [
+            model(ids[:, a:b], past_key_values=cache, use_cache=True).logits
+            for a, b in [(0, 5), (5, 6), (6, 17), (17, 23)]
+        ]
         assert rel_err(torch.cat(pieces, 1), one_shot.logits) < 1e-5
         for layer in range(model.config.num_hidden_layers):
             torch.testing.assert_close(cache.ssm_states[layer], one_shot.past_key_values.ssm_states[layer])
@@ -61,9 +63,10 @@ def test_batched_generate_with_left_padding_equals_single_rows():
     mask = (torch.arange(width)[None] >= (width - torch.tensor([len(p) for p in prompts]))[:, None]).long()
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
     for i, p in enumerate(prompts):
-        single = model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=8,
-                                do_sample=False)
-        assert batched[i, width:].tolist() == single[0, len(p):].tolist()
+        single = model.generate(
+            p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=8, do_sample=False
+        )
+        assert batched[i, width:].tolist() == single[0, len(p) :].tolist()
 
 
 def test_greedy_generate_equals_argmax_of_full_forward():

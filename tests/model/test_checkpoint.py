@@ -85,14 +85,17 @@ def test_pickle_checkpoint_is_refused_unless_opted_in(tmp_path):
         assert rel_err(loaded(IDS).logits, ours(IDS).logits) < 1e-7
 
 
-@pytest.mark.parametrize("bad, field", [
-    (dict(mamba_n_heads=5), "mamba_n_heads"),
-    (dict(num_key_value_heads=3), "num_key_value_heads"),
-    (dict(mamba_d_head=7), "mamba_d_head"),
-    (dict(mamba_n_groups=3), "mamba_n_groups"),
-    (dict(head_dim=15), "head_dim"),
-    (dict(ssm_multipliers=[1.0, 1.0]), "ssm_multipliers"),
-])
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (dict(mamba_n_heads=5), "mamba_n_heads"),
+        (dict(num_key_value_heads=3), "num_key_value_heads"),
+        (dict(mamba_d_head=7), "mamba_d_head"),
+        (dict(mamba_n_groups=3), "mamba_n_groups"),
+        (dict(head_dim=15), "head_dim"),
+        (dict(ssm_multipliers=[1.0, 1.0]), "ssm_multipliers"),
+    ],
+)
 def test_inconsistent_config_names_the_field(bad, field):
     with pytest.raises(ConfigError, match=rf"FalconH1Config\.{field}"):
         FalconH1Config(**tiny_kwargs(**bad))
@@ -100,11 +103,19 @@ def test_inconsistent_config_names_the_field(bad, field):
 
 def test_released_config_variants_parse():
     """rope_theta or rope_parameters, explicit head_dim, mamba_d_head="auto", extra keys HF ignores."""
-    released = dict(tiny_kwargs(), attn_layer_indices=None, mamba_use_mlp=True, mlp_expansion_factor=8,
-                    time_step_min=0.001, time_step_max=0.1)
+    released = dict(
+        tiny_kwargs(),
+        attn_layer_indices=None,
+        mamba_use_mlp=True,
+        mlp_expansion_factor=8,
+        time_step_min=0.001,
+        time_step_max=0.1,
+    )
     a = FalconH1Config(**released)
-    b = FalconH1Config(**{k: v for k, v in released.items() if k != "rope_theta"},
-                       rope_parameters={"rope_type": "default", "rope_theta": 1e11})
+    b = FalconH1Config(
+        **{k: v for k, v in released.items() if k != "rope_theta"},
+        rope_parameters={"rope_type": "default", "rope_theta": 1e11},
+    )
     assert a.rope_theta_value == b.rope_theta_value == 1e11
     assert a.mamba_d_head == 8 and a.head_dim == 16
 

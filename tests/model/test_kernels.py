@@ -25,7 +25,10 @@ def naive_scan(x, dt, A, B, C, D, seq_idx=None, init=None):
     for t in range(l):
         if seq_idx is not None and t > 0:
             S = S * (seq_idx[:, t] == seq_idx[:, t - 1]).to(S.dtype)[:, None, None, None]
-        S = S * torch.exp(dt[:, t] * A)[..., None, None] + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        S = (
+            S * torch.exp(dt[:, t] * A)[..., None, None]
+            + (dt[:, t, :, None] * x[:, t])[..., None] * B[:, t, :, None, :]
+        )
         ys.append(torch.einsum("bhpn,bhn->bhp", S, C[:, t]) + D[:, None] * x[:, t])
     return torch.stack(ys, 1), S
 
@@ -33,8 +36,14 @@ def naive_scan(x, dt, A, B, C, D, seq_idx=None, init=None):
 def scan_inputs(b=2, l=29, h=4, p=3, g=2, n=5, seed=0):
     gen = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
-    return dict(x=r(b, l, h, p), dt=F.softplus(r(b, l, h)), A=-torch.rand(h, generator=gen, dtype=torch.float64) * 2,
-                B=r(b, l, g, n), C=r(b, l, g, n), D=r(h))
+    return dict(
+        x=r(b, l, h, p),
+        dt=F.softplus(r(b, l, h)),
+        A=-torch.rand(h, generator=gen, dtype=torch.float64) * 2,
+        B=r(b, l, g, n),
+        C=r(b, l, g, n),
+        D=r(h),
+    )
 
 
 @pytest.mark.parametrize("chunk", [4, 8, 64])
@@ -48,22 +57,36 @@ def test_ssd_scan_matches_recurrence(chunk, packed, with_init):
         seq_idx = torch.tensor([[0] * 5 + [1] * 11 + [2] * 13, [0] * 29])
     init = torch.randn(b, h, p, a["B"].shape[-1], dtype=torch.float64) if with_init else None
     y_ref, s_ref = naive_scan(**a, seq_idx=seq_idx, init=init)
-    y, s = ssd_scan_ref(a["x"], a["dt"], a["A"], a["B"], a["C"], chunk, D=a["D"], seq_idx=seq_idx,
-                        initial_states=init, return_final_states=True)
+    y, s = ssd_scan_ref(
+        a["x"],
+        a["dt"],
+        a["A"],
+        a["B"],
+        a["C"],
+        chunk,
+        D=a["D"],
+        seq_idx=seq_idx,
+        initial_states=init,
+        return_final_states=True,
+    )
     torch.testing.assert_close(y, y_ref, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(s.double(), s_ref, rtol=1e-9, atol=1e-9)
 
 
 def test_ssd_scan_split_with_states_equals_whole():
     a = scan_inputs(seed=3)
-    whole, final = ssd_scan_ref(**{k: a[k] for k in "x dt A B C".split()}, chunk_size=8, D=a["D"],
-                                return_final_states=True)
+    whole, final = ssd_scan_ref(
+        **{k: a[k] for k in "x dt A B C".split()}, chunk_size=8, D=a["D"], return_final_states=True
+    )
     cut = 11
     first = {k: (v[:, :cut] if v.dim() > 1 else v) for k, v in a.items()}
     rest = {k: (v[:, cut:] if v.dim() > 1 else v) for k, v in a.items()}
-    y1, s1 = ssd_scan_ref(first["x"], first["dt"], a["A"], first["B"], first["C"], 8, D=a["D"], return_final_states=True)
-    y2, s2 = ssd_scan_ref(rest["x"], rest["dt"], a["A"], rest["B"], rest["C"], 8, D=a["D"], initial_states=s1,
-                          return_final_states=True)
+    y1, s1 = ssd_scan_ref(
+        first["x"], first["dt"], a["A"], first["B"], first["C"], 8, D=a["D"], return_final_states=True
+    )
+    y2, s2 = ssd_scan_ref(
+        rest["x"], rest["dt"], a["A"], rest["B"], rest["C"], 8, D=a["D"], initial_states=s1, return_final_states=True
+    )
     torch.testing.assert_close(torch.cat([y1, y2], 1), whole)
     torch.testing.assert_close(s2, final)
 
@@ -112,8 +135,9 @@ def test_conv_update_and_initial_states_continue_the_window():
 def test_state_update_equals_scan_step():
     a = scan_inputs(l=1, seed=5)
     init = torch.randn(2, 4, 3, 5, dtype=torch.float64)
-    y_scan, s_scan = ssd_scan_ref(a["x"], a["dt"], a["A"], a["B"], a["C"], 4, D=a["D"], initial_states=init,
-                                  return_final_states=True)
+    y_scan, s_scan = ssd_scan_ref(
+        a["x"], a["dt"], a["A"], a["B"], a["C"], 4, D=a["D"], initial_states=init, return_final_states=True
+    )
     state = init.clone()
     y = selective_state_update_ref(state, a["x"][:, 0], a["dt"][:, 0], a["A"], a["B"][:, 0], a["C"][:, 0], D=a["D"])
     torch.testing.assert_close(y, y_scan[:, 0])
@@ -126,8 +150,9 @@ def test_gated_rmsnorm_is_groupwise():
     w = torch.randn(8, generator=gen)
     y = rmsnorm_gated_ref(x, z, w, 1e-5, group_size=4)
     gated = x * F.silu(z)
-    halves = [gated[..., i:i + 4] * torch.rsqrt(gated[..., i:i + 4].pow(2).mean(-1, keepdim=True) + 1e-5)
-              for i in (0, 4)]
+    halves = [
+        gated[..., i : i + 4] * torch.rsqrt(gated[..., i : i + 4].pow(2).mean(-1, keepdim=True) + 1e-5) for i in (0, 4)
+    ]
     torch.testing.assert_close(y, torch.cat(halves, -1) * w)
     assert not torch.allclose(y, rmsnorm_gated_ref(x, z, w, 1e-5, group_size=8))
 

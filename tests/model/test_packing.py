@@ -26,7 +26,7 @@ def test_trl_padding_free_batch_equals_each_document_alone():
         packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
     starts = batch["cu_seq_lens_q"].tolist()
     for i, doc in enumerate(docs):
-        assert rel_err(packed[starts[i]:starts[i + 1]], _alone(model, doc)) < 1e-5, i
+        assert rel_err(packed[starts[i] : starts[i + 1]], _alone(model, doc)) < 1e-5, i
 
 
 def test_several_packed_rows_from_position_ids_only():
@@ -40,7 +40,7 @@ def test_several_packed_rows_from_position_ids_only():
     for b, row in enumerate(rows):
         start = 0
         for doc in row:
-            assert rel_err(packed[b, start:start + len(doc)], _alone(model, doc)) < 1e-5
+            assert rel_err(packed[b, start : start + len(doc)], _alone(model, doc)) < 1e-5
             start += len(doc)
 
 

@@ -28,7 +28,12 @@ from .config import FalconH1Config
 from .kernels import get_ops
 from .kernels.ref import rmsnorm_ref
 from .loss import chunked_causal_lm_loss
-from .packing import build_attention_mask, positions_from_attention_mask, resolve_seq_idx
+from .packing import (
+    build_attention_mask,
+    cu_seqlens_from_seq_idx,
+    positions_from_attention_mask,
+    resolve_seq_idx,
+)
 
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -88,13 +93,20 @@ class FalconH1Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, u, cos, sin, mask, cache):
+    def forward(self, u, cos, sin, mask, cache, ops, packed=None):
+        """mask: boolean (b, 1, l, past+l) or None (plain causal); packed: (cu_seqlens, max_len) for
+        documents packed in the rows, attended to one by one through varlen attention."""
         b, l, _ = u.shape
         q = self.q_proj(u).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, l, hd)
         k = self.k_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin  # keys are cached scaled and rotated
+        if packed is not None:
+            cu_seqlens, max_len = packed
+            flat = [t.transpose(1, 2).reshape(b * l, -1, self.head_dim) for t in (q, k, v)]  # (b·l, heads, hd)
+            o = ops.varlen_attention(*flat, cu_seqlens, max_len, self.head_dim**-0.5)
+            return self.o_proj(o.reshape(b, l, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         causal = mask is None and k.size(2) == l and l > 1
@@ -249,11 +261,21 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         self.ssm_out_multiplier = config.ssm_out_multiplier
 
     def forward(
-        self, hidden_states, cos=None, sin=None, attn_mask=None, seq_idx=None, pad_mask=None, cache=None, ops=None
+        self,
+        hidden_states,
+        cos=None,
+        sin=None,
+        attn_mask=None,
+        seq_idx=None,
+        packed=None,
+        pad_mask=None,
+        cache=None,
+        ops=None,
     ):
         h = self.input_layernorm(hidden_states)
         m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache) * self.ssm_out_multiplier
-        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache) * self.attention_out_multiplier
+        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed)
+        a = a * self.attention_out_multiplier
         hidden_states = hidden_states + (m + a)
         return hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
 
@@ -333,31 +355,43 @@ class FalconH1Model(FalconH1PreTrainedModel):
         hidden = inputs_embeds * self.config.embedding_multiplier
         b, l, _ = hidden.shape
 
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = FalconH1HybridCache(self.config, b)
-        past_len = cache.get_seq_length() if cache is not None else 0
-
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"attention_mask must be 2D (batch, past+current length), got {tuple(attention_mask.shape)}"
             )
         padded = attention_mask is not None and not bool(attention_mask.all())
+        continuing = cache is not None and cache.get_seq_length() > 0
+        # packed rows (padding-free): documents marked by seq_idx, cu_seq_lens or restarting position_ids
+        seq_idx = None if (padded or continuing) else resolve_seq_idx(position_ids, seq_idx, cu_seq_lens_q, l)
+        if use_cache is None:  # default: a cache for inference, none for training or packed rows
+            use_cache = self.config.use_cache and not self.training and seq_idx is None
+        if use_cache and cache is None:
+            cache = FalconH1HybridCache(self.config, b)
+        if seq_idx is not None and cache is not None:
+            raise ValueError("packed documents (seq_idx / restarting position_ids) cannot be combined with a cache")
+        past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
             if padded:
                 position_ids = positions_from_attention_mask(attention_mask)[:, -l:]
             else:
                 position_ids = torch.arange(past_len, past_len + l, device=hidden.device)[None].expand(b, l)
-        seq_idx = None if (padded or past_len) else resolve_seq_idx(position_ids, seq_idx, cu_seq_lens_q, l)
         pad_mask = attention_mask[:, -l:].to(hidden.dtype) if padded else None
+        packed = cu_seqlens_from_seq_idx(seq_idx) if seq_idx is not None else None
 
         ops = get_ops(hidden.device)
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
-        attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None, seq_idx)
+        attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None)
         for layer in self.layers:
             hidden = layer(
-                hidden, cos=cos, sin=sin, attn_mask=attn_mask, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, ops=ops
+                hidden,
+                cos=cos,
+                sin=sin,
+                attn_mask=attn_mask,
+                seq_idx=seq_idx,
+                packed=packed,
+                pad_mask=pad_mask,
+                cache=cache,
+                ops=ops,
             )
         if cache is not None:
             cache.advance(l)

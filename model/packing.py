@@ -47,15 +47,27 @@ def positions_from_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.clamp(min=0)
 
 
-def build_attention_mask(batch: int, q_len: int, past_len: int, device, attention_mask=None, seq_idx=None):
+def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """seq_idx (b, l) → cumulative document starts over the flattened b·l tokens (int32) and the longest
+    document. Documents never span rows: a new row always starts a new document."""
+    b, l = seq_idx.shape
+    starts = torch.ones_like(seq_idx, dtype=torch.bool)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    positions = torch.nonzero(starts.reshape(-1)).squeeze(1)
+    cu = torch.cat([positions, positions.new_tensor([b * l])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def build_attention_mask(batch: int, q_len: int, past_len: int, device, attention_mask=None):
     """Boolean (b, 1, q_len, past_len+q_len) mask (True = may attend), or None when plain causal suffices.
 
-    Combines causality (query i sits at absolute position past_len+i), key padding from the 2D
-    `attention_mask` over all past+current positions, and document isolation from `seq_idx`. A query whose
-    row would be empty (a pad in left padding) attends to itself only, so softmax never sees an empty row.
+    Combines causality (query i sits at absolute position past_len+i) and key padding from the 2D
+    `attention_mask` over all past+current positions. A query whose row would be empty (a pad in left
+    padding) attends to itself only, so softmax never sees an empty row. Packed documents do not come
+    here: they go to varlen attention.
     """
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and seq_idx is None and (past_len == 0 or q_len == 1):
+    if not has_padding and (past_len == 0 or q_len == 1):
         return None
     k_len = past_len + q_len
     q_pos = torch.arange(past_len, k_len, device=device)[:, None]
@@ -63,10 +75,6 @@ def build_attention_mask(batch: int, q_len: int, past_len: int, device, attentio
     mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, k_len)
     if has_padding:
         mask = mask & attention_mask[:, None, None, -k_len:].bool()
-    if seq_idx is not None:
-        if past_len:
-            raise ValueError("packed documents (seq_idx / restarting position_ids) cannot be combined with a cache")
-        mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
     empty = ~mask.any(-1, keepdim=True)
     if bool(empty.any()):
         mask = mask | (empty & (k_pos == q_pos))

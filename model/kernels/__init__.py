@@ -28,6 +28,7 @@ class Ops:
     causal_conv1d_update: Callable
     selective_state_update: Callable
     rmsnorm_gated: Callable
+    varlen_attention: Callable
 
 
 REFERENCE = Ops(
@@ -37,6 +38,7 @@ REFERENCE = Ops(
     causal_conv1d_update=ref.causal_conv1d_update_ref,
     selective_state_update=ref.selective_state_update_ref,
     rmsnorm_gated=ref.rmsnorm_gated_ref,
+    varlen_attention=ref.varlen_attention_ref,
 )
 
 _chosen: dict[str, Ops] = {}

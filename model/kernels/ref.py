@@ -152,12 +152,12 @@ def causal_conv1d_ref(
     if seq_idx is None:
         y = F.conv1d(xp, w.unsqueeze(1), bias, groups=d)
     else:
-        windows = xp.unfold(-1, k, 1)  # (b, d, l, k): windows[..., t, j] = x[t - (k-1) + j]
-        s_pad = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=-1)
-        same_doc = s_pad.unfold(-1, k, 1) == seq_idx[..., None]  # (b, l, k)
-        y = torch.einsum("bdlk,dk->bdl", windows * same_doc[:, None].to(x.dtype), w)
-        if bias is not None:
-            y = y + bias.to(x.dtype)[:, None]
+        # tap j reads x[t - (k-1) + j]; drop it where that position is in another document
+        s_pad = torch.cat([seq_idx[:, :1].expand(b, k - 1), seq_idx], dim=-1)  # (b, k-1+l)
+        y = x.new_zeros(b, d, l) if bias is None else bias.to(x.dtype)[:, None].expand(b, d, l).clone()
+        for j in range(k):
+            same_doc = (s_pad[:, j : j + l] == seq_idx).to(x.dtype)[:, None]  # (b, 1, l)
+            y = y + w[:, j, None] * xp[..., j : j + l] * same_doc
     if activation in ("silu", "swish"):
         y = F.silu(y)
     elif activation is not None:
@@ -212,6 +212,20 @@ def rmsnorm_gated_ref(x, z, weight, eps, group_size, norm_before_gate=False):
     if z is not None and norm_before_gate:
         y = y * F.silu(z.float())
     return y.to(dtype)
+
+
+def varlen_attention_ref(q, k, v, cu_seqlens, max_len, scale):
+    """Causal attention within each document of a flattened packed batch.
+    q (T, H, D); k, v (T, KV, D); cu_seqlens (docs+1,) document starts. Returns (T, H, D)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    gqa = k.shape[1] != q.shape[1]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            qd, kd, vd = (t[lo:hi].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, n, D)
+            od = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale, enable_gqa=gqa)
+            out[lo:hi] = od[0].transpose(0, 1)
+    return out
 
 
 def rmsnorm_ref(x, weight, eps):

@@ -99,3 +99,14 @@ def test_ssm_state_is_fp32_in_a_bf16_model():
         cache = model(_ids(1, 5, seed=8), use_cache=True).past_key_values
     assert all(s.dtype == torch.float32 for s in cache.ssm_states)
     assert cache.key_cache[0].dtype == torch.bfloat16
+
+
+def test_cache_is_accepted_under_both_names():
+    """transformers 5.24 renames past_key_values → cache; generate passes whichever it uses."""
+    model = tiny_model(seed=16)
+    ids = _ids(1, 8, seed=9)
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        a = model(ids[:, :7], use_cache=True)
+        b = model(ids[:, 7:], cache=a.past_key_values).logits[:, -1]
+    assert rel_err(b, full) < 1e-5

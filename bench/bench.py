@@ -74,8 +74,11 @@ def time_training(model, T, steps, ckpt=False, packed_docs=0):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         dt = statistics.median(times)
-        out = dict(tokens_per_s=round(T / dt), step_s=round(dt, 4),
-                   peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+        out = dict(
+            tokens_per_s=round(T / dt),
+            step_s=round(dt, 4),
+            peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        )
     except torch.OutOfMemoryError:
         out = dict(error="out of memory")
     except Exception as err:  # the reference crashes in some settings; record it, keep benchmarking
@@ -97,8 +100,13 @@ def build(cfg, which, state_dict=None):
         from transformers import FalconH1Config as HFConfig
         from transformers import FalconH1ForCausalLM as HFModel
 
-        hf_cfg = HFConfig(**{k: v for k, v in cfg.to_dict().items()
-                             if k not in ("architectures", "transformers_version", "model_type")})
+        hf_cfg = HFConfig(
+            **{
+                k: v
+                for k, v in cfg.to_dict().items()
+                if k not in ("architectures", "transformers_version", "model_type")
+            }
+        )
         hf_cfg._attn_implementation = "sdpa"
         model = HFModel(hf_cfg)
         model.load_state_dict(state_dict, strict=True)
@@ -126,8 +134,12 @@ def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True):
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
         produced = out.shape[1] - prompt
-        return dict(decode_tokens_per_s=round(produced / dt, 1), batch=batch, new_tokens=produced,
-                    aggregate_tokens_per_s=round(batch * produced / dt, 1))
+        return dict(
+            decode_tokens_per_s=round(produced / dt, 1),
+            batch=batch,
+            new_tokens=produced,
+            aggregate_tokens_per_s=round(batch * produced / dt, 1),
+        )
     except Exception as err:
         return dict(error=repr(err)[:300], batch=batch)
     finally:
@@ -138,8 +150,14 @@ def versions():
     import transformers
     import triton
 
-    out = dict(python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-               triton=triton.__version__, cuda=torch.version.cuda, card=torch.cuda.get_device_name())
+    out = dict(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        triton=triton.__version__,
+        cuda=torch.version.cuda,
+        card=torch.cuda.get_device_name(),
+    )
     try:
         from importlib.metadata import version
 
@@ -147,8 +165,9 @@ def versions():
     except Exception:
         out["mamba_ssm"] = None
     try:
-        out["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True).stdout.strip()
+        out["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         pass
     return out
@@ -171,8 +190,16 @@ def main():
     ops = get_ops("cuda")  # also makes mamba-ssm importable for transformers' model (2.3.x __init__ issue)
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     cfg = preset_config(args.preset, max_position_embeddings=1 << 20, **overrides)
-    result = dict(name=f"{args.preset}", date=datetime.date.today().isoformat(), command=" ".join(sys.argv),
-                  versions=versions(), kernels=ops.name, training=[], decode=[], longest=None)
+    result = dict(
+        name=f"{args.preset}",
+        date=datetime.date.today().isoformat(),
+        command=" ".join(sys.argv),
+        versions=versions(),
+        kernels=ops.name,
+        training=[],
+        decode=[],
+        longest=None,
+    )
     print(json.dumps(result["versions"]), "kernels:", ops.name, flush=True)
 
     ours = build(cfg, "ours")
@@ -216,8 +243,10 @@ def main():
             r["reference"] = time_training(ref, r["seq"], steps)
             print(json.dumps(dict(seq=r["seq"], reference=r["reference"])), flush=True)
         if args.decode:
-            r = dict(which="transformers generate", **decode_speed(ref, 1, new=args.reference_decode_tokens,
-                                                                   which="reference"))
+            r = dict(
+                which="transformers generate",
+                **decode_speed(ref, 1, new=args.reference_decode_tokens, which="reference"),
+            )
             print(json.dumps(r), flush=True)
             result["decode"].append(r)
         del ref
@@ -233,14 +262,18 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     print(f"\n{result['versions']['card']}  preset {args.preset}  params {n_params / 1e6:.0f}M  kernels {ops.name}")
-    print(f"{'seq':>7} | {'ours tok/s':>10} | {'MFU':>6} | {'GiB':>6} | {'packed tok/s':>12} | {'ref tok/s':>9} | "
-          f"{'ref GiB':>7} | speedup")
+    print(
+        f"{'seq':>7} | {'ours tok/s':>10} | {'MFU':>6} | {'GiB':>6} | {'packed tok/s':>12} | {'ref tok/s':>9} | "
+        f"{'ref GiB':>7} | speedup"
+    )
     for r in rows:
         o, ref, pk = r["ours"], r.get("reference", {}), r.get("ours_packed", {})
-        print(f"{r['seq']:>7} | {o.get('tokens_per_s', o.get('error', '-'))!s:>10} | {o.get('mfu', '-')!s:>6} | "
-              f"{o.get('peak_gib', '-')!s:>6} | {pk.get('tokens_per_s', pk.get('error', '-'))!s:>12} | "
-              f"{ref.get('tokens_per_s', ref.get('error', '-'))!s:>9} | {ref.get('peak_gib', '-')!s:>7} | "
-              f"{r['speedup']}")
+        print(
+            f"{r['seq']:>7} | {o.get('tokens_per_s', o.get('error', '-'))!s:>10} | {o.get('mfu', '-')!s:>6} | "
+            f"{o.get('peak_gib', '-')!s:>6} | {pk.get('tokens_per_s', pk.get('error', '-'))!s:>12} | "
+            f"{ref.get('tokens_per_s', ref.get('error', '-'))!s:>9} | {ref.get('peak_gib', '-')!s:>7} | "
+            f"{r['speedup']}"
+        )
     if result["longest"]:
         print(f"longest trainable (checkpointing): {result['longest']}")
     for d in result["decode"]:

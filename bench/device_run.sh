@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels, run the GPU tests, then the benchmark. Usage (on the GPU machine):
-#   bash bench/device_run.sh "<bench.py args>"
+# One device call: install carried wheels, optionally run GPU tests, then the benchmark. On the GPU machine:
+#   TESTS="-k pattern" bash bench/device_run.sh "<bench.py args>"
+# Everything is logged under $OUT; the Triton cache is packed to $OUT so the next call can carry it (.triton).
 set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/triton
+export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton/cache
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py 2>&1 | tee "${OUT:-/tmp}/gpu_tests.log" | tail -25
+if [ -n "${TESTS:-}" ]; then
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py $TESTS \
+    > "$OUT/gpu_tests.log" 2>&1
+  tail -5 "$OUT/gpu_tests.log"
 fi
-[ -n "${1:-}" ] && python3 bench/bench.py $1
+if [ -n "${1:-}" ]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 bench/bench.py $1 > "$OUT/bench.log" 2>&1
+  tail -30 "$OUT/bench.log"
+fi
+tar czf "$OUT/triton_cache.tgz" -C "$PWD" .triton 2>/dev/null; ls -la "$OUT"

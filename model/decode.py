@@ -36,8 +36,10 @@ class StaticDecoder:
         self.k = [new(batch_size, kv, max_len, hd) for _ in range(L)]
         self.v = [new(batch_size, kv, max_len, hd) for _ in range(L)]
         self.conv = [new(batch_size, cfg.conv_dim, k1) for _ in range(L)]
-        self.ssm = [new(batch_size, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, dtype=torch.float32)
-                    for _ in range(L)]
+        self.ssm = [
+            new(batch_size, cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_d_state, dtype=torch.float32)
+            for _ in range(L)
+        ]
         self.valid = new(batch_size, max_len, dtype=torch.bool)  # key positions holding real tokens
         # step inputs (fixed addresses)
         self.token = torch.zeros(batch_size, 1, device=self.device, dtype=torch.long)
@@ -66,12 +68,19 @@ class StaticDecoder:
             mix = layer.mamba
             zxbcdt = mix.in_proj(h * mix.ssm_in_multiplier) * mix.mup_vector
             z, xBC, dt = zxbcdt.split([mix.d_ssm, mix.conv_dim, mix.n_heads], dim=-1)
-            xBC = ops.causal_conv1d_update(xBC[:, 0], self.conv[i], mix.conv1d.weight.squeeze(1), mix.conv1d.bias,
-                                           activation="silu")
+            xBC = ops.causal_conv1d_update(
+                xBC[:, 0], self.conv[i], mix.conv1d.weight.squeeze(1), mix.conv1d.bias, activation="silu"
+            )
             xs, B, C = xBC.split([mix.d_ssm, mix.n_groups * mix.d_state, mix.n_groups * mix.d_state], dim=-1)
             y = ops.selective_state_update(
-                self.ssm[i], xs.view(b, mix.n_heads, mix.head_dim), dt[:, 0], -torch.exp(mix.A_log.float()),
-                B.view(b, mix.n_groups, -1), C.view(b, mix.n_groups, -1), D=mix.D, dt_bias=mix.dt_bias,
+                self.ssm[i],
+                xs.view(b, mix.n_heads, mix.head_dim),
+                dt[:, 0],
+                -torch.exp(mix.A_log.float()),
+                B.view(b, mix.n_groups, -1),
+                C.view(b, mix.n_groups, -1),
+                D=mix.D,
+                dt_bias=mix.dt_bias,
                 dt_softplus=True,
             ).view(b, 1, mix.d_ssm)
             y = mix.norm(y, z, ops) if mix.norm is not None else y * F.silu(z)
@@ -86,8 +95,14 @@ class StaticDecoder:
             k = k * cos + _rotate_half(k) * sin
             self.k[i].index_copy_(2, self.slot.view(1), k)
             self.v[i].index_copy_(2, self.slot.view(1), v)
-            o = F.scaled_dot_product_attention(q, self.k[i], self.v[i], attn_mask=attn_mask, scale=att.head_dim**-0.5,
-                                               enable_gqa=att.n_kv != att.n_heads)
+            o = F.scaled_dot_product_attention(
+                q,
+                self.k[i],
+                self.v[i],
+                attn_mask=attn_mask,
+                scale=att.head_dim**-0.5,
+                enable_gqa=att.n_kv != att.n_heads,
+            )
             a_out = att.o_proj(o.transpose(1, 2).reshape(b, 1, -1)) * layer.attention_out_multiplier
             x = x + (m_out + a_out)
             x = x + layer.feed_forward(layer.pre_ff_layernorm(x))
@@ -119,8 +134,9 @@ class StaticDecoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         cache = FalconH1HybridCache(self.model.config, b)
-        out = self.model(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
+        out = self.model(
+            input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
         for i in range(len(self.k)):
             self.k[i][:, :, :n].copy_(cache.key_cache[i])
             self.v[i][:, :, :n].copy_(cache.value_cache[i])
@@ -146,8 +162,16 @@ class StaticDecoder:
         return logits
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=64, temperature=0.0, top_p=1.0,
-                 eos_token_id=None, generator=None):
+    def generate(
+        self,
+        input_ids,
+        attention_mask=None,
+        max_new_tokens=64,
+        temperature=0.0,
+        top_p=1.0,
+        eos_token_id=None,
+        generator=None,
+    ):
         """Returns (b, prompt + new) token ids. temperature 0 = greedy."""
         n = input_ids.shape[1]
         if n + max_new_tokens > self.max_len:
@@ -155,8 +179,11 @@ class StaticDecoder:
         logits = self.prefill(input_ids, attention_mask)
         out = [input_ids]
         done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
-        eos = torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=self.device) \
-            if eos_token_id is not None else None
+        eos = (
+            torch.tensor(eos_token_id if isinstance(eos_token_id, list) else [eos_token_id], device=self.device)
+            if eos_token_id is not None
+            else None
+        )
         for i in range(max_new_tokens):
             token = sample(logits, temperature, top_p, generator)
             if eos is not None:

@@ -108,6 +108,8 @@ def _state_update(ssu):
             raise NotImplementedError("dt_limit in the Triton state update")
         h, p = x.shape[1], x.shape[2]
         n = state.shape[-1]
+        if dt_bias is None:  # the kernel reads dt_bias's strides unconditionally
+            dt_bias = torch.zeros(h, device=x.device, dtype=torch.float32)
         # the Triton kernel takes per-(head, channel) parameters: broadcast ours over P (views, no copies)
         return update(
             state,
@@ -152,8 +154,12 @@ def _varlen_attention():
         return None
     params = inspect.signature(varlen_attn).parameters
 
+    from .ref import varlen_attention_ref
+
     def varlen_attention(q, k, v, cu_seqlens, max_len, scale):
-        # q (T, H, D); k, v (T, KV, D); causal within each document
+        # q (T, H, D); k, v (T, KV, D); causal within each document. Flash runs fp16/bf16 only.
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return varlen_attention_ref(q, k, v, cu_seqlens, max_len, scale)
         kw = {}
         if "enable_gqa" in params:
             kw["enable_gqa"] = k.shape[1] != q.shape[1]

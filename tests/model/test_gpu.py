@@ -25,9 +25,14 @@ def fast():
 def _scan_args(dtype, b=2, l=300, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device="cuda", dtype=dt)
-    return dict(x=r(b, l, h, p), dt=F.softplus(r(b, l, h, dt=torch.float32)) * 0.5,
-                A=-torch.rand(h, generator=gen, device="cuda") * 2 - 0.1, B=r(b, l, g, n), C=r(b, l, g, n),
-                D=r(h, dt=torch.float32))
+    return dict(
+        x=r(b, l, h, p),
+        dt=F.softplus(r(b, l, h, dt=torch.float32)) * 0.5,
+        A=-torch.rand(h, generator=gen, device="cuda") * 2 - 0.1,
+        B=r(b, l, g, n),
+        C=r(b, l, g, n),
+        D=r(h, dt=torch.float32),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -41,8 +46,9 @@ def test_ssd_scan_fast_matches_reference(fast, dtype, packed):
         seq_idx[0, 201:] = 2
         seq_idx[1, 129:] = 1
     init = None if packed else torch.randn(2, 8, 32, 16, device="cuda")
-    y_ref, s_ref = REFERENCE.ssd_scan(**a, chunk_size=64, seq_idx=seq_idx, initial_states=init,
-                                      return_final_states=True)
+    y_ref, s_ref = REFERENCE.ssd_scan(
+        **a, chunk_size=64, seq_idx=seq_idx, initial_states=init, return_final_states=True
+    )
     y, s = fast.ssd_scan(**a, chunk_size=64, seq_idx=seq_idx, initial_states=init, return_final_states=True)
     assert rel_err(y.float(), y_ref.float()) < TOL[dtype]
     assert rel_err(s, s_ref) < TOL[dtype]
@@ -122,7 +128,7 @@ def test_packed_isolation_and_cache_on_gpu():
         packed = model(torch.cat(docs)[None], position_ids=pos).logits[0]
         start = 0
         for d in docs:
-            assert rel_err(packed[start:start + len(d)], model(d[None]).logits[0]) < TOL[torch.float32]
+            assert rel_err(packed[start : start + len(d)], model(d[None]).logits[0]) < TOL[torch.float32]
             start += len(d)
         ids = torch.cat(docs)[None, :40]
         full = model(ids, use_cache=False).logits
@@ -131,7 +137,7 @@ def test_packed_isolation_and_cache_on_gpu():
         out = model(ids[:, 20:33], past_key_values=cache)  # chunked prefill on a non-empty cache
         assert rel_err(out.logits, full[:, 20:33]) < TOL[torch.float32]
         for t in range(33, 40):
-            step = model(ids[:, t:t + 1], past_key_values=cache).logits[:, -1]
+            step = model(ids[:, t : t + 1], past_key_values=cache).logits[:, -1]
             assert rel_err(step, full[:, t]) < TOL[torch.float32], t
 
 

@@ -86,7 +86,7 @@ def time_training(model, T, steps, ckpt=False, packed_docs=0):
     finally:
         if ckpt:
             model.gradient_checkpointing_disable()
-        del opt
+        opt.state.clear()  # free the AdamW moments before the next setting
         model.zero_grad(set_to_none=True)
         cleanup()
     return out

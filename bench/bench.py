@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import FalconH1ForCausalLM, preset_config  # noqa: E402
 from model.decode import StaticDecoder  # noqa: E402
+from model.graphs import disable_training_graphs, enable_training_graphs  # noqa: E402
 from model.kernels import get_ops  # noqa: E402
 
 PEAK_FLOPS = 989e12
@@ -113,14 +114,27 @@ def build(cfg, which, state_dict=None):
     return model.to("cuda", torch.bfloat16)
 
 
-def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True):
+def time_graphed(model, T, steps, packed_docs=0):
+    try:
+        enable_training_graphs(model, 1, T, max_docs=packed_docs or None)
+    except Exception as err:
+        cleanup()
+        return dict(error=f"capture failed: {err!r}"[:300])
+    try:
+        return time_training(model, T, steps, packed_docs=packed_docs)
+    finally:
+        disable_training_graphs(model)
+        cleanup()
+
+
+def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True, compile=False):
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (batch, prompt), device="cuda")
     model.eval()
     try:
         with torch.no_grad():
             if which == "ours" and graph:
-                dec = StaticDecoder(model, batch, prompt + new + 8)
+                dec = StaticDecoder(model, batch, prompt + new + 8, compile=compile)
                 dec.generate(ids, max_new_tokens=16)  # capture + warm-up
                 torch.cuda.synchronize()
                 t = time.perf_counter()
@@ -181,6 +195,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--packed-docs", type=int, default=4, help="also time ours on rows of this many documents")
+    ap.add_argument("--graphs", action="store_true", help="also time ours with per-layer CUDA graphs")
+    ap.add_argument("--compile-decode", action="store_true", help="also time the decode step under torch.compile")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
     ap.add_argument("--longest", action="store_true", help="longest trainable sequence with checkpointing")
@@ -212,8 +228,13 @@ def main():
         r = dict(seq=T, ours=time_training(ours, T, steps))
         if args.packed_docs:
             r["ours_packed"] = time_training(ours, T, steps, packed_docs=args.packed_docs)
-        if "tokens_per_s" in r["ours"]:
-            r["ours"]["mfu"] = round(step_flops(cfg, n_params, T) / r["ours"]["step_s"] / PEAK_FLOPS, 4)
+        if args.graphs:
+            r["ours_graphs"] = time_graphed(ours, T, steps)
+            if args.packed_docs:
+                r["ours_graphs_packed"] = time_graphed(ours, T, steps, packed_docs=args.packed_docs)
+        for key in ("ours", "ours_graphs"):
+            if "tokens_per_s" in r.get(key, {}):
+                r[key]["mfu"] = round(step_flops(cfg, n_params, T) / r[key]["step_s"] / PEAK_FLOPS, 4)
         print(json.dumps(r), flush=True)
         rows.append(r)
     if args.longest:
@@ -230,6 +251,11 @@ def main():
             r = dict(which="ours (CUDA graph)", **decode_speed(ours, b))
             print(json.dumps(r), flush=True)
             result["decode"].append(r)
+        if args.compile_decode:
+            for b in (1, 8):
+                r = dict(which="ours (compiled + CUDA graph)", **decode_speed(ours, b, compile=True))
+                print(json.dumps(r), flush=True)
+                result["decode"].append(r)
         r = dict(which="ours (eager generate)", **decode_speed(ours, 1, new=64, graph=False))
         print(json.dumps(r), flush=True)
         result["decode"].append(r)
@@ -253,7 +279,8 @@ def main():
         cleanup()
 
     for r in rows:
-        o, ref = r["ours"].get("tokens_per_s"), r.get("reference", {}).get("tokens_per_s")
+        o = max(r[k].get("tokens_per_s") or 0 for k in ("ours", "ours_graphs") if k in r) or None
+        ref = r.get("reference", {}).get("tokens_per_s")
         r["ours_tokens_per_s"], r["reference_tokens_per_s"] = o, ref
         r["speedup"] = round(o / ref, 2) if o and ref else None
     result["training"] = rows

@@ -7,6 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton/cache
+[ -f .carry/triton_cache.tgz ] && tar xzf .carry/triton_cache.tgz -C "$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 if [ -n "${TESTS:-}" ]; then
   timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py $TESTS \

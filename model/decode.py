@@ -24,7 +24,7 @@ from .packing import positions_from_attention_mask
 
 
 class StaticDecoder:
-    def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True):
+    def __init__(self, model, batch_size: int, max_len: int, use_graph: bool = True, compile: bool = False):
         self.model = model.eval()
         cfg = model.config
         p = next(model.parameters())
@@ -50,6 +50,8 @@ class StaticDecoder:
         self.use_graph = use_graph and self.device.type == "cuda"
         self.graph = None
         self.logits = None
+        # optional: let inductor fuse the step's elementwise glue before the graph is captured
+        self._step_fn = torch.compile(self._step, dynamic=False) if compile else self._step
 
     # ------------------------------------------------------------------ one step, static shapes
     @torch.no_grad()
@@ -114,14 +116,14 @@ class StaticDecoder:
         stream.wait_stream(torch.cuda.current_stream())
         saved = [t.clone() for t in self.conv + self.ssm] + [self.valid.clone()]
         with torch.cuda.stream(stream):  # warm-up: Triton autotuning and allocator pools before capture
-            for _ in range(2):
-                self._step()
+            for _ in range(3):
+                self._step_fn()
         torch.cuda.current_stream().wait_stream(stream)
         for t, s in zip(self.conv + self.ssm + [self.valid], saved):
             t.copy_(s)  # the warm-up steps must not advance the real state
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self._step_fn()
         for t, s in zip(self.conv + self.ssm + [self.valid], saved):
             t.copy_(s)
 
@@ -156,7 +158,7 @@ class StaticDecoder:
             self.graph.replay()
             logits = self.logits
         else:
-            logits = self._step()
+            logits = self._step_fn()
         self.slot += 1
         self.position += 1
         return logits

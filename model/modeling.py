@@ -326,6 +326,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
         self.layers = nn.ModuleList(FalconH1DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.final_layernorm = FalconH1RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        self._training_graphs = None  # model.graphs.enable_training_graphs
         self.post_init()
 
     def get_input_embeddings(self):
@@ -381,18 +382,29 @@ class FalconH1Model(FalconH1PreTrainedModel):
         ops = get_ops(hidden.device)
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
         attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None)
-        for layer in self.layers:
-            hidden = layer(
-                hidden,
-                cos=cos,
-                sin=sin,
-                attn_mask=attn_mask,
-                seq_idx=seq_idx,
-                packed=packed,
-                pad_mask=pad_mask,
-                cache=cache,
-                ops=ops,
-            )
+        graphs = self._training_graphs
+        cu_seqlens = packed[0] if packed is not None else None
+        if (
+            graphs is not None
+            and self.training
+            and cache is None
+            and pad_mask is None
+            and graphs.matches(hidden, seq_idx, cu_seqlens)
+        ):
+            hidden = graphs.run(hidden, cos, sin, seq_idx, cu_seqlens)  # captured forward/backward per layer
+        else:
+            for layer in self.layers:
+                hidden = layer(
+                    hidden,
+                    cos=cos,
+                    sin=sin,
+                    attn_mask=attn_mask,
+                    seq_idx=seq_idx,
+                    packed=packed,
+                    pad_mask=pad_mask,
+                    cache=cache,
+                    ops=ops,
+                )
         if cache is not None:
             cache.advance(l)
         hidden = self.final_layernorm(hidden)

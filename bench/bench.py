@@ -44,7 +44,7 @@ def cleanup():
     torch.cuda.reset_peak_memory_stats()
 
 
-def time_training(model, T, steps, ckpt=False, packed_docs=0):
+def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True):
     """→ dict(tokens_per_s, step_s, peak_gib) or dict(error=...)."""
     vocab = model.config.vocab_size
     model.train()
@@ -67,7 +67,8 @@ def time_training(model, T, steps, ckpt=False, packed_docs=0):
         for _ in range(2):
             step()
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        if reset_peak:  # graphed runs keep the peak of the capture: their activations live in its pool
+            torch.cuda.reset_peak_memory_stats()
         times = []
         for _ in range(steps):
             t = time.perf_counter()
@@ -114,14 +115,15 @@ def build(cfg, which, state_dict=None):
     return model.to("cuda", torch.bfloat16)
 
 
-def time_graphed(model, T, steps, packed_docs=0):
+def time_graphed(model, T, steps, packed_docs=0, compile=False):
+    cleanup()
     try:
-        enable_training_graphs(model, 1, T, max_docs=packed_docs or None)
+        enable_training_graphs(model, 1, T, max_docs=packed_docs or None, compile=compile)
     except Exception as err:
         cleanup()
         return dict(error=f"capture failed: {err!r}"[:300])
     try:
-        return time_training(model, T, steps, packed_docs=packed_docs)
+        return time_training(model, T, steps, packed_docs=packed_docs, reset_peak=False)
     finally:
         disable_training_graphs(model)
         cleanup()
@@ -196,6 +198,7 @@ def main():
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--packed-docs", type=int, default=4, help="also time ours on rows of this many documents")
     ap.add_argument("--graphs", action="store_true", help="also time ours with per-layer CUDA graphs")
+    ap.add_argument("--compile-layers", action="store_true", help="also time graphs of torch.compile'd layers")
     ap.add_argument("--compile-decode", action="store_true", help="also time the decode step under torch.compile")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
@@ -232,7 +235,9 @@ def main():
             r["ours_graphs"] = time_graphed(ours, T, steps)
             if args.packed_docs:
                 r["ours_graphs_packed"] = time_graphed(ours, T, steps, packed_docs=args.packed_docs)
-        for key in ("ours", "ours_graphs"):
+        if args.compile_layers:
+            r["ours_compiled_graphs"] = time_graphed(ours, T, steps, compile=True)
+        for key in ("ours", "ours_graphs", "ours_compiled_graphs"):
             if "tokens_per_s" in r.get(key, {}):
                 r[key]["mfu"] = round(step_flops(cfg, n_params, T) / r[key]["step_s"] / PEAK_FLOPS, 4)
         print(json.dumps(r), flush=True)
@@ -279,7 +284,10 @@ def main():
         cleanup()
 
     for r in rows:
-        o = max(r[k].get("tokens_per_s") or 0 for k in ("ours", "ours_graphs") if k in r) or None
+        o = (
+            max(r[k].get("tokens_per_s") or 0 for k in ("ours", "ours_graphs", "ours_compiled_graphs") if k in r)
+            or None
+        )
         ref = r.get("reference", {}).get("tokens_per_s")
         r["ours_tokens_per_s"], r["reference_tokens_per_s"] = o, ref
         r["speedup"] = round(o / ref, 2) if o and ref else None
@@ -289,18 +297,18 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     print(f"\n{result['versions']['card']}  preset {args.preset}  params {n_params / 1e6:.0f}M  kernels {ops.name}")
-    print(
-        f"{'seq':>7} | {'ours tok/s':>10} | {'MFU':>6} | {'GiB':>6} | {'packed tok/s':>12} | {'ref tok/s':>9} | "
-        f"{'ref GiB':>7} | speedup"
-    )
+    cols = ["ours", "ours_packed", "ours_graphs", "ours_graphs_packed", "ours_compiled_graphs", "reference"]
+    print("tokens/s (peak GiB, MFU); speedup = best of ours / reference")
     for r in rows:
-        o, ref, pk = r["ours"], r.get("reference", {}), r.get("ours_packed", {})
-        print(
-            f"{r['seq']:>7} | {o.get('tokens_per_s', o.get('error', '-'))!s:>10} | {o.get('mfu', '-')!s:>6} | "
-            f"{o.get('peak_gib', '-')!s:>6} | {pk.get('tokens_per_s', pk.get('error', '-'))!s:>12} | "
-            f"{ref.get('tokens_per_s', ref.get('error', '-'))!s:>9} | {ref.get('peak_gib', '-')!s:>7} | "
-            f"{r['speedup']}"
-        )
+        cells = []
+        for c in cols:
+            if c in r:
+                v = r[c]
+                cells.append(
+                    f"{c}={v.get('tokens_per_s', str(v.get('error'))[:40])} ({v.get('peak_gib', '-')}, "
+                    f"{v.get('mfu', '-')})"
+                )
+        print(f"seq {r['seq']}: " + "  ".join(cells) + f"  speedup {r['speedup']}")
     if result["longest"]:
         print(f"longest trainable (checkpointing): {result['longest']}")
     for d in result["decode"]:

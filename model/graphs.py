@@ -29,7 +29,7 @@ class _LayerCall(nn.Module):
 
 
 class TrainingGraphs:
-    def __init__(self, model, batch: int, seqlen: int, max_docs: int | None):
+    def __init__(self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool = False):
         from .kernels import get_ops
 
         backbone = model.model
@@ -47,6 +47,8 @@ class TrainingGraphs:
             cu[0] = 0
             args += (seq_idx, cu)
         calls = tuple(_LayerCall(layer, ops, seqlen) for layer in backbone.layers)
+        if compile:  # inductor fuses the elementwise glue (norms, RoPE, multipliers, gates) before capture
+            calls = tuple(torch.compile(c, dynamic=False) for c in calls)
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)
         self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3)
@@ -70,7 +72,9 @@ class TrainingGraphs:
         return hidden
 
 
-def enable_training_graphs(model, batch: int, seqlen: int, max_docs: int | None = None) -> TrainingGraphs:
+def enable_training_graphs(
+    model, batch: int, seqlen: int, max_docs: int | None = None, compile: bool = False
+) -> TrainingGraphs:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
     tokens — rows of up to `max_docs` packed documents when given. Returns the graphs (also kept on the
     model); `disable_training_graphs` drops them."""
@@ -80,7 +84,7 @@ def enable_training_graphs(model, batch: int, seqlen: int, max_docs: int | None 
         getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers
     ):
         raise RuntimeError("training graphs and activation checkpointing do not combine; disable one")
-    graphs = TrainingGraphs(model, batch, seqlen, max_docs)
+    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile)
     model.model._training_graphs = graphs
     return graphs
 

@@ -203,6 +203,7 @@ def main():
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
     ap.add_argument("--longest", action="store_true", help="longest trainable sequence with checkpointing")
+    ap.add_argument("--longest-max", type=int, default=524288)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -244,7 +245,7 @@ def main():
         rows.append(r)
     if args.longest:
         longest = None
-        for T in (65536, 131072, 262144, 524288, 1048576):
+        for T in (t for t in (65536, 131072, 262144, 524288, 1048576) if t <= args.longest_max):
             r = time_training(ours, T, 1, ckpt=True)
             print(json.dumps(dict(seq=T, ckpt=True, **r)), flush=True)
             if "error" in r:

@@ -9,13 +9,16 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton/cache
 [ -f .carry/triton_cache.tgz ] && tar xzf .carry/triton_cache.tgz -C "$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-if [ -n "${TESTS:-}" ]; then
-  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py $TESTS \
+if [ -n "${TESTS:-}" ]; then  # TESTS: a pytest -k expression, or "all"
+  K=(); [ "$TESTS" != all ] && K=(-k "$TESTS")
+  timeout "${TEST_TIMEOUT:-300}" python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py "${K[@]}" \
     > "$OUT/gpu_tests.log" 2>&1
   tail -5 "$OUT/gpu_tests.log"
 fi
-if [ -n "${1:-}" ]; then
-  timeout "${BENCH_TIMEOUT:-400}" python3 bench/bench.py $1 > "$OUT/bench.log" 2>&1
-  tail -30 "$OUT/bench.log"
-fi
-tar czf "$OUT/triton_cache.tgz" -C "$PWD" .triton 2>/dev/null; ls -la "$OUT"
+n=0
+for args in "$@"; do  # one bench.py run per argument string, each under its own timeout
+  n=$((n + 1))
+  timeout "${BENCH_TIMEOUT:-400}" python3 bench/bench.py $args > "$OUT/bench$n.log" 2>&1
+  tail -8 "$OUT/bench$n.log"
+done
+ls -la "$OUT"

@@ -58,16 +58,16 @@ def cu_seqlens_from_seq_idx(seq_idx: torch.Tensor) -> tuple[torch.Tensor, int]:
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def build_attention_mask(batch: int, q_len: int, past_len: int, device, attention_mask=None):
+def build_attention_mask(batch: int, q_len: int, past_len: int, device, attention_mask=None, seq_idx=None):
     """Boolean (b, 1, q_len, past_len+q_len) mask (True = may attend), or None when plain causal suffices.
 
-    Combines causality (query i sits at absolute position past_len+i) and key padding from the 2D
-    `attention_mask` over all past+current positions. A query whose row would be empty (a pad in left
-    padding) attends to itself only, so softmax never sees an empty row. Packed documents do not come
-    here: they go to varlen attention.
+    Combines causality (query i sits at absolute position past_len+i), key padding from the 2D
+    `attention_mask` over all past+current positions, and document isolation from `seq_idx` (the dense
+    alternative to varlen attention, cheaper on CPU for short rows). A query whose row would be empty (a pad
+    in left padding) attends to itself only, so softmax never sees an empty row.
     """
     has_padding = attention_mask is not None and not bool(attention_mask.all())
-    if not has_padding and (past_len == 0 or q_len == 1):
+    if not has_padding and seq_idx is None and (past_len == 0 or q_len == 1):
         return None
     k_len = past_len + q_len
     q_pos = torch.arange(past_len, k_len, device=device)[:, None]
@@ -75,6 +75,8 @@ def build_attention_mask(batch: int, q_len: int, past_len: int, device, attentio
     mask = (k_pos <= q_pos)[None, None].expand(batch, 1, q_len, k_len)
     if has_padding:
         mask = mask & attention_mask[:, None, None, -k_len:].bool()
+    if seq_idx is not None:
+        mask = mask & (seq_idx[:, None, :, None] == seq_idx[:, None, None, :])
     empty = ~mask.any(-1, keepdim=True)
     if bool(empty.any()):
         mask = mask | (empty & (k_pos == q_pos))

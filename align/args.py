@@ -1,0 +1,101 @@
+"""Arguments of the alignment scripts: ours next to TRL's `SFTConfig` and `ModelConfig`.
+
+A recipe YAML sets any field of the three; a command-line flag overrides the YAML; an unknown key in either
+is an error (TrlParser with `fail_with_unknown_args`), so a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .data import MixtureConfig, SourceConfig
+
+# Mixer weights read raw by fused kernels (and by peft's checks): never LoRA targets. in_proj is safe and needed:
+# without it LoRA trains almost nothing in the SSM.
+SAFE_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "gate_proj", "up_proj", "down_proj"]
+REFUSED_LORA_TARGETS = {
+    "out_proj": "Mamba out_proj is consumed raw by the fused split-conv-scan kernel: an adapter there never trains "
+    "and merging crashes (peft#2556).",
+    "conv1d": "the depthwise conv1d weight is read raw by the conv kernels and has shape (C, 1, K): LoRA cannot "
+    "adapt it meaningfully and merging crashes.",
+}
+
+
+@dataclass
+class AlignArguments:
+    """falcon-align's own arguments (model, data mixture, outputs)."""
+
+    init_preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Start from randomly initialised weights of a released shape (0.5b, 1.5b-deep, 7b, ...) instead "
+            "of model_name_or_path's weights; model_name_or_path then only supplies the tokenizer."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Defaults to model_name_or_path."})
+    chat_template: str = field(
+        default="auto",
+        metadata={
+            "help": "'auto': keep the tokenizer's template if it has {% generation %} markers, else use falcon-align's "
+            "Falcon-H1 template; 'falcon_h1': always ours; 'tokenizer': always the tokenizer's."
+        },
+    )
+    sources: list[SourceConfig] = field(default_factory=list, metadata={"help": "Training data sources."})
+    language_weights: dict[str, float] | None = field(default=None, metadata={"help": "Per-language multipliers."})
+    mixture_seed: int = 42
+    dedup: bool = True
+    min_chars: int = 1
+    max_chars: int | None = None
+    max_malformed_fraction: float = 0.01
+    eval_fraction: float = field(default=0.0, metadata={"help": "Held-out share of each source for evaluation."})
+    merge_lora: bool = field(default=False, metadata={"help": "Also save the LoRA adapters merged into the model."})
+    report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
+
+    def __post_init__(self):
+        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in _source_dicts(self.sources)]
+
+    def mixture(self) -> MixtureConfig:
+        return MixtureConfig(
+            sources=self.sources,
+            language_weights=self.language_weights,
+            seed=self.mixture_seed,
+            dedup=self.dedup,
+            min_chars=self.min_chars,
+            max_chars=self.max_chars,
+            max_malformed_fraction=self.max_malformed_fraction,
+            eval_fraction=self.eval_fraction,
+        )
+
+
+def _source_dicts(sources):
+    """YAML gives dicts; the command line gives JSON strings (`--sources '[{"path": "a.jsonl"}]'`)."""
+    out = []
+    for s in sources:
+        if isinstance(s, SourceConfig) and s.path.lstrip().startswith(("[", "{")):
+            s = s.path  # argparse built a SourceConfig from the raw command-line string
+        if isinstance(s, str):
+            try:
+                s = json.loads(s)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--sources: expected JSON (a source object or a list of them), got {s!r}") from err
+        out.extend(s if isinstance(s, list) else [s])
+    return out
+
+
+def lora_targets(requested) -> list[str]:
+    """The LoRA target list: safe defaults, or the request minus nothing — refused targets raise."""
+    if requested in (None, [], "default"):
+        return list(SAFE_LORA_TARGETS)
+    if isinstance(requested, str):
+        requested = [t.strip() for t in requested.split(",")] if requested != "all-linear" else ["all-linear"]
+    if "all-linear" in requested:
+        raise ValueError(
+            "lora_target_modules='all-linear' would include Mamba's out_proj; list the targets "
+            f"explicitly, e.g. {SAFE_LORA_TARGETS}"
+        )
+    for target in requested:
+        for refused, why in REFUSED_LORA_TARGETS.items():
+            if target == refused or target.endswith("." + refused):
+                raise ValueError(f"LoRA target {target!r} refused: {why} Safe targets: {SAFE_LORA_TARGETS}")
+    return list(requested)

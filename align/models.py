@@ -1,0 +1,79 @@
+"""Model, tokenizer and PEFT set-up shared by the alignment stages."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from model import FalconH1ForCausalLM, preset_config
+
+from .args import AlignArguments, lora_targets
+from .templates import falcon_h1_chat_template
+
+
+def _dtype(name):
+    if name in (None, "auto"):
+        return None
+    return getattr(torch, name) if isinstance(name, str) else name
+
+
+def load_tokenizer(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
+    name = align_args.tokenizer_name_or_path or model_args.model_name_or_path
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    has_markers = bool(tok.chat_template) and "{% generation %}" in tok.chat_template
+    if align_args.chat_template == "falcon_h1" or (align_args.chat_template == "auto" and not has_markers):
+        tok.chat_template = falcon_h1_chat_template()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(model_args):
+    if not (model_args.load_in_4bit or model_args.load_in_8bit):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    # never quantize Mamba's out_proj (read raw by the fused kernel) nor the µP-scaled lm_head
+    return BitsAndBytesConfig(
+        load_in_4bit=model_args.load_in_4bit,
+        load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        llm_int8_skip_modules=["out_proj", "lm_head"],
+    )
+
+
+def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
+    """Our FalconH1ForCausalLM for falcon_h1 checkpoints (and presets); any other model through Auto*."""
+    dtype = _dtype(model_args.dtype)
+    if align_args.init_preset:
+        torch.manual_seed(0)
+        model = FalconH1ForCausalLM(preset_config(align_args.init_preset))
+        return model.to(dtype) if dtype else model
+    trust = trust_remote_code
+    kwargs = dict(trust_remote_code=trust, quantization_config=quantization_config(model_args))
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
+    if config.model_type == "falcon_h1":
+        return FalconH1ForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def peft_config(model_args):
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_targets(model_args.lora_target_modules),
+        task_type="CAUSAL_LM",
+        use_rslora=model_args.use_rslora,
+        use_dora=model_args.use_dora,
+    )

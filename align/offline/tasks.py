@@ -1,0 +1,141 @@
+"""The embedded offline default's data: verifiable tasks in 12 of Falcon-H1's 18 languages.
+
+Two tasks with exactly checkable answers — adding two numbers (0–20) and naming the number after n (0–99) —
+asked in English, French, German, Spanish, Italian, Portuguese, Dutch, Polish, Swedish, Romanian, Czech and
+Russian. The same facts, written as plain sentences, form the pretraining text of the tiny base model, so SFT
+teaches the chat format and the question forms rather than the arithmetic. A fixed 15% of the questions (by a
+hash of language, task and operands) is held out: never in SFT, used by the evaluation.
+
+    python -m align.offline.tasks --out data/offline   # regenerates the shipped files byte for byte
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+from pathlib import Path
+
+# language: (addition question, successor question, addition fact, successor fact)
+TEMPLATES = {
+    "en": ("What is {a} plus {b}?", "Which number comes after {n}?", "{a} plus {b} is {c}.", "After {n} comes {m}."),
+    "fr": (
+        "Combien font {a} plus {b} ?",
+        "Quel nombre vient après {n} ?",
+        "{a} plus {b} font {c}.",
+        "Après {n} vient {m}.",
+    ),
+    "de": ("Was ist {a} plus {b}?", "Welche Zahl kommt nach {n}?", "{a} plus {b} ist {c}.", "Nach {n} kommt {m}."),
+    "es": (
+        "¿Cuánto es {a} más {b}?",
+        "¿Qué número viene después de {n}?",
+        "{a} más {b} son {c}.",
+        "Después de {n} viene {m}.",
+    ),
+    "it": ("Quanto fa {a} più {b}?", "Quale numero viene dopo {n}?", "{a} più {b} fa {c}.", "Dopo {n} viene {m}."),
+    "pt": ("Quanto é {a} mais {b}?", "Que número vem depois de {n}?", "{a} mais {b} é {c}.", "Depois de {n} vem {m}."),
+    "nl": ("Wat is {a} plus {b}?", "Welk getal komt na {n}?", "{a} plus {b} is {c}.", "Na {n} komt {m}."),
+    "pl": (
+        "Ile to jest {a} plus {b}?",
+        "Jaka liczba następuje po {n}?",
+        "{a} plus {b} to {c}.",
+        "Po {n} następuje {m}.",
+    ),
+    "sv": ("Vad är {a} plus {b}?", "Vilket tal kommer efter {n}?", "{a} plus {b} är {c}.", "Efter {n} kommer {m}."),
+    "ro": ("Cât face {a} plus {b}?", "Ce număr urmează după {n}?", "{a} plus {b} fac {c}.", "După {n} urmează {m}."),
+    "cs": ("Kolik je {a} plus {b}?", "Jaké číslo následuje po {n}?", "{a} plus {b} je {c}.", "Po {n} následuje {m}."),
+    "ru": (
+        "Сколько будет {a} плюс {b}?",
+        "Какое число идёт после {n}?",
+        "{a} плюс {b} будет {c}.",
+        "После {n} идёт {m}.",
+    ),
+}
+LANGUAGES = list(TEMPLATES)
+HELD_OUT_PERCENT = 15
+
+
+def items():
+    """Every (task, operands, answer) pair of the two tasks."""
+    for a in range(21):
+        for b in range(21):
+            yield "add", (a, b), str(a + b)
+    for n in range(100):
+        yield "next", (n,), str(n + 1)
+
+
+def is_held_out(language: str, task: str, operands) -> bool:
+    digest = hashlib.sha256(f"{language}|{task}|{operands}".encode()).digest()
+    return digest[0] * 100 // 256 < HELD_OUT_PERCENT
+
+
+def question(language: str, task: str, operands) -> str:
+    add_q, next_q, _, _ = TEMPLATES[language]
+    return add_q.format(a=operands[0], b=operands[1]) if task == "add" else next_q.format(n=operands[0])
+
+
+def examples(split: str):
+    """Rows {messages, language, task, answer} of the 'train' or 'heldout' split, in a fixed order."""
+    for language in LANGUAGES:
+        for task, operands, answer in items():
+            if is_held_out(language, task, operands) == (split == "heldout"):
+                yield {
+                    "messages": [
+                        {"role": "user", "content": question(language, task, operands)},
+                        {"role": "assistant", "content": answer},
+                    ],
+                    "language": language,
+                    "task": task,
+                    "answer": answer,
+                }
+
+
+def pretraining_documents(n_docs: int, seed: int = 0, sentences_per_doc: int = 8):
+    """Plain-text documents of arithmetic and counting facts, each in one language."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        language = rng.choice(LANGUAGES)
+        _, _, add_fact, next_fact = TEMPLATES[language]
+        sentences = []
+        for _ in range(sentences_per_doc):
+            if rng.random() < 0.6:
+                a, b = rng.randrange(21), rng.randrange(21)
+                sentences.append(add_fact.format(a=a, b=b, c=a + b))
+            else:
+                n = rng.randrange(100)
+                sentences.append(next_fact.format(n=n, m=n + 1))
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def write_shipped(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    train = list(examples("train"))
+    # two sources: the arithmetic questions and the counting questions, so the recipe shows per-source weights
+    for task, name in (("add", "sft_addition.jsonl"), ("next", "sft_counting.jsonl")):
+        rows = [r for r in train if r["task"] == task]
+        if task == "next":  # three deliberately malformed rows: the mixture report must count and show them
+            rows += [
+                {
+                    "messages": [
+                        {"role": "user", "content": "Which number comes after 7?"},
+                        {"role": "assistant", "content": ""},
+                    ],
+                    "language": "en",
+                },
+                {"messages": [{"role": "user", "content": "Quel nombre vient après 3 ?"}], "language": "fr"},
+                {"messages": "not a list", "language": "de"},
+            ]
+        (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    heldout = list(examples("heldout"))
+    (out / "heldout.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout), encoding="utf-8"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/offline")
+    write_shipped(Path(parser.parse_args().out))

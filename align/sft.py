@@ -1,0 +1,98 @@
+"""Supervised fine-tuning of Falcon-H1 (or any causal LM) with TRL's SFTTrainer.
+
+    accelerate launch align/sft.py --config recipes/falcon-h1-0.5b/sft/lora.yaml [--learning_rate 1e-4 ...]
+
+The recipe YAML sets fields of `AlignArguments` (data mixture, chat template, merging), TRL's `SFTConfig` and
+`ModelConfig`; flags override it; unknown keys are errors. Falcon-H1 checkpoints run on falcon-align's own
+model, so packing (`packing: true`, padding-free) keeps documents apart in the SSM scan, the conv and attention.
+`resume_from_checkpoint: latest` continues from the newest checkpoint in output_dir.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python align/sft.py` / `accelerate launch align/sft.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import set_seed  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
+
+from align.args import AlignArguments  # noqa: E402
+from align.data import build_mixture, write_report  # noqa: E402
+from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
+
+logger = logging.getLogger("falcon_align.sft")
+
+
+def parse(argv=None):
+    parser = TrlParser((AlignArguments, SFTConfig, ModelConfig))
+    return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+
+
+def to_dataset(rows):
+    import datasets
+
+    return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows]) if rows else None
+
+
+def main(argv=None):
+    align_args, sft_args, model_args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_seed(sft_args.seed)
+
+    trust = bool(getattr(sft_args, "trust_remote_code", False))  # off unless asked: checkpoints run no code
+    tokenizer = load_tokenizer(model_args, align_args, trust)
+    model = load_model(model_args, align_args, trust)
+
+    def count_tokens(messages):
+        return len(tokenizer.apply_chat_template(messages, tokenize=True))
+
+    train_rows, eval_rows, reports = build_mixture(align_args.mixture(), count_tokens=count_tokens)
+    report = write_report(reports, align_args.report_dir or sft_args.output_dir)
+    dropped = sum(r.malformed for r in reports)
+    logger.info(
+        "mixture: %d train rows, %d eval rows, %d malformed rows reported; see %s",
+        len(train_rows),
+        len(eval_rows),
+        dropped,
+        report,
+    )
+
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_args,
+        train_dataset=to_dataset(train_rows),
+        eval_dataset=to_dataset(eval_rows),
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+    )
+    resume = sft_args.resume_from_checkpoint
+    if resume == "latest":
+        resume = get_last_checkpoint(sft_args.output_dir) if Path(sft_args.output_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(sft_args.output_dir)
+    tokenizer.save_pretrained(sft_args.output_dir)
+    if model_args.use_peft and align_args.merge_lora:
+        merge_saved_adapter(model_args, align_args, sft_args.output_dir, tokenizer, trust)
+    return trainer
+
+
+def merge_saved_adapter(model_args, align_args, adapter_dir, tokenizer, trust=False):
+    """Base weights + the adapter as saved → one plain checkpoint in adapter_dir/merged (vanilla-loadable).
+    Built from disk, so the trainer's model stays a PEFT model and the saved adapter is what gets merged."""
+    from peft import PeftModel
+
+    merged_dir = Path(adapter_dir) / "merged"
+    base = load_model(model_args, align_args, trust)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    logger.info("merged model saved to %s", merged_dir)
+    return merged_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Mixtures: exact weighted row counts, malformed rows counted and reported, thresholds, dedup, reports."""
+
+import json
+
+import pytest
+
+from align.data import MixtureConfig, MixtureError, SourceConfig, build_mixture, write_report
+
+
+def _rows(n, lang="en", prefix="q"):
+    return [
+        {
+            "messages": [{"role": "user", "content": f"{prefix}{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "language": lang,
+        }
+        for i in range(n)
+    ]
+
+
+def _loader(table):
+    return lambda source: table[source.path]
+
+
+@pytest.mark.parametrize("weight, expected", [(1.0, 40), (0.25, 10), (3.5, 140), (2.0, 80), (0.0, 0), (1.33, 53)])
+def test_weights_give_exact_row_counts(weight, expected):
+    cfg = MixtureConfig(sources=[SourceConfig(path="a", weight=weight)], seed=1)
+    train, _, reports = build_mixture(cfg, loader=_loader({"a": _rows(40)}))
+    assert len(train) == expected == reports[0].train_rows
+    if weight >= 1:  # every row appears at least floor(weight) times
+        counts = {}
+        for r in train:
+            key = r["messages"][0]["content"]
+            counts[key] = counts.get(key, 0) + 1
+        assert min(counts.values()) >= int(weight) and len(counts) == 40
+
+
+def test_language_weights_and_eval_split():
+    table = {"a": _rows(30, "en") + _rows(20, "fr", prefix="f")}
+    cfg = MixtureConfig(
+        sources=[SourceConfig(path="a", weight=2.0, language_column="language")],
+        language_weights={"fr": 0.5},
+        eval_fraction=0.2,
+        seed=0,
+    )
+    train, held_out, reports = build_mixture(cfg, loader=_loader(table))
+    assert len(held_out) == 10
+    rep = reports[0]
+    n_en = sum(r["language"] == "en" for r in held_out)
+    assert rep.rows_per_language == {"en": 2 * (30 - n_en), "fr": round(1.0 * (20 - (10 - n_en)))}
+    held = {json.dumps(r["messages"]) for r in held_out}
+    assert not any(json.dumps(r["messages"]) in held for r in train)  # held-out rows never reach training
+
+
+def test_malformed_rows_are_counted_reported_and_fail_past_threshold(tmp_path):
+    bad = [
+        {"messages": [{"role": "user", "content": "hi"}]},  # no assistant turn
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]},  # empty
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},  # bad role
+        {"messages": [{"content": "x"}]},  # missing role
+        {"messages": "text"},  # wrong type
+        {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},  # wrong type
+    ]
+    table = {"a": _rows(94) + bad}
+    cfg = MixtureConfig(sources=[SourceConfig(path="a")], max_malformed_fraction=0.1)
+    train, _, reports = build_mixture(cfg, loader=_loader(table))
+    rep = reports[0]
+    assert rep.malformed == 6 and len(train) == 94 and rep.raw_rows == 100
+    assert sum(rep.malformed_reasons.values()) == 6 and len(rep.malformed_reasons) == 6
+    md = write_report(reports, tmp_path).read_text()
+    assert "6 rows" in md and "no assistant turn" in md and "row 94" in md
+    assert json.loads((tmp_path / "mixture_report.json").read_text())[0]["malformed"] == 6
+    with pytest.raises(MixtureError, match=r"source a: 6 of 100 rows malformed"):
+        build_mixture(
+            MixtureConfig(sources=[SourceConfig(path="a")], max_malformed_fraction=0.05), loader=_loader(table)
+        )
+
+
+def test_exact_duplicates_and_length_filter_are_counted():
+    rows = _rows(10) + _rows(3)  # 3 exact duplicates
+    rows.append({"messages": [{"role": "user", "content": "x" * 500}, {"role": "assistant", "content": "y"}]})
+    cfg = MixtureConfig(sources=[SourceConfig(path="a")], max_chars=100)
+    train, _, reports = build_mixture(cfg, loader=_loader({"a": rows}))
+    assert (reports[0].duplicates, reports[0].length_filtered, len(train)) == (3, 1, 10)
+
+
+def test_prompt_response_columns_and_local_jsonl(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"q": f"q{i}", "a": f"a{i}", "lang": "de"}) for i in range(5)))
+    cfg = MixtureConfig(
+        sources=[SourceConfig(path=str(path), prompt_column="q", response_column="a", language_column="lang")]
+    )
+    train, _, reports = build_mixture(cfg)
+    assert len(train) == 5 and train[0]["messages"][1]["role"] == "assistant"
+    assert reports[0].rows_per_language == {"de": 5}
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"messages": []}\n{not json\n')
+    with pytest.raises(MixtureError, match=r"broken\.jsonl:2"):
+        build_mixture(MixtureConfig(sources=[SourceConfig(path=str(path))]))

@@ -22,7 +22,7 @@ gpu-test: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu tests
 
 run: $(STAMP)
-	$(BIN)/python -m model.showcase --out runs/tiny-model
+	$(BIN)/python -m align.pipeline --out runs/offline
 
 lint: $(STAMP)
 	$(BIN)/ruff check model align demo tests bench

@@ -43,6 +43,7 @@ class AlignArguments:
     )
     sources: list[SourceConfig] = field(default_factory=list, metadata={"help": "Training data sources."})
     language_weights: dict[str, float] | None = field(default=None, metadata={"help": "Per-language multipliers."})
+    other_languages_weight: float = field(default=1.0, metadata={"help": "Multiplier for unlisted languages."})
     mixture_seed: int = 42
     dedup: bool = True
     min_chars: int = 1

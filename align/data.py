@@ -53,6 +53,7 @@ class SourceConfig:
 class MixtureConfig:
     sources: list[SourceConfig] = field(default_factory=list)
     language_weights: dict[str, float] | None = None  # multiplies the source weight of rows in that language
+    other_languages_weight: float = 1.0  # multiplier for languages absent from language_weights (0 drops them)
     seed: int = 42
     dedup: bool = True  # drop exact duplicates (same messages) across and within sources, before weighting
     min_chars: int = 1  # length filter over the whole conversation text
@@ -211,7 +212,7 @@ def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
         for row in valid:
             by_language[row["language"]].append(row)
         for language in sorted(by_language):
-            weight = source.weight * (config.language_weights or {}).get(language, 1.0)
+            weight = source.weight * (config.language_weights or {}).get(language, config.other_languages_weight)
             picked = _weighted(by_language[language], weight, rng)
             tokens = sum(count_tokens(r["messages"]) for r in picked)
             rep.rows_per_language[language] = len(picked)

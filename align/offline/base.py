@@ -91,7 +91,7 @@ def packed_batches(token_docs, batch: int, width: int, rng: random.Random):
         yield torch.tensor(ids), torch.tensor(pos)
 
 
-def pretrain(model, token_docs, steps: int, batch=12, width=192, lr=3e-3, seed=0, log_every=50):
+def pretrain(model, token_docs, steps: int, batch=12, width=192, lr=1e-2, seed=0, log_every=50):
     """AdamW (β 0.9/0.95, no weight decay) with linear warm-up; packed rows, documents isolated."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 30) * max(0.1, 1 - s / steps))

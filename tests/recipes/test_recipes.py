@@ -1,0 +1,46 @@
+"""Every recipe under recipes/ parses through its script's parser; accelerate configs are valid YAML."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align import sft
+from align.args import lora_targets
+
+ROOT = Path(__file__).resolve().parents[2] / "recipes"
+SFT_RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate_configs" not in p.parts and "dpo" not in p.parts)
+CPU = ["--use_cpu", "True", "--bf16", "False"]  # GPU recipes are validated here on a CPU machine
+
+
+def test_there_are_recipes_for_each_size_and_method():
+    names = {str(p.relative_to(ROOT)) for p in SFT_RECIPES}
+    for size in ("0.5b", "1.5b-deep", "7b"):
+        assert {f"falcon-h1-{size}/sft/full.yaml", f"falcon-h1-{size}/sft/lora.yaml"} <= names
+    assert {"falcon-h1-7b/sft/qlora.yaml", "falcon-h1-34b/sft/qlora.yaml", "mixes/sft-multilingual-18.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", SFT_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_sft_recipe_parses(recipe):
+    header = recipe.read_text().splitlines()[:8]
+    assert any("Hardware" in line for line in header) and any("Command" in line for line in header), recipe
+    align_args, sft_args, model_args = sft.parse(["--config", str(recipe), *CPU])
+    assert sft_args.output_dir and model_args.model_name_or_path
+    assert align_args.sources, "a recipe declares its data"
+    if model_args.use_peft:
+        lora_targets(model_args.lora_target_modules)  # refused targets would raise
+
+
+def test_unknown_recipe_key_is_an_error(tmp_path):
+    bad = tmp_path / "typo.yaml"
+    bad.write_text((ROOT / "tiny" / "sft.yaml").read_text() + "learnin_rate: 1.0\n")
+    with pytest.raises(ValueError, match="learnin_rate"):
+        sft.parse(["--config", str(bad)])
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "accelerate_configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_are_valid(config):
+    data = yaml.safe_load(config.read_text())
+    assert data["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"} and data["mixed_precision"] == "bf16"
+    if data["distributed_type"] == "FSDP":
+        assert data["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "FalconH1DecoderLayer"

@@ -1,0 +1,200 @@
+"""Chat with a Base and an Instruct Falcon-H1 side by side: one prompt, two streaming answers.
+
+    python demo/app.py                                   # the offline default's checkpoints (make run)
+    python demo/app.py --base tiiuae/Falcon-H1-0.5B-Base --instruct tiiuae/Falcon-H1-0.5B-Instruct
+
+Binds 127.0.0.1 unless --host says otherwise. Each model is loaded once; requests queue with a concurrency
+limit; prompts are length-limited and cleaned of unprintable characters; a model error shows in its pane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import queue
+import sys
+import threading
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import gradio as gr  # noqa: E402
+
+from demo.engine import ChatModel, PromptError, Settings, clean_prompt  # noqa: E402
+
+DEFAULT_BASE, DEFAULT_INSTRUCT = "runs/offline/base", "runs/offline/sft"
+CSS = """
+#base-pane, #instruct-pane {border-radius: 12px}
+.pane-title {font-weight: 600; margin-bottom: 0}
+#notice p {color: #b45309}
+"""
+
+
+def _stats_md(stats: dict | None) -> str:
+    if not stats:
+        return ""
+    n = stats["tokens"]
+    return f"{n} token{'' if n == 1 else 's'} · {stats['seconds']} s · **{stats['tokens_per_s']} tokens/s**"
+
+
+def make_respond(base: ChatModel, instruct: ChatModel, max_prompt_chars: int):
+    panes = {"base": base, "instruct": instruct}
+
+    def respond(prompt, base_hist, inst_hist, max_new_tokens, temperature, top_p, seed, system_prompt):
+        """Streams both answers; yields (base_hist, inst_hist, base_stats, inst_stats, notice, prompt box,
+        base prompt as seen, instruct prompt as seen)."""
+        base_hist, inst_hist = list(base_hist or []), list(inst_hist or [])
+        try:
+            text, notice = clean_prompt(prompt, max_prompt_chars)
+        except PromptError as err:
+            yield base_hist, inst_hist, "", "", f"⚠️ {err}", prompt, gr.skip(), gr.skip()
+            return
+        settings = Settings(int(max_new_tokens), float(temperature), float(top_p), int(seed or 0), system_prompt or "")
+        hists = {"base": base_hist, "instruct": inst_hist}
+        seen = {name: model.render(_turns(hists[name]), text, settings) for name, model in panes.items()}
+        for h in hists.values():
+            h += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        stats = {"base": None, "instruct": None}
+        updates: queue.Queue = queue.Queue()
+        stop = threading.Event()
+
+        def work(name):
+            try:
+                for out, st in panes[name].stream(_turns(hists[name])[:-2], text, settings, stop):
+                    updates.put((name, out, st))
+            except Exception as err:  # shown in the pane; the server keeps serving
+                updates.put((name, f"⚠️ Model error: {type(err).__name__}: {err}", None))
+            finally:
+                updates.put((name, None, None))
+
+        threads = [threading.Thread(target=work, args=(n,), daemon=True) for n in panes]
+        for t in threads:
+            t.start()
+        running = set(panes)
+        note = f"ℹ️ {notice}" if notice else ""
+        try:
+            yield base_hist, inst_hist, "", "", note, "", seen["base"], seen["instruct"]
+            while running:
+                name, out, st = updates.get()
+                if out is None:
+                    running.discard(name)
+                else:
+                    hists[name][-1]["content"] = out
+                    stats[name] = st or stats[name]
+                yield (
+                    base_hist,
+                    inst_hist,
+                    _stats_md(stats["base"]),
+                    _stats_md(stats["instruct"]),
+                    note,
+                    "",
+                    seen["base"],
+                    seen["instruct"],
+                )
+        finally:
+            stop.set()  # Stop button or a closed page: end both generations
+
+    return respond
+
+
+def content_text(content) -> str:
+    """Chatbot content as plain text: gradio ≥ 6 hands messages back as a list of typed parts."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def _turns(history):
+    return [{"role": m["role"], "content": content_text(m.get("content"))} for m in history]
+
+
+def build_ui(base: ChatModel, instruct: ChatModel, max_prompt_chars=8000, max_new_tokens=256) -> gr.Blocks:
+    with gr.Blocks(title="Falcon-H1 · Base vs Instruct") as ui:
+        gr.Markdown(
+            "# Falcon-H1 · Base vs Instruct\nOne prompt, two models. The **Base** model continues the "
+            "conversation as plain text; the **Instruct** model gets it through its chat template."
+        )
+        with gr.Row(equal_height=True):
+            with gr.Column():
+                base_chat = gr.Chatbot(label=f"Base · {base.name}", height=430, elem_id="base-pane")
+                base_stats = gr.Markdown(elem_id="base-stats")
+            with gr.Column():
+                inst_chat = gr.Chatbot(label=f"Instruct · {instruct.name}", height=430, elem_id="instruct-pane")
+                inst_stats = gr.Markdown(elem_id="instruct-stats")
+        notice = gr.Markdown(elem_id="notice")
+        with gr.Row():
+            prompt = gr.Textbox(
+                placeholder="Ask both models… (Enter to send, Shift+Enter for a new line)",
+                show_label=False,
+                scale=8,
+                max_lines=8,
+                elem_id="prompt",
+            )
+            send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+            stop = gr.Button("Stop", scale=1, elem_id="stop")
+            clear = gr.Button("Clear", scale=1, elem_id="clear")
+        with gr.Accordion("Generation settings (both models)", open=False):
+            with gr.Row():
+                max_new = gr.Slider(
+                    1, max(max_new_tokens, 1), value=min(128, max_new_tokens), step=1, label="Max new tokens"
+                )
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                seed = gr.Number(value=0, precision=0, label="Seed")
+            system = gr.Textbox(label="System prompt (Instruct model)", lines=2)
+        with gr.Accordion("Prompts as the models saw them", open=False, elem_id="seen-accordion"):
+            with gr.Row():
+                base_seen = gr.Textbox(label="Base (plain text)", lines=6, elem_id="base-seen", interactive=False)
+                inst_seen = gr.Textbox(
+                    label="Instruct (chat template)", lines=6, elem_id="instruct-seen", interactive=False
+                )
+
+        inputs = [prompt, base_chat, inst_chat, max_new, temperature, top_p, seed, system]
+        outputs = [base_chat, inst_chat, base_stats, inst_stats, notice, prompt, base_seen, inst_seen]
+        respond = make_respond(base, instruct, max_prompt_chars)
+        go = send.click(respond, inputs, outputs, api_name="respond")
+        go_enter = prompt.submit(respond, inputs, outputs, api_name=False)
+        stop.click(None, None, None, cancels=[go, go_enter])
+        clear.click(
+            lambda: ([], [], "", "", "", "", ""),
+            None,
+            [base_chat, inst_chat, base_stats, inst_stats, notice, base_seen, inst_seen],
+            api_name=False,
+        )
+    return ui
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default=DEFAULT_BASE, help="Base checkpoint: local path or hub id")
+    p.add_argument("--instruct", default=DEFAULT_INSTRUCT, help="Instruct checkpoint: local path or hub id")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--concurrency", type=int, default=2, help="requests generated at once; the rest queue")
+    p.add_argument("--max-prompt-chars", type=int, default=8000)
+    p.add_argument("--max-new-tokens", type=int, default=512, help="upper end of the slider")
+    p.add_argument("--trust-remote-code", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    for role, path in (("base", args.base), ("instruct", args.instruct)):
+        if path in (DEFAULT_BASE, DEFAULT_INSTRUCT) and not (Path(path) / "config.json").exists():
+            sys.exit(
+                f"error: the offline default's {role} checkpoint {path!r} does not exist yet. Make it with "
+                "`make run` (or `python -m align.pipeline`), or pass --base/--instruct (a path or hub id)."
+            )
+    models = [
+        ChatModel(p, chat=c, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        for p, c in ((args.base, False), (args.instruct, True))
+    ]
+    ui = build_ui(*models, max_prompt_chars=args.max_prompt_chars, max_new_tokens=args.max_new_tokens)
+    ui.queue(default_concurrency_limit=args.concurrency, max_size=64)
+    ui.launch(server_name=args.host, server_port=args.port, show_error=True, css=CSS, theme=gr.themes.Soft())
+
+
+if __name__ == "__main__":
+    main()

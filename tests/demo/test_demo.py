@@ -1,0 +1,217 @@
+"""The demo in a real browser (headless Debian Chromium driven by Playwright), under concurrent clients, and
+with bad input. The server runs as a subprocess on 127.0.0.1 with tiny checkpoints the test makes."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.offline.base import build_tokenizer
+from align.offline.tasks import pretraining_documents
+from demo.app import content_text
+from demo.engine import PromptError, clean_prompt
+from model import FalconH1Config, FalconH1ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_checkpoint(path: Path, tok):
+    cfg = FalconH1Config(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_state=8,
+        mamba_chunk_size=16,
+        rope_theta=1e11,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(0)
+    FalconH1ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    tok = build_tokenizer(pretraining_documents(100), vocab_size=300)
+    for name in ("base", "instruct"):
+        _make_checkpoint(root / name, tok)
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "demo" / "app.py"),
+            "--base",
+            str(root / "base"),
+            "--instruct",
+            str(root / "instruct"),
+            "--port",
+            str(port),
+            "--concurrency",
+            "2",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()) from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("demo server did not start:\n" + (root / "server.log").read_text())
+    yield url, root / "server.log"
+    proc.terminate()
+    proc.wait(timeout=20)
+    log.close()
+
+
+def _ask(url, prompt, n=1, max_new_tokens=8):
+    from gradio_client import Client
+
+    client = Client(url, verbose=False)
+    return client.predict(prompt, [], [], max_new_tokens, 0.0, 1.0, 0, "", api_name="/respond")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_streams_both_panes_and_instruct_uses_the_chat_format(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url)
+        page.locator("#prompt textarea").fill("What is 2 plus 3?")
+        page.locator("#send").click()
+        for pane in ("#base-pane", "#instruct-pane"):
+            bot = page.locator(f'{pane} [data-testid="bot"]').last
+            bot.wait_for(timeout=60_000)
+            page.wait_for_function(
+                "sel => { const m = document.querySelectorAll(sel); return m.length && m[m.length-1].innerText.trim().length > 0 }",
+                arg=f'{pane} [data-testid="bot"]',
+                timeout=60_000,
+            )
+            assert "What is 2 plus 3?" in page.locator(f'{pane} [data-testid="user"]').last.inner_text()
+        page.wait_for_function(
+            "() => document.querySelector('#instruct-stats').innerText.includes('tokens/s')", timeout=60_000
+        )
+        page.get_by_text("Prompts as the models saw them").click()
+        seen_instruct = page.locator("#instruct-seen textarea").input_value()
+        seen_base = page.locator("#base-seen textarea").input_value()
+        assert "<|im_start|>user\nWhat is 2 plus 3?<|im_end|>" in seen_instruct
+        assert seen_instruct.endswith("<|im_start|>assistant\n")
+        assert seen_base == "User: What is 2 plus 3?\nAssistant:" and "<|im_start|>" not in seen_base
+        # a second turn: the history reaches the Instruct model through its template
+        page.locator("#prompt textarea").fill("And 4 plus 4?")
+        page.locator("#send").click()
+        page.wait_for_function(
+            "() => document.querySelector('#instruct-seen textarea').value.includes('4 plus 4')", timeout=60_000
+        )
+        seen_instruct = page.locator("#instruct-seen textarea").input_value()
+        assert seen_instruct.count("<|im_start|>user") == 2 and seen_instruct.count("<|im_start|>assistant") == 2
+        page.wait_for_function(
+            "() => document.querySelectorAll('#instruct-pane [data-testid=user]').length == 2", timeout=60_000
+        )
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
+        browser.close()
+    assert (ARTIFACTS / "demo.png").stat().st_size > 10_000
+
+
+def test_concurrent_clients_all_get_answers(server):
+    url, log = server
+    results, errors = [None] * 5, []
+
+    def client(i):
+        try:
+            results[i] = _ask(url, f"Which number comes after {i}?")
+        except Exception as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    for i, out in enumerate(results):
+        base_hist, inst_hist = out[0], out[1]
+        assert base_hist[-1]["role"] == inst_hist[-1]["role"] == "assistant"
+        assert content_text(base_hist[-1]["content"]).strip(), i  # both panes answered
+        assert content_text(inst_hist[-1]["content"]).strip(), i
+        assert content_text(inst_hist[0]["content"]) == f"Which number comes after {i}?"
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
+
+
+@pytest.mark.parametrize(
+    "prompt, message",
+    [
+        ("", "empty"),
+        ("   \n\t ", "empty"),
+        ("x" * 100_000, "limit is 8,000"),
+        ("\x00\x07\x1b", "empty after removing unprintable"),
+    ],
+)
+def test_bad_input_gets_a_message_not_a_crash(server, prompt, message):
+    url, _ = server
+    out = _ask(url, prompt)
+    assert message in out[4] and out[0] == [] and out[1] == []
+
+
+def test_unprintable_characters_are_removed_with_a_notice(server):
+    url, _ = server
+    out = _ask(url, "hi\x00 there\x07")
+    assert "removed 2 unprintable" in out[4]
+    assert content_text(out[1][0]["content"]) == "hi there"
+
+
+def test_clean_prompt_rules():
+    assert clean_prompt("  a\tb\nc  ", 10) == ("a\tb\nc", None)
+    with pytest.raises(PromptError, match="11 characters; the limit is 10"):
+        clean_prompt("x" * 11, 10)
+    assert json.dumps(clean_prompt("é中文😀", 10)[0], ensure_ascii=False) == '"é中文😀"'

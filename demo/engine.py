@@ -14,9 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, TextIteratorStreamer
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LogitsProcessor,
+    StoppingCriteria,
+    TextIteratorStreamer,
+)
 
 from model import FalconH1ForCausalLM
+from model.decode import sample
 
 
 @dataclass
@@ -68,6 +76,20 @@ class _StopOnEvent(StoppingCriteria):
         return self.event.is_set()
 
 
+class _SeededSampler(LogitsProcessor):
+    """Temperature / top-p sampling from a per-request generator, so a seed reproduces an answer even while
+    the other pane samples concurrently (torch's global RNG is shared between threads). Greedy decoding then
+    picks the one token left."""
+
+    def __init__(self, temperature: float, top_p: float, seed: int, device):
+        self.temperature, self.top_p = temperature, top_p
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    def __call__(self, input_ids, scores):
+        token = sample(scores.float(), self.temperature, self.top_p, self.generator)
+        return torch.full_like(scores, -float("inf")).scatter_(1, token[:, None], 0.0)
+
+
 class ChatModel:
     """One checkpoint, loaded once. `chat=True` prompts through the chat template, else plain continuation."""
 
@@ -113,11 +135,13 @@ class ChatModel:
             eos_token_id=eos,
             pad_token_id=self.tokenizer.pad_token_id,
             stopping_criteria=[_StopOnEvent(stop)],
+            do_sample=False,  # sampling, when asked, happens in _SeededSampler with the request's own generator
         )
         if settings.temperature > 0:
-            kwargs.update(do_sample=True, temperature=float(settings.temperature), top_p=float(settings.top_p))
-        else:
-            kwargs.update(do_sample=False)
+            sampler = _SeededSampler(
+                float(settings.temperature), float(settings.top_p), int(settings.seed), self.device
+            )
+            kwargs["logits_processor"] = [sampler]
         if not self.chat:
             kwargs.update(stop_strings=["\nUser:"], tokenizer=self.tokenizer)
         errors = []
@@ -125,7 +149,6 @@ class ChatModel:
         def work():
             try:
                 with self.lock:
-                    torch.manual_seed(int(settings.seed))
                     with torch.no_grad():
                         self.model.generate(**kwargs)
             except Exception as err:  # surfaced in the pane by the caller

@@ -23,6 +23,7 @@ from model import FalconH1Config, FalconH1ForCausalLM
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
+INSTRUCT_REPLY = "Hello from the instruct model."
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_ARGS = [
     "--no-sandbox",
@@ -41,7 +42,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_checkpoint(path: Path, tok):
+def _make_checkpoint(path: Path, tok, reply_text: str, steps: int = 80):
+    """A tiny Falcon-H1 overfit on one reply, so it answers (nearly) every prompt with that text."""
     cfg = FalconH1Config(
         vocab_size=len(tok),
         hidden_size=32,
@@ -60,7 +62,14 @@ def _make_checkpoint(path: Path, tok):
         eos_token_id=tok.eos_token_id,
     )
     torch.manual_seed(0)
-    FalconH1ForCausalLM(cfg).save_pretrained(path)
+    model = FalconH1ForCausalLM(cfg).train()
+    ids = torch.tensor([tok(reply_text, add_special_tokens=False)["input_ids"]])
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(steps):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().save_pretrained(path)
     tok.save_pretrained(path)
 
 
@@ -68,8 +77,14 @@ def _make_checkpoint(path: Path, tok):
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     tok = build_tokenizer(pretraining_documents(100), vocab_size=300)
-    for name in ("base", "instruct"):
-        _make_checkpoint(root / name, tok)
+    _make_checkpoint(root / "base", tok, "User: hi\nAssistant: plain text from the base model.\nUser:")
+    _make_checkpoint(
+        root / "instruct",
+        tok,
+        tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": INSTRUCT_REPLY}], tokenize=False
+        ),
+    )
     port = _free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
@@ -136,6 +151,11 @@ def test_browser_streams_both_panes_and_instruct_uses_the_chat_format(server):
                 timeout=60_000,
             )
             assert "What is 2 plus 3?" in page.locator(f'{pane} [data-testid="user"]').last.inner_text()
+        page.wait_for_function(  # the streamed answers complete: each model's own reply, nothing else
+            "() => document.querySelector('#instruct-pane').innerText.includes('Hello from the instruct')"
+            " && document.querySelector('#base-pane').innerText.includes('plain text from the base')",
+            timeout=60_000,
+        )
         page.wait_for_function(
             "() => document.querySelector('#instruct-stats').innerText.includes('tokens/s')", timeout=60_000
         )
@@ -181,8 +201,8 @@ def test_concurrent_clients_all_get_answers(server):
     for i, out in enumerate(results):
         base_hist, inst_hist = out[0], out[1]
         assert base_hist[-1]["role"] == inst_hist[-1]["role"] == "assistant"
-        assert content_text(base_hist[-1]["content"]).strip(), i  # both panes answered
-        assert content_text(inst_hist[-1]["content"]).strip(), i
+        assert content_text(base_hist[-1]["content"]).startswith("plain"), i  # both panes answered
+        assert content_text(inst_hist[-1]["content"]).startswith("Hello from"), i
         assert content_text(inst_hist[0]["content"]) == f"Which number comes after {i}?"
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
@@ -215,3 +235,63 @@ def test_clean_prompt_rules():
     with pytest.raises(PromptError, match="11 characters; the limit is 10"):
         clean_prompt("x" * 11, 10)
     assert json.dumps(clean_prompt("é中文😀", 10)[0], ensure_ascii=False) == '"é中文😀"'
+
+
+def test_answers_stream_token_by_token(server):
+    from gradio_client import Client
+
+    url, _ = server
+    job = Client(url, verbose=False).submit("What is 1 plus 1?", [], [], 12, 0.0, 1.0, 0, "", api_name="/respond")
+    job.result(timeout=120)
+    updates = job.outputs()
+    assert len(updates) >= 4  # the first (empty) frame, several partial answers, the final one
+    lengths = [len(content_text(u[1][-1]["content"])) for u in updates if u[1]]
+    assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
+
+
+class _Broken:
+    name, chat = "broken", True
+
+    def render(self, history, prompt, settings):
+        return prompt
+
+    def stream(self, *args):
+        raise RuntimeError("CUDA out of memory (simulated)")
+        yield  # a generator, like ChatModel.stream
+
+
+class _Echo(_Broken):
+    name = "echo"
+
+    def stream(self, history, prompt, settings, stop):
+        yield prompt.upper(), {"tokens": 1, "seconds": 0.1, "tokens_per_s": 10.0}
+
+
+def test_a_model_error_is_shown_in_its_pane_and_the_other_pane_still_answers():
+    from demo.app import make_respond
+
+    respond = make_respond(_Broken(), _Echo(), max_prompt_chars=100)
+    *_, last = respond("hello", [], [], 8, 0.0, 1.0, 0, "")
+    base_hist, inst_hist = last[0], last[1]
+    assert "Model error: RuntimeError: CUDA out of memory" in base_hist[-1]["content"]
+    assert inst_hist[-1]["content"] == "HELLO"
+
+
+def test_missing_default_checkpoints_give_the_command_that_makes_them(tmp_path, monkeypatch):
+    from demo.app import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"make run"):
+        main([])
+
+
+def test_a_seed_reproduces_sampled_answers_while_both_panes_sample(server):
+    from gradio_client import Client
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    ask = lambda seed: client.predict("Say something", [], [], 12, 2.0, 1.0, seed, "", api_name="/respond")
+    first, again, other = ask(7), ask(7), ask(8)
+    answers = lambda out: (content_text(out[0][-1]["content"]), content_text(out[1][-1]["content"]))
+    assert answers(first) == answers(again)
+    assert answers(first) != answers(other)

@@ -49,6 +49,29 @@ def tiny_kwargs(**overrides) -> dict:
     return kw
 
 
+def tiny_config_for(tokenizer, **overrides) -> FalconH1Config:
+    """A 2-layer, 32-wide Falcon-H1 sized to a tokenizer (alignment and demo tests)."""
+    kw = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        mamba_d_ssm=64,
+        mamba_n_heads=4,
+        mamba_d_state=8,
+        mamba_chunk_size=16,
+        rope_theta=1e11,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    kw.update(overrides)
+    return FalconH1Config(**kw)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Non-trivial values everywhere (norm weights, D, dt_bias too), so no parameter hides behind an init of 1."""
     g = torch.Generator().manual_seed(seed)

@@ -8,9 +8,9 @@ import torch
 from align import sft
 from align.offline.base import build_tokenizer
 from align.offline.tasks import examples, pretraining_documents
-from model import FalconH1Config, FalconH1ForCausalLM
+from model import FalconH1ForCausalLM
 from model.presets import _MUP_0_5B
-from tests.conftest import rel_err
+from tests.conftest import rel_err, tiny_config_for
 
 COMMON = [
     "--use_cpu",
@@ -49,25 +49,7 @@ def base(tmp_path_factory):
     tok = build_tokenizer(
         pretraining_documents(200) + [m["content"] for r in examples("train") for m in r["messages"]], vocab_size=400
     )
-    cfg = FalconH1Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        mamba_d_ssm=64,
-        mamba_n_heads=4,
-        mamba_d_state=8,
-        mamba_chunk_size=16,
-        mamba_rms_norm=True,
-        rope_theta=1e11,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        **{**_MUP_0_5B, "lm_head_multiplier": 1.0},
-    )
+    cfg = tiny_config_for(tok, mamba_rms_norm=True, **{**_MUP_0_5B, "lm_head_multiplier": 1.0})
     torch.manual_seed(0)
     FalconH1ForCausalLM(cfg).save_pretrained(root / "base")
     tok.save_pretrained(root / "base")

@@ -19,7 +19,8 @@ from align.offline.base import build_tokenizer
 from align.offline.tasks import pretraining_documents
 from demo.app import content_text
 from demo.engine import PromptError, clean_prompt
-from model import FalconH1Config, FalconH1ForCausalLM
+from model import FalconH1ForCausalLM
+from tests.conftest import tiny_config_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -44,23 +45,7 @@ def _free_port() -> int:
 
 def _make_checkpoint(path: Path, tok, reply_text: str, steps: int = 80):
     """A tiny Falcon-H1 overfit on one reply, so it answers (nearly) every prompt with that text."""
-    cfg = FalconH1Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=16,
-        mamba_d_ssm=64,
-        mamba_n_heads=4,
-        mamba_d_state=8,
-        mamba_chunk_size=16,
-        rope_theta=1e11,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-    )
+    cfg = tiny_config_for(tok)
     torch.manual_seed(0)
     model = FalconH1ForCausalLM(cfg).train()
     ids = torch.tensor([tok(reply_text, add_special_tokens=False)["input_ids"]])

@@ -5,8 +5,11 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  # the folder name must contain "site-packages": dill (datasets' fingerprinting) pickles modules found anywhere
+  # else by value and dies on pyarrow's MonthDayNano
+  T=/tmp/carried/site-packages
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/*.whl || exit 1
+  export PYTHONPATH=$T:$PWD
 fi
 export PYTHONUNBUFFERED=1 FALCON_ALIGN_KERNELS=${FALCON_ALIGN_KERNELS:-ref} HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 python3 - <<'PY' || exit 1

@@ -60,6 +60,7 @@ class AlignArguments:
         return MixtureConfig(
             sources=self.sources,
             language_weights=self.language_weights,
+            other_languages_weight=self.other_languages_weight,
             seed=self.mixture_seed,
             dedup=self.dedup,
             min_chars=self.min_chars,

@@ -44,3 +44,17 @@ def test_accelerate_configs_are_valid(config):
     assert data["distributed_type"] in {"NO", "MULTI_GPU", "FSDP", "DEEPSPEED"} and data["mixed_precision"] == "bf16"
     if data["distributed_type"] == "FSDP":
         assert data["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"] == "FalconH1DecoderLayer"
+
+
+def test_every_mixture_field_reaches_the_mixture():
+    """The recipe-level mixture fields map one to one onto MixtureConfig (a field left out is silently ignored)."""
+    from dataclasses import fields
+
+    from align.data import MixtureConfig
+
+    align_args, _, _ = sft.parse(["--config", str(ROOT / "mixes" / "sft-multilingual-18.yaml"), *CPU])
+    mixture = align_args.mixture()
+    assert mixture.other_languages_weight == 0.0 and mixture.language_weights["pol"] == 3.0
+    renamed = {"seed": "mixture_seed"}
+    for f in fields(MixtureConfig):
+        assert getattr(mixture, f.name) == getattr(align_args, renamed.get(f.name, f.name)), f.name

@@ -25,7 +25,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .cache import FalconH1HybridCache
 from .config import FalconH1Config
-from .kernels import REFERENCE, get_ops
+from .kernels import get_ops
 from .kernels.ref import rmsnorm_ref
 from .loss import chunked_causal_lm_loss
 from .packing import (
@@ -379,10 +379,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
         pad_mask = attention_mask[:, -l:].to(hidden.dtype) if padded else None
         ops = get_ops(hidden.device)
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
-        # packed documents: varlen attention where a fast kernel exists; the reference path masks densely,
-        # which on CPU beats a Python loop over many short documents
+        # packed documents: varlen attention, or a dense document mask (the kernel bundle decides)
         packed = None
-        if seq_idx is not None and ops.varlen_attention is not REFERENCE.varlen_attention:
+        if seq_idx is not None and ops.varlen_for_packing:
             packed = cu_seqlens_from_seq_idx(seq_idx)
         dense_docs = seq_idx if packed is None else None
         attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None, dense_docs)

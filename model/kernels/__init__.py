@@ -29,6 +29,9 @@ class Ops:
     selective_state_update: Callable
     rmsnorm_gated: Callable
     varlen_attention: Callable
+    # how packed documents are attended: True → `varlen_attention` over the flattened rows (a fast kernel);
+    # False → one dense per-row mask (cheaper than a Python loop over documents when no kernel exists)
+    varlen_for_packing: bool = False
 
 
 REFERENCE = Ops(
@@ -53,7 +56,12 @@ def _fast_ops() -> Ops | None:
     overrides = cuda.available_ops()
     if not overrides:
         return None
-    return replace(REFERENCE, name="cuda[" + ",".join(sorted(overrides)) + "]", **overrides)
+    return replace(
+        REFERENCE,
+        name="cuda[" + ",".join(sorted(overrides)) + "]",
+        varlen_for_packing="varlen_attention" in overrides,
+        **overrides,
+    )
 
 
 def get_ops(device: torch.device | str) -> Ops:

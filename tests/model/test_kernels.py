@@ -159,3 +159,4 @@ def test_gated_rmsnorm_is_groupwise():
 
 def test_cpu_dispatch_is_the_reference():
     assert get_ops("cpu") is REFERENCE
+    assert not REFERENCE.varlen_for_packing  # CPU masks packed documents densely

@@ -21,7 +21,8 @@ PY
 COMMON="--config recipes/tiny/sft.yaml --init_preset 0.5b --model_name_or_path /tmp/tok --dtype bfloat16
   --use_cpu False --bf16 True --max_steps 3 --logging_steps 1 --save_strategy no --max_length 2048
   --learning_rate 1e-4 --report_to none --disable_tqdm True --seed 0"
-timeout "${SINGLE_TIMEOUT:-200}" accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \
+# one visible GPU: with two, HF Trainer wraps the model in nn.DataParallel, which SFTTrainer refuses
+CUDA_VISIBLE_DEVICES=0 timeout "${SINGLE_TIMEOUT:-200}" accelerate launch --config_file recipes/accelerate_configs/single_gpu.yaml \
   align/sft.py $COMMON --output_dir /tmp/single --per_device_train_batch_size 2 > "$OUT/single.log" 2>&1
 echo "single-GPU rc=$?"
 timeout "${FSDP_TIMEOUT:-240}" accelerate launch --config_file recipes/accelerate_configs/fsdp2.yaml --num_processes 2 \

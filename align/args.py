@@ -56,9 +56,10 @@ class AlignArguments:
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in _source_dicts(self.sources)]
 
-    def mixture(self) -> MixtureConfig:
+    def mixture(self, kind: str = "sft") -> MixtureConfig:
         return MixtureConfig(
             sources=self.sources,
+            kind=kind,
             language_weights=self.language_weights,
             other_languages_weight=self.other_languages_weight,
             seed=self.mixture_seed,
@@ -68,6 +69,26 @@ class AlignArguments:
             max_malformed_fraction=self.max_malformed_fraction,
             eval_fraction=self.eval_fraction,
         )
+
+
+@dataclass
+class PreferenceArguments(AlignArguments):
+    """AlignArguments plus what DPO adds: where reference log-probs are cached, and the reference model."""
+
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "With precompute_ref_log_probs: keep the reference log-probs here, keyed by everything that "
+            "changes them, and reuse them across runs (default: output_dir/ref_logps)."
+        },
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning only: the reference model (default: the starting model). LoRA always uses "
+            "the starting model with its adapters disabled, with no second copy in memory."
+        },
+    )
 
 
 def _source_dicts(sources):

@@ -1,4 +1,5 @@
-"""Weighted instruction mixtures: sources → validated `messages` rows → weighted, deduplicated, reported.
+"""Weighted mixtures: sources → validated rows → weighted, deduplicated, reported. One machinery for SFT
+(`messages` conversations) and preference data (`prompt` + `chosen`/`rejected` completions, for DPO).
 
 A recipe declares its sources (hub ids or local json/jsonl/parquet), each with a column mapping, a weight
 that can subsample (0.3) or oversample (3.5 = three full copies plus a seeded half), and optionally a
@@ -36,22 +37,28 @@ class SourceConfig:
     prompt_column: str | None = None  # alternative layout: a prompt/response pair
     response_column: str | None = None
     system_column: str | None = None
+    chosen_column: str = "chosen"  # preference data: completions as text, or message lists (with or without
+    rejected_column: str = "rejected"  # the prompt turns; without prompt_column the shared prefix is the prompt)
     label: str | None = None  # name in reports (defaults to path)
 
     def __post_init__(self):
         if self.weight < 0 or not math.isfinite(self.weight):
             raise ValueError(f"source {self.path}: weight must be a finite number ≥ 0, got {self.weight}")
-        if (self.prompt_column is None) != (self.response_column is None):
-            raise ValueError(f"source {self.path}: give both prompt_column and response_column, or neither")
+        if self.response_column is not None and self.prompt_column is None:
+            raise ValueError(f"source {self.path}: response_column needs a prompt_column")
 
     @property
     def key(self) -> str:
         return self.label or self.path
 
 
+KINDS = ("sft", "preference")
+
+
 @dataclass
 class MixtureConfig:
     sources: list[SourceConfig] = field(default_factory=list)
+    kind: str = "sft"  # "sft": rows become {"messages"}; "preference": {"prompt", "chosen", "rejected"}
     language_weights: dict[str, float] | None = None  # multiplies the source weight of rows in that language
     other_languages_weight: float = 1.0  # multiplier for languages absent from language_weights (0 drops them)
     seed: int = 42
@@ -63,6 +70,8 @@ class MixtureConfig:
 
     def __post_init__(self):
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        if self.kind not in KINDS:
+            raise ValueError(f"mixture kind must be one of {KINDS}, got {self.kind!r}")
 
 
 class MixtureError(ValueError):
@@ -103,6 +112,8 @@ def to_messages(row: dict, source: SourceConfig) -> tuple[list[dict] | None, str
     """→ (messages, None) for a valid row, (None, reason) for a malformed one."""
     if not isinstance(row, dict):
         return None, "row is not an object"
+    if source.prompt_column and not source.response_column:
+        return None, f"source {source.key}: SFT rows need response_column next to prompt_column"
     if source.prompt_column:
         prompt, response = row.get(source.prompt_column), row.get(source.response_column)
         if not isinstance(prompt, str) or not isinstance(response, str):
@@ -114,6 +125,17 @@ def to_messages(row: dict, source: SourceConfig) -> tuple[list[dict] | None, str
         messages = row.get(source.messages_column)
         if not isinstance(messages, list) or not messages:
             return None, f"'{source.messages_column}' missing or not a list of messages"
+    clean, reason = _clean_turns(messages)
+    if reason:
+        return None, reason
+    if not any(t["role"] == "assistant" for t in clean):
+        return None, "no assistant turn"
+    if clean[-1]["role"] != "assistant":
+        return None, "conversation does not end with an assistant turn"
+    return clean, None
+
+
+def _clean_turns(messages) -> tuple[list[dict] | None, str | None]:
     clean = []
     for turn in messages:
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
@@ -125,15 +147,71 @@ def to_messages(row: dict, source: SourceConfig) -> tuple[list[dict] | None, str
         if not turn["content"].strip():
             return None, "empty message content"
         clean.append({"role": turn["role"], "content": turn["content"]})
-    if not any(t["role"] == "assistant" for t in clean):
-        return None, "no assistant turn"
-    if clean[-1]["role"] != "assistant":
-        return None, "conversation does not end with an assistant turn"
     return clean, None
 
 
-def _fingerprint(messages) -> str:
-    return hashlib.sha1(json.dumps(messages, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+def _as_turns(value, role: str):
+    """Text → one message of `role`; a message list as is; anything else → None."""
+    if isinstance(value, str):
+        return [{"role": role, "content": value}]
+    return value if isinstance(value, list) else None
+
+
+def to_preference(row: dict, source: SourceConfig) -> tuple[dict | None, str | None]:
+    """→ ({"prompt", "chosen", "rejected"} as message lists, None), or (None, reason). Layouts: explicit prompt
+    (text or messages) with completions (text or messages), or whole conversations in chosen/rejected whose
+    shared leading turns are the prompt (UltraFeedback-binarized style)."""
+    if not isinstance(row, dict):
+        return None, "row is not an object"
+    for column in (source.chosen_column, source.rejected_column, source.prompt_column):
+        if column and row.get(column) in (None, "", []):
+            return None, f"'{column}' missing or empty"
+    chosen = _as_turns(row[source.chosen_column], "assistant")
+    rejected = _as_turns(row[source.rejected_column], "assistant")
+    if chosen is None or rejected is None:
+        return None, f"'{source.chosen_column}'/'{source.rejected_column}' is neither text nor a message list"
+    prompt = []
+    if source.prompt_column:
+        prompt = _as_turns(row[source.prompt_column], "user")
+        if prompt is None:
+            return None, f"'{source.prompt_column}' is neither text nor a message list"
+        if source.system_column and row.get(source.system_column):
+            prompt = [{"role": "system", "content": row[source.system_column]}] + prompt
+    parts = {}
+    for name, turns in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+        parts[name], reason = _clean_turns(turns)
+        if reason:
+            return None, f"{name}: {reason}"
+    if not source.prompt_column:  # implicit prompt: the turns both conversations share
+        shared = 0
+        while shared < min(len(parts["chosen"]), len(parts["rejected"])) - 1 and (
+            parts["chosen"][shared] == parts["rejected"][shared]
+        ):
+            shared += 1
+        parts["prompt"] = parts["chosen"][:shared]
+        parts["chosen"], parts["rejected"] = parts["chosen"][shared:], parts["rejected"][shared:]
+    elif parts["chosen"][: len(parts["prompt"])] == parts["prompt"] == parts["rejected"][: len(parts["prompt"])]:
+        parts["chosen"] = parts["chosen"][len(parts["prompt"]) :]  # completions repeated the prompt turns
+        parts["rejected"] = parts["rejected"][len(parts["prompt"]) :]
+    if not parts["prompt"] or parts["prompt"][-1]["role"] == "assistant":
+        return None, "no prompt (the conversation must open with a user turn before the compared completions)"
+    for name in ("chosen", "rejected"):
+        if not parts[name] or any(t["role"] != "assistant" for t in parts[name]):
+            return None, f"{name} completion is not assistant text"
+    if parts["chosen"] == parts["rejected"]:
+        return None, "chosen and rejected are identical"
+    return parts, None
+
+
+def _fingerprint(payload) -> str:
+    return hashlib.sha1(json.dumps(payload, ensure_ascii=False, sort_keys=True).encode()).hexdigest()
+
+
+def _chars(payload) -> int:
+    if "messages" in payload:
+        return sum(len(t["content"]) for t in payload["messages"])
+    turns = payload["prompt"] + payload["chosen"] + payload["rejected"]
+    return sum(len(t["content"]) for t in turns)
 
 
 def _weighted(rows: list, weight: float, rng: random.Random) -> list:
@@ -162,9 +240,13 @@ class SourceReport:
 
 
 def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
-    """→ (train_rows, eval_rows, report). Rows are {"messages", "language", "source"}. `count_tokens`
-    maps a messages list to a token count for the report (characters when None)."""
-    count_tokens = count_tokens or (lambda m: sum(len(t["content"]) for t in m))
+    """→ (train_rows, eval_rows, report). Rows are {"messages", "language", "source"} (SFT) or {"prompt",
+    "chosen", "rejected", "language", "source"} (preference). `count_tokens` maps a row's payload (the messages
+    list for SFT, the {"prompt", "chosen", "rejected"} dict for preference) to a token count for the report
+    (characters when None)."""
+    if count_tokens is None:
+        count_tokens = lambda payload: _chars(payload if isinstance(payload, dict) else {"messages": payload})
+    convert = to_messages if config.kind == "sft" else to_preference
     rng = random.Random(config.seed)
     seen: set[str] = set()
     train, held_out, reports = [], [], []
@@ -175,24 +257,25 @@ def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
         rep.raw_rows = len(raw)
         reasons = Counter()
         for i, row in enumerate(raw):
-            messages, reason = to_messages(row, source)
+            payload, reason = convert(row, source)
             if reason is not None:
                 reasons[reason] += 1
                 if len(rep.malformed_examples) < 5:
                     rep.malformed_examples.append({"row": i, "reason": reason, "value": _short(row)})
                 continue
-            text_len = sum(len(t["content"]) for t in messages)
+            payload = {"messages": payload} if config.kind == "sft" else payload
+            text_len = _chars(payload)
             if text_len < config.min_chars or (config.max_chars is not None and text_len > config.max_chars):
                 rep.length_filtered += 1
                 continue
             if config.dedup:
-                fp = _fingerprint(messages)
+                fp = _fingerprint(payload)
                 if fp in seen:
                     rep.duplicates += 1
                     continue
                 seen.add(fp)
             language = source.language or (row.get(source.language_column) if source.language_column else None)
-            valid.append({"messages": messages, "language": language or "unknown", "source": source.key})
+            valid.append({**payload, "language": language or "unknown", "source": source.key})
         rep.malformed = sum(reasons.values())
         rep.malformed_reasons = dict(reasons)
         rep.valid_rows = len(valid)
@@ -214,7 +297,7 @@ def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
         for language in sorted(by_language):
             weight = source.weight * (config.language_weights or {}).get(language, config.other_languages_weight)
             picked = _weighted(by_language[language], weight, rng)
-            tokens = sum(count_tokens(r["messages"]) for r in picked)
+            tokens = sum(count_tokens(_payload(r, config.kind)) for r in picked)
             rep.rows_per_language[language] = len(picked)
             rep.tokens_per_language[language] = tokens
             rep.train_rows += len(picked)
@@ -223,6 +306,10 @@ def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
         reports.append(rep)
     rng.shuffle(train)
     return train, held_out, reports
+
+
+def _payload(row: dict, kind: str):
+    return row["messages"] if kind == "sft" else {k: row[k] for k in ("prompt", "chosen", "rejected")}
 
 
 def _short(value, limit=200):

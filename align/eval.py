@@ -1,11 +1,17 @@
-"""Evaluation: per-language exact-match accuracy on held-out verifiable tasks.
+"""Evaluation: per-language exact match on held-out verifiable tasks, and preference accuracy on held-out pairs.
 
-Each held-out row is a user question with one correct answer. The model gets the question through the chat
-template (`add_generation_prompt`), decodes greedily until `<|im_end|>`/EOS, and scores 1 when the first
-line of its reply equals the answer. Base and SFT models get the same prompt, so the metric measures whether a
-model follows the chat format *and* answers correctly.
+Exact match: each held-out row is a user question with one correct answer. The model gets the question through
+the chat template (`add_generation_prompt`), decodes greedily until `<|im_end|>`/EOS, and scores 1 when the first
+line of its reply equals the answer. Base, SFT and DPO models get the same prompt, so the metric measures whether
+a model follows the chat format *and* answers correctly.
 
-    python -m align.eval --model runs/offline/sft --heldout data/offline/heldout.jsonl
+Preference accuracy: on held-out (prompt, chosen, rejected) pairs, the share where the model gives the chosen
+completion the higher mean log-prob per token (the length-normalised score dpo_norm optimises; ties count
+half). Against a reference model it also gives DPO's implicit rewards β·(log π − log π_ref) per token: their
+accuracy and mean margin.
+
+    python -m align.eval --model runs/offline/dpo --heldout data/offline/heldout.jsonl \
+        --pairs data/offline/heldout_pairs.jsonl --reference runs/offline/sft
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 import torch
 
 from model import FalconH1ForCausalLM
+
+from .models import chat_ids
 
 
 def load_jsonl(path):
@@ -68,6 +76,84 @@ def exact_match_by_language(model, tokenizer, rows, **kw) -> dict:
     }
 
 
+def _pair_tokens(tokenizer, pair):
+    """→ (prompt ids, [chosen completion ids, rejected completion ids]) as TRL's DPOTrainer tokenizes them."""
+    prompt = chat_ids(tokenizer, pair["prompt"], add_generation_prompt=True)
+    completions = []
+    for side in ("chosen", "rejected"):
+        full = chat_ids(tokenizer, pair["prompt"] + pair[side])
+        if full[: len(prompt)] != prompt:
+            raise ValueError(f"the chat template does not render the prompt as a prefix of the {side} conversation")
+        completions.append(full[len(prompt) :])
+    return prompt, completions
+
+
+@torch.no_grad()
+def completion_logps(model, tokenizer, pairs, batch_size=64) -> torch.Tensor:
+    """(n, 2, 2): for each pair, [chosen, rejected] × [summed completion log-prob, completion length]."""
+    rows, spans = [], []
+    for pair in pairs:
+        prompt, completions = _pair_tokens(tokenizer, pair)
+        for completion in completions:
+            rows.append(prompt + completion)
+            spans.append((len(prompt), len(completion)))
+    out = torch.zeros(len(rows), 2)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        width = max(map(len, chunk))
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(chunk):
+            ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+        logps = model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
+        token_logps = logps[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (b, width-1): log p(token t+1)
+        for i in range(len(chunk)):
+            p, c = spans[start + i]
+            out[start + i] = torch.tensor([token_logps[i, p - 1 : p - 1 + c].sum(), c])
+    return out.view(len(pairs), 2, 2)
+
+
+def preference_metrics(model, tokenizer, pairs, reference=None, beta=5.0) -> dict:
+    """Held-out preference accuracy per language (mean log-prob per completion token, chosen > rejected), and
+    with a reference model the implicit-reward accuracy and mean margin, β·(mean log π − mean log π_ref)."""
+    scores = completion_logps(model, tokenizer, pairs)
+    mean = scores[..., 0] / scores[..., 1]  # (n, 2) mean log-prob per token
+    wins = (mean[:, 0] > mean[:, 1]).float() + 0.5 * (mean[:, 0] == mean[:, 1]).float()
+    result = {"n": len(pairs), **_by_language(pairs, wins, "accuracy")}
+    if reference is not None:
+        ref = completion_logps(reference, tokenizer, pairs)
+        rewards = beta * (mean - ref[..., 0] / ref[..., 1])  # (n, 2)
+        margins = rewards[:, 0] - rewards[:, 1]
+        result["reward_accuracy"] = float((margins > 0).float().mean())
+        result["reward_margin"] = float(margins.mean())
+        result["rewards_chosen"] = float(rewards[:, 0].mean())
+        result["rewards_rejected"] = float(rewards[:, 1].mean())
+    return result
+
+
+def _by_language(rows, values, name):
+    groups = defaultdict(list)
+    for row, v in zip(rows, values.tolist()):
+        groups[row.get("language", "unknown")].append(v)
+    return {
+        name: float(values.mean()) if len(values) else 0.0,
+        "per_language": {lang: sum(v) / len(v) for lang, v in sorted(groups.items())},
+    }
+
+
+def pairs_from_rows(rows):
+    """Shipped pair rows (prompt/chosen/rejected as text) → message lists, language kept."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": r["prompt"]}],
+            "chosen": [{"role": "assistant", "content": r["chosen"]}],
+            "rejected": [{"role": "assistant", "content": r["rejected"]}],
+            "language": r.get("language", "unknown"),
+        }
+        for r in rows
+    ]
+
+
 def load_for_eval(path):
     from transformers import AutoTokenizer
 
@@ -80,9 +166,17 @@ def main(argv=None):
     parser.add_argument("--model", required=True)
     parser.add_argument("--heldout", default="data/offline/heldout.jsonl")
     parser.add_argument("--per-language", type=int, default=None, help="cap rows per language")
+    parser.add_argument("--pairs", default=None, help="held-out preference pairs (jsonl: prompt/chosen/rejected)")
+    parser.add_argument("--reference", default=None, help="reference model for implicit rewards")
+    parser.add_argument("--beta", type=float, default=5.0)
     args = parser.parse_args(argv)
+    model, tokenizer = load_for_eval(args.model)
     rows = subsample(load_jsonl(args.heldout), args.per_language)
-    result = exact_match_by_language(*load_for_eval(args.model), rows)
+    result = {"exact_match": exact_match_by_language(model, tokenizer, rows)}
+    if args.pairs:
+        pairs = pairs_from_rows(subsample(load_jsonl(args.pairs), args.per_language))
+        reference = load_for_eval(args.reference)[0] if args.reference else None
+        result["preference"] = preference_metrics(model, tokenizer, pairs, reference, args.beta)
     print(json.dumps(result, indent=2, ensure_ascii=False))
 
 

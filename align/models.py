@@ -1,6 +1,9 @@
-"""Model, tokenizer and PEFT set-up shared by the alignment stages."""
+"""Model, tokenizer, PEFT, checkpoint and merge set-up shared by the alignment stages."""
 
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -9,6 +12,8 @@ from model import FalconH1ForCausalLM, preset_config
 
 from .args import AlignArguments, lora_targets
 from .templates import falcon_h1_chat_template
+
+logger = logging.getLogger("falcon_align")
 
 
 def _dtype(name):
@@ -26,6 +31,12 @@ def load_tokenizer(model_args, align_args: AlignArguments, trust_remote_code: bo
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def chat_ids(tokenizer, messages, add_generation_prompt=False) -> list[int]:
+    """Token ids of a conversation through the chat template (transformers 5 returns a BatchEncoding there)."""
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
 
 def quantization_config(model_args):
@@ -77,3 +88,25 @@ def peft_config(model_args):
         use_rslora=model_args.use_rslora,
         use_dora=model_args.use_dora,
     )
+
+
+def resume_checkpoint(resume, output_dir):
+    """`resume_from_checkpoint: latest` → the newest checkpoint in output_dir (None when there is none)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if resume == "latest":
+        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    return resume
+
+
+def merge_saved_adapter(model_args, align_args, adapter_dir, tokenizer, trust=False):
+    """Base weights + the adapter as saved → one plain checkpoint in adapter_dir/merged (vanilla-loadable).
+    Built from disk, so the trainer's model stays a PEFT model and the saved adapter is what gets merged."""
+    from peft import PeftModel
+
+    merged_dir = Path(adapter_dir) / "merged"
+    base = load_model(model_args, align_args, trust)
+    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(merged_dir)
+    tokenizer.save_pretrained(merged_dir)
+    logger.info("merged model saved to %s", merged_dir)
+    return merged_dir

@@ -18,12 +18,18 @@ if __package__ in (None, ""):  # `python align/sft.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 from align.args import AlignArguments  # noqa: E402
 from align.data import build_mixture, write_report  # noqa: E402
-from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import (  # noqa: E402
+    chat_ids,
+    load_model,
+    load_tokenizer,
+    merge_saved_adapter,
+    peft_config,
+    resume_checkpoint,
+)
 
 logger = logging.getLogger("falcon_align.sft")
 
@@ -49,7 +55,7 @@ def main(argv=None):
     model = load_model(model_args, align_args, trust)
 
     def count_tokens(messages):
-        return len(tokenizer.apply_chat_template(messages, tokenize=True))
+        return len(chat_ids(tokenizer, messages))
 
     train_rows, eval_rows, reports = build_mixture(align_args.mixture(), count_tokens=count_tokens)
     report = write_report(reports, align_args.report_dir or sft_args.output_dir)
@@ -70,28 +76,12 @@ def main(argv=None):
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
     )
-    resume = sft_args.resume_from_checkpoint
-    if resume == "latest":
-        resume = get_last_checkpoint(sft_args.output_dir) if Path(sft_args.output_dir).is_dir() else None
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(sft_args.resume_from_checkpoint, sft_args.output_dir))
     trainer.save_model(sft_args.output_dir)
     tokenizer.save_pretrained(sft_args.output_dir)
     if model_args.use_peft and align_args.merge_lora:
         merge_saved_adapter(model_args, align_args, sft_args.output_dir, tokenizer, trust)
     return trainer
-
-
-def merge_saved_adapter(model_args, align_args, adapter_dir, tokenizer, trust=False):
-    """Base weights + the adapter as saved → one plain checkpoint in adapter_dir/merged (vanilla-loadable).
-    Built from disk, so the trainer's model stays a PEFT model and the saved adapter is what gets merged."""
-    from peft import PeftModel
-
-    merged_dir = Path(adapter_dir) / "merged"
-    base = load_model(model_args, align_args, trust)
-    PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(merged_dir)
-    tokenizer.save_pretrained(merged_dir)
-    logger.info("merged model saved to %s", merged_dir)
-    return merged_dir
 
 
 if __name__ == "__main__":

@@ -327,6 +327,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
         self.final_layernorm = FalconH1RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
         self._training_graphs = None  # model.graphs.enable_training_graphs
+        # padding-free execution of padded batches (FalconH1ForCausalLM.set_padding_free): without a cache, a
+        # batch with padding runs as one packed row of its real tokens; outputs come back in the padded layout
+        self.padding_free = False
         self.post_init()
 
     def get_input_embeddings(self):
@@ -366,6 +369,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
         seq_idx = None if (padded or continuing) else resolve_seq_idx(position_ids, seq_idx, cu_seq_lens_q, l)
         if use_cache is None:  # default: a cache for inference, none for training or packed rows
             use_cache = self.config.use_cache and not self.training and seq_idx is None
+        if padded and self.padding_free and not use_cache and cache is None:
+            return self._forward_unpadded(inputs_embeds, attention_mask, position_ids)
         if use_cache and cache is None:
             cache = FalconH1HybridCache(self.config, b)
         if seq_idx is not None and cache is not None:
@@ -413,6 +418,23 @@ class FalconH1Model(FalconH1PreTrainedModel):
         hidden = self.final_layernorm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache})
 
+    def _forward_unpadded(self, inputs_embeds, attention_mask, position_ids=None):
+        """A padded batch (b, l) run as one packed row of its T real tokens, each row its own document (exact
+        isolation in the scan, the conv and attention), then scattered back: pads get zeros, never computed."""
+        l = inputs_embeds.size(1)
+        keep = attention_mask[:, -l:].bool()  # (b, l)
+        if position_ids is None:
+            position_ids = positions_from_attention_mask(attention_mask)[:, -l:]
+        rows = torch.arange(keep.size(0), device=keep.device).repeat_interleave(keep.sum(1))  # (T,) row of each token
+        out = self(
+            inputs_embeds=inputs_embeds[keep][None],
+            position_ids=position_ids[keep][None],
+            seq_idx=rows[None].to(torch.int32),
+            use_cache=False,
+        ).last_hidden_state  # (1, T, d)
+        scattered = out.new_zeros(*keep.shape, out.size(-1)).masked_scatter(keep[..., None], out[0])
+        return BaseModelOutputWithPast(last_hidden_state=scattered, **{_CACHE_FIELD: None})
+
 
 class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -431,6 +453,13 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:
+        """Run padded batches without their pads (training and scoring forwards, i.e. without a cache): the
+        real tokens of all rows form one packed row with each row its own document. Outputs keep the padded
+        layout and equal the padded computation; pads cost nothing. Generation is unaffected."""
+        self.model.padding_free = enabled
+        return self
 
     def set_output_embeddings(self, value):
         self.lm_head = value

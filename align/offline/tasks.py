@@ -110,6 +110,34 @@ def pretraining_documents(n_docs: int, seed: int = 0, sentences_per_doc: int = 8
     return docs
 
 
+def wrong_answer(language: str, task: str, operands) -> str:
+    """A near miss for the rejected side of a preference pair: off by one or two (never the right answer, never
+    negative), fixed per question so the shipped files regenerate byte for byte."""
+    digest = hashlib.sha256(f"wrong|{language}|{task}|{operands}".encode()).digest()
+    right = operands[0] + operands[1] if task == "add" else operands[0] + 1
+    offsets = (-2, -1, 1, 2) if task == "add" else (-2, -1, 1)  # after 7: "6", "7" or "9"
+    wrong = right + offsets[digest[0] % len(offsets)]
+    return str(wrong if wrong >= 0 else right + 1)
+
+
+def preference_pairs(split: str):
+    """Rows {prompt, chosen, rejected, language, task} over the same questions (and held-out split) as SFT."""
+    for row in examples(split):
+        operands = _operands(row)
+        yield {
+            "prompt": row["messages"][0]["content"],
+            "chosen": row["answer"],
+            "rejected": wrong_answer(row["language"], row["task"], operands),
+            "language": row["language"],
+            "task": row["task"],
+        }
+
+
+def _operands(row):
+    numbers = [int(t) for t in row["messages"][0]["content"].replace("?", " ").split() if t.isdigit()]
+    return tuple(numbers)
+
+
 def write_shipped(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     train = list(examples("train"))
@@ -129,10 +157,22 @@ def write_shipped(out: Path) -> None:
                 {"messages": "not a list", "language": "de"},
             ]
         (out / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    pairs = list(preference_pairs("train"))
+    pairs += [  # malformed on purpose: identical sides, an empty completion, a missing field
+        {"prompt": "What is 1 plus 1?", "chosen": "2", "rejected": "2", "language": "en"},
+        {"prompt": "Was ist 2 plus 2?", "chosen": "4", "rejected": "", "language": "de"},
+        {"prompt": "Combien font 3 plus 3 ?", "chosen": "6", "language": "fr"},
+    ]
+    _write_jsonl(out / "dpo_pairs.jsonl", pairs)
+    _write_jsonl(out / "heldout_pairs.jsonl", list(preference_pairs("heldout")))
     heldout = list(examples("heldout"))
     (out / "heldout.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout), encoding="utf-8"
     )
+
+
+def _write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,61 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     path.write_text('{"messages": []}\n{not json\n')
     with pytest.raises(MixtureError, match=r"broken\.jsonl:2"):
         build_mixture(MixtureConfig(sources=[SourceConfig(path=str(path))]))
+
+
+def _pairs(n, lang="en"):
+    return [{"prompt": f"q{i}?", "chosen": f"right {i}", "rejected": f"wrong {i}", "language": lang} for i in range(n)]
+
+
+def _preference(weight=1.0, **source):
+    return MixtureConfig(
+        kind="preference",
+        sources=[SourceConfig(path="p", weight=weight, prompt_column="prompt", language_column="language", **source)],
+        seed=3,
+        max_malformed_fraction=0.5,
+    )
+
+
+def test_preference_pairs_weights_and_format():
+    train, _, reports = build_mixture(_preference(weight=2.5), loader=_loader({"p": _pairs(10)}))
+    assert len(train) == 25 == reports[0].train_rows
+    row = train[0]
+    assert row["prompt"][0]["role"] == "user" and row["chosen"][0]["role"] == row["rejected"][0]["role"] == "assistant"
+    assert row["chosen"] != row["rejected"] and reports[0].train_tokens > 0
+
+
+def test_malformed_preference_pairs_are_counted_with_reasons():
+    bad = [
+        {"prompt": "q?", "chosen": "same", "rejected": "same", "language": "en"},
+        {"prompt": "q?", "chosen": "fine", "rejected": "", "language": "en"},
+        {"prompt": "q?", "chosen": "fine", "language": "en"},
+        {"prompt": "", "chosen": "a", "rejected": "b", "language": "en"},
+        {"prompt": "q?", "chosen": 3, "rejected": "b", "language": "en"},
+    ]
+    train, _, reports = build_mixture(_preference(), loader=_loader({"p": _pairs(6) + bad}))
+    rep = reports[0]
+    assert len(train) == 6 and rep.malformed == 5
+    assert rep.malformed_reasons == {
+        "chosen and rejected are identical": 1,
+        "'rejected' missing or empty": 2,  # an empty string and an absent field
+        "'prompt' missing or empty": 1,
+        "'chosen'/'rejected' is neither text nor a message list": 1,
+    }
+    with pytest.raises(MixtureError, match="5 of 11 rows malformed"):
+        cfg = _preference()
+        cfg.max_malformed_fraction = 0.1
+        build_mixture(cfg, loader=_loader({"p": _pairs(6) + bad}))
+
+
+def test_implicit_prompt_from_whole_conversations():
+    """UltraFeedback-binarized layout: chosen/rejected are whole conversations; the shared turns are the prompt."""
+    user = {"role": "user", "content": "Name a colour."}
+    row = {
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "Seven."}],
+    }
+    cfg = MixtureConfig(kind="preference", sources=[SourceConfig(path="p")])
+    train, _, _ = build_mixture(cfg, loader=_loader({"p": [row]}))
+    assert train[0]["prompt"] == [user]
+    assert train[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]
+    assert train[0]["rejected"] == [{"role": "assistant", "content": "Seven."}]

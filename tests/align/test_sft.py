@@ -96,6 +96,11 @@ def test_full_sft_learns_updates_every_parameter_and_exports(base, tmp_path):
         assert rel_err(vanilla(ids).logits, ours(ids).logits) < 1e-5
     report = json.loads((tmp_path / "full" / "mixture_report.json").read_text())
     assert report[0]["train_rows"] == 48
+    # the report counts real tokens: the chat-templated length of every row
+    tokenizer = trainer.processing_class
+    rows = [json.loads(line) for line in (base / "mix.jsonl").read_text().splitlines()]
+    expected = sum(len(tokenizer.apply_chat_template(r["messages"], tokenize=True)["input_ids"]) for r in rows)
+    assert report[0]["train_tokens"] == expected > 10 * len(rows)
 
 
 def test_lora_trains_only_adapters_and_merge_equals_adapter_outputs(base, tmp_path):

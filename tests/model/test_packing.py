@@ -81,3 +81,50 @@ def test_right_and_left_padding_are_exact():
         lft = model(left, attention_mask=m_left).logits
     assert rel_err(r[0, :6], ref_short) < 1e-5 and rel_err(r[1], ref_long) < 1e-5
     assert rel_err(lft[0, 4:], ref_short) < 1e-5 and rel_err(lft[1], ref_long) < 1e-5
+
+
+def _padded(docs, side="right"):
+    width = max(map(len, docs))
+    ids = torch.zeros(len(docs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, d in enumerate(docs):
+        sl = slice(0, len(d)) if side == "right" else slice(width - len(d), width)
+        ids[i, sl], mask[i, sl] = torch.tensor(d), 1
+    return ids, mask
+
+
+def test_padding_free_execution_of_a_padded_batch_is_exact():
+    """set_padding_free: the real tokens of all rows run as one packed row; logits at real positions, the loss
+    and every gradient equal the padded computation; pads come back as zeros and are never computed."""
+    docs = _docs([9, 4, 13, 1, 7], seed=8)
+    for side in ("right", "left"):
+        ids, mask = _padded(docs, side)
+        labels = ids.masked_fill(mask == 0, -100)
+        results = []
+        for padding_free in (False, True):
+            model = tiny_model(seed=9, mamba_n_groups=2).set_padding_free(padding_free)
+            out = model(ids, attention_mask=mask, labels=labels, return_logits=True)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+            results.append((out.logits.detach(), out.loss.detach(), grads))
+        (logits, loss, grads), (logits_pf, loss_pf, grads_pf) = results
+        real = mask.bool()
+        assert rel_err(logits_pf[real], logits[real]) < 1e-5, side
+        assert abs(loss_pf - loss) <= 1e-5 * abs(loss), side
+        for name in grads:
+            assert rel_err(grads_pf[name], grads[name]) < 1e-4, (side, name)
+        hidden = model.model(ids, attention_mask=mask, use_cache=False).last_hidden_state
+        assert hidden[~real].abs().max() == 0, "pads are not computed"
+
+
+def test_padding_free_leaves_generation_alone():
+    model = tiny_model(seed=10).set_padding_free(True).eval()
+    ids, mask = _padded(_docs([5, 8], seed=9), side="left")
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        ref = (
+            tiny_model(seed=10)
+            .eval()
+            .generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        )
+    assert torch.equal(out, ref)

@@ -5,11 +5,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align import sft
+from align import dpo, sft
 from align.args import lora_targets
 
 ROOT = Path(__file__).resolve().parents[2] / "recipes"
-SFT_RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate_configs" not in p.parts and "dpo" not in p.parts)
+
+
+def _stage(path: Path) -> str:
+    """A recipe's script: DPO recipes live in a dpo/ folder or are named dpo*.yaml / *preference*.yaml."""
+    if "dpo" in path.parts or path.stem.startswith("dpo") or "preference" in path.stem:
+        return "dpo"
+    return "sft"
+
+
+RECIPES = sorted(p for p in ROOT.rglob("*.yaml") if "accelerate_configs" not in p.parts and p.stem != "pipeline")
+SFT_RECIPES = [p for p in RECIPES if _stage(p) == "sft"]
+DPO_RECIPES = [p for p in RECIPES if _stage(p) == "dpo"]
 CPU = ["--use_cpu", "True", "--bf16", "False"]  # GPU recipes are validated here on a CPU machine
 
 
@@ -29,6 +40,30 @@ def test_sft_recipe_parses(recipe):
     assert align_args.sources, "a recipe declares its data"
     if model_args.use_peft:
         lora_targets(model_args.lora_target_modules)  # refused targets would raise
+
+
+def test_there_are_dpo_recipes_for_each_size_and_method():
+    names = {str(p.relative_to(ROOT)) for p in DPO_RECIPES}
+    for size in ("0.5b", "1.5b-deep", "7b"):
+        assert {f"falcon-h1-{size}/dpo/full.yaml", f"falcon-h1-{size}/dpo/lora.yaml"} <= names
+    assert {"tiny/dpo.yaml", "mixes/dpo-preference.yaml"} <= names
+
+
+@pytest.mark.parametrize("recipe", DPO_RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_dpo_recipe_parses(recipe):
+    from align.preference import resolve_loss_types
+
+    header = recipe.read_text().splitlines()[:8]
+    assert any("Hardware" in line for line in header) and any("Command" in line for line in header), recipe
+    align_args, dpo_args, model_args = dpo.parse(["--config", str(recipe), *CPU])
+    assert dpo_args.output_dir and model_args.model_name_or_path and align_args.sources
+    resolve_loss_types(dpo_args.loss_type)  # unknown loss names would raise
+    if model_args.use_peft:
+        lora_targets(model_args.lora_target_modules)
+    if "falcon-h1" in str(recipe):  # TII's DPO: length-normalised, beta 5, LR 5e-6, 2 epochs with warmup 0.1
+        assert resolve_loss_types(dpo_args.loss_type) == ["sigmoid_norm"] and dpo_args.beta == 5.0
+        assert dpo_args.num_train_epochs == 2 and dpo_args.warmup_steps == 0.1
+        assert dpo_args.learning_rate == (5e-6 if not model_args.use_peft else dpo_args.learning_rate)
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):
@@ -56,5 +91,8 @@ def test_every_mixture_field_reaches_the_mixture():
     mixture = align_args.mixture()
     assert mixture.other_languages_weight == 0.0 and mixture.language_weights["pol"] == 3.0
     renamed = {"seed": "mixture_seed"}
+    assert mixture.kind == "sft" and align_args.mixture("preference").kind == "preference"  # set by the script
     for f in fields(MixtureConfig):
+        if f.name == "kind":
+            continue
         assert getattr(mixture, f.name) == getattr(align_args, renamed.get(f.name, f.name)), f.name

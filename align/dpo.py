@@ -1,0 +1,106 @@
+"""Direct preference optimisation of Falcon-H1 (or any causal LM) with TRL's DPOTrainer.
+
+    accelerate launch align/dpo.py --config recipes/falcon-h1-0.5b/dpo/lora.yaml [--beta 5 ...]
+
+The recipe YAML sets fields of `PreferenceArguments` (preference mixture, reference cache), TRL's `DPOConfig`
+and `ModelConfig`; flags override it; unknown keys are errors. What falcon-align adds over TRL
+(align/preference.py): padding-free pairs with exact SSM/conv/attention isolation (`padding_free: true`), reference
+log-probs cached on disk under a key of everything that changes them (`precompute_ref_log_probs: true`), the
+`dpo_norm` loss name (TII's length-normalised DPO = TRL's `sigmoid_norm`), and counted drops.
+
+Reference model: with LoRA, the starting model with its adapters disabled (no second copy); with full
+fine-tuning, a second copy (`ref_model_name_or_path`, default the starting model) unless the reference
+log-probs are precomputed, which needs no copy at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python align/dpo.py` / `accelerate launch align/dpo.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import set_seed  # noqa: E402
+from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
+
+from align.args import PreferenceArguments  # noqa: E402
+from align.data import build_mixture, write_report  # noqa: E402
+from align.models import (  # noqa: E402
+    chat_ids,
+    load_model,
+    load_tokenizer,
+    merge_saved_adapter,
+    peft_config,
+    resume_checkpoint,
+)
+from align.preference import FalconDPOTrainer  # noqa: E402
+
+logger = logging.getLogger("falcon_align.dpo")
+
+
+def parse(argv=None):
+    parser = TrlParser((PreferenceArguments, DPOConfig, ModelConfig))
+    return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
+
+
+def to_dataset(rows):
+    import datasets
+
+    keys = ("prompt", "chosen", "rejected")
+    return datasets.Dataset.from_list([{k: r[k] for k in keys} for r in rows]) if rows else None
+
+
+def reference_model(model_args, align_args, dpo_args, trust):
+    """The frozen reference for full fine-tuning without precomputed log-probs; None where none is needed."""
+    if model_args.use_peft or dpo_args.precompute_ref_log_probs:
+        return None
+    ref_args = copy.copy(model_args)
+    ref_args.model_name_or_path = align_args.ref_model_name_or_path or model_args.model_name_or_path
+    return load_model(ref_args, align_args, trust).eval()
+
+
+def main(argv=None):
+    align_args, dpo_args, model_args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_seed(dpo_args.seed)
+
+    trust = bool(getattr(dpo_args, "trust_remote_code", False))  # off unless asked
+    tokenizer = load_tokenizer(model_args, align_args, trust)
+    model = load_model(model_args, align_args, trust)
+
+    def count_tokens(pair):  # both sequences the model runs per pair: prompt+chosen and prompt+rejected
+        return sum(len(chat_ids(tokenizer, pair["prompt"] + pair[k])) for k in ("chosen", "rejected"))
+
+    train_rows, eval_rows, reports = build_mixture(align_args.mixture("preference"), count_tokens=count_tokens)
+    report = write_report(reports, align_args.report_dir or dpo_args.output_dir, name="preference_mixture_report")
+    logger.info(
+        "preference mixture: %d train pairs, %d eval pairs, %d malformed pairs reported; see %s",
+        len(train_rows),
+        len(eval_rows),
+        sum(r.malformed for r in reports),
+        report,
+    )
+
+    trainer = FalconDPOTrainer(
+        model=model,
+        ref_model=reference_model(model_args, align_args, dpo_args, trust),
+        args=dpo_args,
+        train_dataset=to_dataset(train_rows),
+        eval_dataset=to_dataset(eval_rows),
+        processing_class=tokenizer,
+        peft_config=peft_config(model_args),
+        ref_logps_cache_dir=align_args.ref_logps_cache_dir or str(Path(dpo_args.output_dir) / "ref_logps"),
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(dpo_args.resume_from_checkpoint, dpo_args.output_dir))
+    trainer.save_model(dpo_args.output_dir)
+    tokenizer.save_pretrained(dpo_args.output_dir)
+    if model_args.use_peft and align_args.merge_lora:
+        merge_saved_adapter(model_args, align_args, dpo_args.output_dir, tokenizer, trust)
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

@@ -31,10 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # fused conv+scan training kernel needs causal-conv1d (not built here); with mamba-ssm importable and no
 # causal-conv1d, transformers' training forward raises TypeError, so the reference runs its PyTorch path.
 import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: E402, F401
-from bench import build, cleanup  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from align.offline.base import build_tokenizer  # noqa: E402
+from bench import build, cleanup  # noqa: E402
 from model import preset_config  # noqa: E402
 from model.kernels import get_ops  # noqa: E402
 

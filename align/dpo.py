@@ -96,6 +96,7 @@ def main(argv=None):
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(dpo_args.resume_from_checkpoint, dpo_args.output_dir))
     trainer.save_model(dpo_args.output_dir)
+    trainer.save_state()  # trainer_state.json: the log history the report plots
     tokenizer.save_pretrained(dpo_args.output_dir)
     if model_args.use_peft and align_args.merge_lora:
         merge_saved_adapter(model_args, align_args, dpo_args.output_dir, tokenizer, trust)

@@ -1,10 +1,11 @@
-"""The offline default, end to end: base → SFT → evaluation → report. `make run` runs this.
+"""The offline default, end to end: base → SFT → DPO → evaluation → report. `make run` runs this.
 
     python -m align.pipeline [--out runs/offline] [--force]
 
 Each stage skips work already done (its output directory holds a finished model); `--force` redoes all.
 Everything runs on CPU with no network: the base model and tokenizer are made by align/offline/base.py, the
-data ship in data/offline. (DPO joins between SFT and evaluation with the DPO issue.)
+data ship in data/offline (made by align/offline/tasks.py). Recipes: recipes/tiny/{sft,dpo}.yaml.
+The run fails when a stage does not improve on the one before (held-out figures, align/eval.py).
 """
 
 from __future__ import annotations
@@ -15,92 +16,109 @@ import shutil
 import time
 from pathlib import Path
 
-from . import sft
-from .eval import exact_match_by_language, load_for_eval, load_jsonl, subsample
+from . import dpo, report, sft
+from .eval import exact_match_by_language, load_for_eval, load_jsonl, pairs_from_rows, preference_metrics, subsample
 from .offline.base import make_base
 
 SFT_RECIPE = "recipes/tiny/sft.yaml"
+DPO_RECIPE = "recipes/tiny/dpo.yaml"
+BETA = 5.0  # the DPO recipe's β, for the implicit rewards of the report
 
 
 def done(path: Path) -> bool:
     return (path / "model.safetensors").exists() and (path / "config.json").exists()
 
 
+def stage(n, name, path, fn):
+    t = time.perf_counter()
+    if done(path):
+        print(f"[{n}/4] {name}: {path} exists, skipped", flush=True)
+    else:
+        print(f"[{n}/4] {name} → {path}", flush=True)
+        fn()
+    return round(time.perf_counter() - t, 1)
+
+
+def evaluate(dirs: dict, per_language: int) -> dict:
+    questions = subsample(load_jsonl("data/offline/heldout.jsonl"), per_language)
+    pairs = pairs_from_rows(subsample(load_jsonl("data/offline/heldout_pairs.jsonl"), per_language))
+    loaded = {name: load_for_eval(path) for name, path in dirs.items()}
+    results = {}
+    for name, (model, tokenizer) in loaded.items():
+        reference = loaded["sft"][0] if name == "dpo" else None  # DPO's implicit rewards are relative to SFT
+        results[name] = {
+            "exact_match": exact_match_by_language(model, tokenizer, questions),
+            "preference": preference_metrics(model, tokenizer, pairs, reference=reference, beta=BETA),
+        }
+    return results
+
+
 def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int = 40) -> dict:
     out = Path(out)
     if force and out.exists():
         shutil.rmtree(out)
-    timings = {}
-    base_dir, sft_dir = out / "base", out / "sft"
-
-    t = time.perf_counter()
-    if not done(base_dir):
-        print(f"[1/3] base model → {base_dir}", flush=True)
-        make_base(base_dir, steps=base_steps)
-    else:
-        print(f"[1/3] base model: {base_dir} exists, skipped", flush=True)
-    timings["base_s"] = round(time.perf_counter() - t, 1)
-
-    t = time.perf_counter()
-    if not done(sft_dir):
-        print(f"[2/3] SFT ({SFT_RECIPE}) → {sft_dir}", flush=True)
-        sft.main(["--config", SFT_RECIPE, "--model_name_or_path", str(base_dir), "--output_dir", str(sft_dir)])
-    else:
-        print(f"[2/3] SFT: {sft_dir} exists, skipped", flush=True)
-    timings["sft_s"] = round(time.perf_counter() - t, 1)
-
-    t = time.perf_counter()
-    print("[3/3] held-out exact match, base vs SFT (same chat prompt, greedy)", flush=True)
-    rows = subsample(load_jsonl("data/offline/heldout.jsonl"), per_language)
-    results = {
-        name: exact_match_by_language(*load_for_eval(path), rows)
-        for name, path in (("base", base_dir), ("sft", sft_dir))
+    dirs = {name: out / name for name in ("base", "sft", "dpo")}
+    timings = {
+        "base_s": stage(1, "base model", dirs["base"], lambda: make_base(dirs["base"], steps=base_steps)),
+        "sft_s": stage(
+            2,
+            f"SFT ({SFT_RECIPE})",
+            dirs["sft"],
+            lambda: sft.main(
+                ["--config", SFT_RECIPE, "--model_name_or_path", str(dirs["base"]), "--output_dir", str(dirs["sft"])]
+            ),
+        ),
+        "dpo_s": stage(
+            3,
+            f"DPO ({DPO_RECIPE})",
+            dirs["dpo"],
+            lambda: dpo.main(
+                ["--config", DPO_RECIPE, "--model_name_or_path", str(dirs["sft"]), "--output_dir", str(dirs["dpo"])]
+            ),
+        ),
     }
+    t = time.perf_counter()
+    print(
+        "[4/4] held-out evaluation of Base, SFT and DPO (exact match, preference accuracy) and the report", flush=True
+    )
+    results = evaluate(dirs, per_language)
     timings["eval_s"] = round(time.perf_counter() - t, 1)
-
-    report = {
-        "metric": "exact match of the first reply line, held-out questions, greedy",
+    summary = {
+        "metrics": {
+            "exact_match": "first line of the greedy reply equals the answer (held-out questions, chat prompt)",
+            "preference_accuracy": "chosen completion has the higher mean log-prob per token (held-out pairs)",
+        },
         "timings": timings,
-        **{name: r for name, r in results.items()},
+        "results": results,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    write_markdown(out / "report.md", results, timings)
+    (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+    path = report.write(out, summary)
     print_table(results)
-    print(f"\nreport: {out / 'report.md'}\ncheckpoints: {base_dir} (Base), {sft_dir} (SFT)")
-    return report
-
-
-def write_markdown(path: Path, results: dict, timings: dict) -> None:
-    langs = sorted(results["base"]["per_language"])
-    lines = [
-        "# Offline default: Base vs SFT",
-        "",
-        "Metric: exact match of the first reply line on held-out questions (greedy, chat prompt).",
-        "",
-        "| language | Base | SFT |",
-        "|---|---|---|",
-    ]
-    lines += [
-        f"| {lang} | {results['base']['per_language'][lang]:.1%} | {results['sft']['per_language'][lang]:.1%} |"
-        for lang in langs
-    ]
-    lines += [
-        f"| **all** | **{results['base']['overall']:.1%}** | **{results['sft']['overall']:.1%}** |",
-        "",
-        f"Timings (s): {timings}",
-        "",
-        "Sample SFT replies:",
-        "",
-    ]
-    lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in results["sft"]["examples"]]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"\nreport: {path} (plots in {out / 'plots'})")
+    print(f"checkpoints: {dirs['base']} (Base), {dirs['sft']} (SFT), {dirs['dpo']} (DPO, the Instruct model)")
+    print(f"chat with both: python demo/app.py --base {dirs['base']} --instruct {dirs['dpo']}")
+    return summary
 
 
 def print_table(results: dict) -> None:
-    print("\n| language | Base | SFT |\n|---|---|---|")
-    for lang in sorted(results["base"]["per_language"]):
-        print(f"| {lang} | {results['base']['per_language'][lang]:.1%} | {results['sft']['per_language'][lang]:.1%} |")
-    print(f"| all | {results['base']['overall']:.1%} | {results['sft']['overall']:.1%} |")
+    print("\n| model | exact match | preference accuracy |\n|---|---|---|")
+    for name in ("base", "sft", "dpo"):
+        r = results[name]
+        print(f"| {report.LABELS[name]} | {r['exact_match']['overall']:.1%} | {r['preference']['accuracy']:.1%} |")
+
+
+def check(results: dict) -> list[str]:
+    """The offline default's promises; each broken one is a line."""
+    em = {m: results[m]["exact_match"]["overall"] for m in results}
+    pref = {m: results[m]["preference"]["accuracy"] for m in results}
+    problems = []
+    if em["sft"] <= em["base"]:
+        problems.append(f"SFT exact match {em['sft']:.1%} does not beat Base {em['base']:.1%}")
+    if pref["dpo"] <= pref["sft"]:
+        problems.append(f"DPO preference accuracy {pref['dpo']:.1%} does not beat SFT {pref['sft']:.1%}")
+    if em["dpo"] <= em["base"]:
+        problems.append(f"DPO exact match {em['dpo']:.1%} does not beat Base {em['base']:.1%}")
+    return problems
 
 
 def main(argv=None):
@@ -109,9 +127,10 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--base-steps", type=int, default=150)
     args = parser.parse_args(argv)
-    report = run(Path(args.out), args.force, args.base_steps)
-    if report["sft"]["overall"] <= report["base"]["overall"]:
-        raise SystemExit("SFT did not beat the base model on the held-out tasks")
+    summary = run(Path(args.out), args.force, args.base_steps)
+    problems = check(summary["results"])
+    if problems:
+        raise SystemExit("; ".join(problems))
 
 
 if __name__ == "__main__":

@@ -44,11 +44,13 @@ def cleanup():
     torch.cuda.reset_peak_memory_stats()
 
 
-def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True):
-    """→ dict(tokens_per_s, step_s, peak_gib) or dict(error=...)."""
+def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True, warmup=2, offload=False):
+    """→ dict(tokens_per_s, step_s, peak_gib) or dict(error=...). offload: activation offload (implies ckpt)."""
     vocab = model.config.vocab_size
     model.train()
-    if ckpt:
+    if offload:
+        model.enable_activation_offload()
+    elif ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     ids = torch.randint(0, vocab, (1, T), device="cuda")
@@ -64,7 +66,7 @@ def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True):
         opt.zero_grad(set_to_none=True)
 
     try:
-        for _ in range(2):
+        for _ in range(warmup):
             step()
         torch.cuda.synchronize()
         if reset_peak:  # graphed runs keep the peak of the capture: their activations live in its pool
@@ -86,7 +88,9 @@ def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True):
     except Exception as err:  # the reference crashes in some settings; record it, keep benchmarking
         out = dict(error=repr(err)[:300])
     finally:
-        if ckpt:
+        if offload:
+            model.enable_activation_offload(False)
+        if ckpt or offload:
             model.gradient_checkpointing_disable()
         opt.state.clear()  # free the AdamW moments before the next setting
         model.zero_grad(set_to_none=True)
@@ -204,6 +208,8 @@ def main():
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
     ap.add_argument("--longest", action="store_true", help="longest trainable sequence with checkpointing")
     ap.add_argument("--longest-max", type=int, default=524288)
+    ap.add_argument("--longest-seqs", default="65536,131072,262144,524288,1048576")
+    ap.add_argument("--offload", action="store_true", help="longest runs with activations offloaded to CPU")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -245,8 +251,13 @@ def main():
         rows.append(r)
     if args.longest:
         longest = None
-        for T in (t for t in (65536, 131072, 262144, 524288, 1048576) if t <= args.longest_max):
-            r = time_training(ours, T, 1, ckpt=True)
+        from model.memory import plan
+
+        for T in (t for t in map(int, args.longest_seqs.split(",")) if t <= args.longest_max):
+            r = time_training(ours, T, 1, ckpt=True, warmup=1, offload=args.offload)
+            card = torch.cuda.get_device_properties(0).total_memory / 2**30
+            r["planned_peak_gib"] = plan(cfg, card_gib=card, offload=args.offload, seq=T).peak_gib_at_seq
+            r["offload"] = args.offload
             print(json.dumps(dict(seq=T, ckpt=True, **r)), flush=True)
             if "error" in r:
                 break

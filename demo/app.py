@@ -22,7 +22,7 @@ import gradio as gr  # noqa: E402
 
 from demo.engine import ChatModel, PromptError, Settings, clean_prompt  # noqa: E402
 
-DEFAULT_BASE, DEFAULT_INSTRUCT = "runs/offline/base", "runs/offline/sft"
+DEFAULT_BASE, DEFAULT_INSTRUCT = "runs/offline/base", "runs/offline/dpo"  # the offline default: make run
 CSS = """
 #base-pane, #instruct-pane {border-radius: 12px}
 .pane-title {font-weight: 600; margin-bottom: 0}

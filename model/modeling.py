@@ -13,6 +13,7 @@ Per layer (spec §3.2):
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -93,15 +94,19 @@ class FalconH1Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, u, cos, sin, mask, cache, ops, packed=None):
+    def forward(self, u, cos, sin, mask, cache, ops, packed=None, cp=None):
         """mask: boolean (b, 1, l, past+l) or None (plain causal); packed: (cu_seqlens, max_len) for
-        documents packed in the rows, attended to one by one through varlen attention."""
+        documents packed in the rows, attended to one by one through varlen attention; cp: this rank's
+        context-parallel step (model/context_parallel.py)."""
         b, l, _ = u.shape
         q = self.q_proj(u).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, l, hd)
         k = self.k_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2) * self.key_multiplier
         v = self.v_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin  # keys are cached scaled and rotated
+        if cp is not None:
+            o = cp.attend(q, k, v, self.head_dim**-0.5, gqa=self.n_kv != self.n_heads)  # (1, H, n, hd)
+            return self.o_proj(o.transpose(1, 2).reshape(b, l, self.n_heads * self.head_dim))
         if packed is not None:
             cu_seqlens, max_len = packed
             flat = [t.transpose(1, 2).reshape(b * l, -1, self.head_dim) for t in (q, k, v)]  # (b·l, heads, hd)
@@ -158,7 +163,7 @@ class FalconH1Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
         self.register_buffer("mup_vector", mup_vector(config), persistent=False)
 
-    def forward(self, h, ops, seq_idx=None, pad_mask=None, cache=None):
+    def forward(self, h, ops, seq_idx=None, pad_mask=None, cache=None, cp=None):
         b, l, _ = h.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
         zxbcdt = self.in_proj(h * self.ssm_in_multiplier) * self.mup_vector
@@ -189,16 +194,19 @@ class FalconH1Mixer(nn.Module):
         else:
             conv_init = cache.conv_states[self.layer_idx] if continuing else None
             ssm_init = cache.ssm_states[self.layer_idx] if continuing else None
-            xBC, conv_final = ops.causal_conv1d(
-                xBC.transpose(1, 2),
-                conv_w,
-                self.conv1d.bias,
-                seq_idx=seq_idx,
-                initial_states=conv_init,
-                return_final_states=True,
-                activation="silu",
-            )
-            xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
+            if cp is not None:  # the window continues over the previous rank's last K-1 positions
+                xBC, conv_final = cp.conv(ops, xBC, conv_w, self.conv1d.bias), None
+            else:
+                xBC, conv_final = ops.causal_conv1d(
+                    xBC.transpose(1, 2),
+                    conv_w,
+                    self.conv1d.bias,
+                    seq_idx=seq_idx,
+                    initial_states=conv_init,
+                    return_final_states=True,
+                    activation="silu",
+                )
+                xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H) fp32
             if self.time_step_limit != (0.0, float("inf")):
                 dt = dt.clamp(*self.time_step_limit)
@@ -206,6 +214,17 @@ class FalconH1Mixer(nn.Module):
                 xBC = xBC * pad_mask[..., None]
                 dt = dt * pad_mask[..., None]
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+            if cp is not None:  # the state the previous ranks' chunks leave (exact state passing)
+                ssm_init = cp.initial_state(
+                    ops,
+                    x.reshape(b, l, H, P),
+                    dt,
+                    A,
+                    B.reshape(b, l, G, N),
+                    C.reshape(b, l, G, N),
+                    self.chunk_size,
+                    self.D,
+                )
             y, ssm_final = ops.ssd_scan(
                 x.reshape(b, l, H, P),
                 dt,
@@ -271,10 +290,11 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         pad_mask=None,
         cache=None,
         ops=None,
+        cp=None,
     ):
         h = self.input_layernorm(hidden_states)
-        m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache) * self.ssm_out_multiplier
-        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed)
+        m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp) * self.ssm_out_multiplier
+        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed, cp)
         a = a * self.attention_out_multiplier
         hidden_states = hidden_states + (m + a)
         return hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
@@ -330,6 +350,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
         # padding-free execution of padded batches (FalconH1ForCausalLM.set_padding_free): without a cache, a
         # batch with padding runs as one packed row of its real tokens; outputs come back in the padded layout
         self.padding_free = False
+        self.context_parallel = None  # model.context_parallel.enable_context_parallel: the row split over ranks
+        self.offload_activations = False  # FalconH1ForCausalLM.enable_activation_offload
         self.post_init()
 
     def get_input_embeddings(self):
@@ -364,6 +386,10 @@ class FalconH1Model(FalconH1PreTrainedModel):
                 f"attention_mask must be 2D (batch, past+current length), got {tuple(attention_mask.shape)}"
             )
         padded = attention_mask is not None and not bool(attention_mask.all())
+        if self.context_parallel is not None:
+            if padded or cache is not None or use_cache:
+                raise ValueError("context parallelism runs packed rows without padding or a cache")
+            return self._forward_context_parallel(hidden, position_ids)
         continuing = cache is not None and cache.get_seq_length() > 0
         # packed rows (padding-free): documents marked by seq_idx, cu_seq_lens or restarting position_ids
         seq_idx = None if (padded or continuing) else resolve_seq_idx(position_ids, seq_idx, cu_seq_lens_q, l)
@@ -401,22 +427,44 @@ class FalconH1Model(FalconH1PreTrainedModel):
         ):
             hidden = graphs.run(hidden, cos, sin, seq_idx, cu_seqlens)  # captured forward/backward per layer
         else:
-            for layer in self.layers:
-                hidden = layer(
-                    hidden,
-                    cos=cos,
-                    sin=sin,
-                    attn_mask=attn_mask,
-                    seq_idx=seq_idx,
-                    packed=packed,
-                    pad_mask=pad_mask,
-                    cache=cache,
-                    ops=ops,
-                )
+            with self._offload_context():
+                for layer in self.layers:
+                    hidden = layer(
+                        hidden,
+                        cos=cos,
+                        sin=sin,
+                        attn_mask=attn_mask,
+                        seq_idx=seq_idx,
+                        packed=packed,
+                        pad_mask=pad_mask,
+                        cache=cache,
+                        ops=ops,
+                    )
         if cache is not None:
             cache.advance(l)
         hidden = self.final_layernorm(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden, **{_CACHE_FIELD: cache})
+
+    def _offload_context(self):
+        """With `offload_activations`, tensors saved for backward go to pinned CPU memory during the forward. With
+        reentrant per-layer checkpointing that is each layer's input: GPU memory then holds one layer's recompute."""
+        if self.offload_activations and self.training and torch.is_grad_enabled():
+            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        return nullcontext()
+
+    def _forward_context_parallel(self, hidden, position_ids):
+        """This rank's slice (1, n) of a packed row split over ranks (model/context_parallel.py)."""
+        cp = self.context_parallel
+        if position_ids is None:  # one document over the whole row
+            start = cp.rank * hidden.size(1)
+            position_ids = torch.arange(start, start + hidden.size(1), device=hidden.device)[None]
+        step = cp.step(position_ids)
+        ops = get_ops(hidden.device)
+        cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
+        with self._offload_context():
+            for layer in self.layers:
+                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=step.seq_idx, ops=ops, cp=step)
+        return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: None})
 
     def _forward_unpadded(self, inputs_embeds, attention_mask, position_ids=None):
         """A padded batch (b, l) run as one packed row of its T real tokens, each row its own document (exact
@@ -453,6 +501,14 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def enable_activation_offload(self, enabled: bool = True) -> FalconH1ForCausalLM:
+        """Long context on one GPU: per-layer activation checkpointing (reentrant) whose saved layer inputs live in
+        pinned CPU memory; the GPU keeps one layer's recompute at a time. Gradients are unchanged."""
+        if enabled:
+            self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        self.model.offload_activations = enabled
+        return self
 
     def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:
         """Run padded batches without their pads (training and scoring forwards, i.e. without a cache): the

@@ -137,6 +137,7 @@ def make_base(out: str | Path, steps: int = 250, seed: int = 0, n_docs: int = 40
                 "first_loss": losses[0],
                 "last_loss": losses[-1],
                 "seconds": round(time.perf_counter() - t0, 1),
+                "losses": [round(x, 4) for x in losses],
             },
             indent=2,
         )

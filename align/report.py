@@ -1,0 +1,169 @@
+"""The pipeline's report: `report.md` with tables and PNG plots (training curves, per-language results).
+
+    python -m align.report --run runs/offline     # re-draws the plots and report.md from report.json
+
+Plots use matplotlib's non-interactive Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MODELS = ("base", "sft", "dpo")
+LABELS = {"base": "Base", "sft": "SFT", "dpo": "DPO (Instruct)"}
+
+
+def log_history(run_dir: Path) -> list[dict]:
+    """A trainer's log history (trainer_state.json in its output dir, else the newest checkpoint's)."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / "trainer_state.json"] + sorted(
+        run_dir.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]), reverse=True
+    )
+    for path in candidates:
+        if path.exists():
+            return json.loads(path.read_text())["log_history"]
+    return []
+
+
+def series(history, key):
+    points = [(h["step"], h[key]) for h in history if key in h and "train_runtime" not in h]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_training(run: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    base = (
+        json.loads((run / "base" / "base_report.json").read_text())
+        if (run / "base" / "base_report.json").exists()
+        else {}
+    )
+    if base.get("losses"):
+        axes[0].plot(range(len(base["losses"])), base["losses"], color="tab:gray")
+    axes[0].set(title="Pretraining (tiny base)", xlabel="step", ylabel="LM loss")
+    axes[1].plot(*series(log_history(run / "sft"), "loss"), color="tab:blue")
+    axes[1].set(title="SFT", xlabel="step", ylabel="loss (assistant tokens)")
+    dpo = log_history(run / "dpo")
+    axes[2].plot(*series(dpo, "loss"), color="tab:red", label="DPO loss")
+    axes[2].axhline(0.6931, color="tab:red", linestyle=":", linewidth=1, label="ln 2 (start)")
+    twin = axes[2].twinx()
+    twin.plot(*series(dpo, "rewards/accuracies"), color="tab:green", label="reward accuracy (train)")
+    twin.set_ylim(0, 1)
+    axes[2].set(title="DPO", xlabel="step", ylabel="loss")
+    twin.set_ylabel("reward accuracy")
+    handles = axes[2].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    axes[2].legend(handles=handles, loc="lower left", fontsize=8)
+    fig.tight_layout()
+    path = out / "training_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_per_language(results: dict, key: str, models, title: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    languages = sorted(results[models[0]][key]["per_language"])
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(12, 4))
+    for i, name in enumerate(models):
+        values = [results[name][key]["per_language"][lang] for lang in languages]
+        ax.bar([x + i * width for x in range(len(languages))], values, width, label=LABELS[name])
+    ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(len(languages))], languages)
+    ax.set(title=title, ylabel="accuracy", ylim=(0, 1))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(run: Path, report: dict) -> Path:
+    """report.md and plots/*.png from the pipeline's report dict (also saved as report.json)."""
+    run = Path(run)
+    plots = run / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    results = report["results"]
+    plot_training(run, plots)
+    plot_per_language(
+        results, "exact_match", MODELS, "Held-out exact match per language", plots / "exact_match_by_language.png"
+    )
+    plot_per_language(
+        results,
+        "preference",
+        ("sft", "dpo"),
+        "Held-out preference accuracy per language (chosen more likely than rejected)",
+        plots / "preference_by_language.png",
+    )
+    em = {m: results[m]["exact_match"] for m in MODELS}
+    pref = {m: results[m]["preference"] for m in MODELS}
+    languages = sorted(em["base"]["per_language"])
+    lines = [
+        "# Offline default: Base → SFT → DPO",
+        "",
+        f"Metrics on held-out data ({em['base']['n']} questions, {pref['sft']['n']} preference pairs; "
+        "never trained on):",
+        "- **exact match**: the first line of the greedy reply to the chat prompt equals the answer;",
+        "- **preference accuracy**: the chosen answer gets a higher mean log-prob per token than the rejected near "
+        "miss (ties count half);",
+        "- **implicit reward** (DPO vs its SFT reference): β·(mean log π − mean log π_ref) per completion; its "
+        "accuracy (chosen > rejected) and mean margin.",
+        "",
+        "| model | exact match | preference accuracy |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {LABELS[m]} | {em[m]['overall']:.1%} | {pref[m]['accuracy']:.1%} |" for m in MODELS]
+    dpo_pref = pref["dpo"]
+    lines += [
+        "",
+        f"DPO implicit reward on held-out pairs: accuracy {dpo_pref['reward_accuracy']:.1%}, mean margin "
+        f"{dpo_pref['reward_margin']:.3f} (chosen {dpo_pref['rewards_chosen']:.3f}, rejected "
+        f"{dpo_pref['rewards_rejected']:.3f}).",
+        "",
+        "![training curves](plots/training_curves.png)",
+        "",
+        "![exact match per language](plots/exact_match_by_language.png)",
+        "",
+        "![preference accuracy per language](plots/preference_by_language.png)",
+        "",
+        "| language | Base EM | SFT EM | DPO EM | SFT pref. | DPO pref. |",
+        "|---|---|---|---|---|---|",
+    ]
+    for lang in languages:
+        row = [em[m]["per_language"][lang] for m in MODELS] + [pref[m]["per_language"][lang] for m in ("sft", "dpo")]
+        lines.append(f"| {lang} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
+    lines += ["", "Sample DPO replies (held-out):", ""]
+    lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in em["dpo"]["examples"]]
+    lines += ["", f"Timings (s): {report['timings']}", ""]
+    lines += [
+        "For real checkpoints, run lm-eval-harness on the saved model (it loads in vanilla transformers):",
+        "",
+        "```bash",
+        "lm_eval --model hf --model_args pretrained=runs/falcon-h1-0.5b-dpo-full,dtype=bfloat16 \\",
+        "    --tasks ifeval,gsm8k,mmlu --batch_size auto --apply_chat_template",
+        "```",
+    ]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="runs/offline")
+    args = parser.parse_args(argv)
+    run = Path(args.run)
+    print(write(run, json.loads((run / "report.json").read_text())))
+
+
+if __name__ == "__main__":
+    main()

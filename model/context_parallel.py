@@ -1,0 +1,176 @@
+"""Context parallelism for Falcon-H1: one packed row split over ranks, exact in all three mixers.
+
+Rank r holds tokens [r·n, (r+1)·n) of a (1, world·n) row (documents marked by restarting `position_ids`, as
+TRL's padding-free collator emits them; a document may cross any number of rank boundaries). Per layer:
+
+- **Attention**: keys and values (GQA-small) are all-gathered; each rank's queries attend causally within
+  their own document over the gathered keys. Exact; K/V memory grows with the whole row (ring attention would
+  bound it — the seam is `ContextParallelStep.attend`).
+- **Conv**: a halo of the previous rank's last K−1 pre-conv activations (with their document ids) is prepended,
+  so the window sees exactly what it would on one device; the halo's outputs are dropped.
+- **SSM**: exact state passing. Each rank scans its chunk from a zero state → final state S_r and the chunk's
+  total decay T_r = exp(A·Σdt) (0 if a document starts inside the chunk). The state entering rank r is
+  h_r = T_{r−1}·h_{r−1} + S_{r−1} (reset where a document starts at the boundary); rank r then rescans with
+  initial state h_r. Gradients flow back through the gathers to the ranks that produced S and T.
+
+Every collective is an all-gather whose backward all-reduces the gradient and keeps the caller's slice, so any
+torch.distributed backend works (gloo on CPU in the tests, NCCL on GPUs).
+
+    from model.context_parallel import enable_context_parallel, shard
+    enable_context_parallel(model)                       # after torch.distributed.init_process_group
+    local = shard(input_ids, position_ids, labels)        # this rank's slice, labels pre-shifted globally
+    loss_sum = model(**local).loss * n_local_labels       # then all-reduce losses / gradients as in DDP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .packing import seq_idx_from_position_ids
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather along `dim`; backward: all-reduce (sum) the full gradient, keep this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        ctx.rank, ctx.size = dist.get_rank(group), x.size(dim)
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None, None
+
+
+def gather_seq(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
+    return _GatherSeq.apply(x, dim, group)
+
+
+@dataclass
+class ContextParallel:
+    """The process group the sequence is split over (None: the default group)."""
+
+    group: object = None
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def step(self, position_ids: torch.Tensor) -> ContextParallelStep:
+        """Per-forward context from this rank's (1, n) position_ids: global document ids and boundaries."""
+        if position_ids.size(0) != 1:
+            raise ValueError(f"context parallelism splits one packed row; got a batch of {position_ids.size(0)}")
+        positions = gather_seq(position_ids, 1, self.group)  # (1, L) global; ints carry no gradient
+        seq_idx = seq_idx_from_position_ids(positions)
+        if seq_idx is None:
+            seq_idx = torch.zeros_like(positions, dtype=torch.int32)
+        return ContextParallelStep(self, seq_idx, position_ids.size(1))
+
+
+@dataclass
+class ContextParallelStep:
+    cp: ContextParallel
+    seq_idx_global: torch.Tensor  # (1, L) int32
+    n: int  # tokens per rank
+
+    def __post_init__(self):
+        r, n = self.cp.rank, self.n
+        self.start = r * n
+        self.seq_idx = self.seq_idx_global[:, self.start : self.start + n]  # (1, n)
+        s = self.seq_idx_global[0]
+        # per rank: does its first token continue the previous rank's document? does a document start inside?
+        firsts = torch.arange(self.cp.world, device=s.device) * n
+        self.continues = torch.zeros(self.cp.world, dtype=torch.bool, device=s.device)
+        self.continues[1:] = s[firsts[1:]] == s[firsts[1:] - 1]
+        self.whole = s[firsts + n - 1] == s[firsts]  # one document spans the entire chunk
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, q, k, v, scale, gqa: bool):
+        """q (1, H, n, hd) local; k, v (1, kv, n, hd) local, rotated → (1, H, n, hd)."""
+        k, v = gather_seq(k, 2, self.cp.group), gather_seq(v, 2, self.cp.group)  # (1, kv, L, hd)
+        q_pos = torch.arange(self.start, self.start + self.n, device=q.device)[:, None]
+        k_pos = torch.arange(k.size(2), device=q.device)[None, :]
+        same_doc = self.seq_idx[0][:, None] == self.seq_idx_global[0][None, :]
+        mask = ((k_pos <= q_pos) & same_doc)[None, None]  # (1, 1, n, L)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+    # ------------------------------------------------------------------ conv halo
+    def conv(self, ops, xBC, weight, bias, activation="silu"):
+        """xBC (1, n, C) local pre-conv → (1, n, C): the causal conv as if the whole row were here."""
+        K = weight.size(-1)
+        halo_len = K - 1
+        if self.n < halo_len:
+            raise ValueError(f"context parallelism needs ≥ {halo_len} tokens per rank for the conv halo; got {self.n}")
+        # every rank runs the same graph (a collective's backward must run on all ranks, in the same order):
+        # rank r takes the tails shifted by one rank, rank 0 zeros — what a causal conv sees before a row
+        tails = gather_seq(xBC[:, -halo_len:], 1, self.cp.group)  # (1, world·(K−1), C)
+        prev = torch.cat([torch.zeros_like(tails[:, :halo_len]), tails[:, :-halo_len]], dim=1)
+        seq_tails = self.seq_idx_global.view(self.cp.world, self.n)[:, -halo_len:].reshape(1, -1)
+        seq_prev = torch.cat([torch.full_like(seq_tails[:, :halo_len], -1), seq_tails[:, :-halo_len]], dim=1)
+        sl = slice(self.cp.rank * halo_len, (self.cp.rank + 1) * halo_len)
+        x = torch.cat([prev[:, sl], xBC], dim=1)  # (1, K−1+n, C)
+        seq = torch.cat([seq_prev[:, sl] if self.cp.rank else seq_prev[:, sl].clamp(min=0), self.seq_idx], dim=1)
+        out, _ = ops.causal_conv1d(
+            x.transpose(1, 2), weight, bias, seq_idx=seq.contiguous(), activation=activation, return_final_states=True
+        )
+        return out.transpose(1, 2)[:, -self.n :]
+
+    # ------------------------------------------------------------------ SSM state passing
+    def initial_state(self, ops, x, dt, A, B, C, chunk_size, D):
+        """The exact SSM state entering this rank's chunk (1, H, P, N), fp32, differentiable across ranks.
+        dt is the discretized step (after softplus and clamping), (1, n, H) fp32."""
+        _, final = ops.ssd_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=self.seq_idx, return_final_states=True)
+        decay = torch.exp(A.float()[None] * dt.float().sum(1))  # (1, H): the chunk's total decay
+        decay = decay * self.whole[self.cp.rank].to(decay.dtype)  # a document starting inside resets the state
+        finals = gather_seq(final.float()[None], 0, self.cp.group)  # (world, 1, H, P, N)
+        decays = gather_seq(decay[None], 0, self.cp.group)  # (world, 1, H)
+        states = [torch.zeros_like(final, dtype=torch.float32)]
+        for r in range(1, self.cp.world):  # h_r = T_{r-1} h_{r-1} + S_{r-1}, reset at document starts
+            h = decays[r - 1][..., None, None] * states[-1] + finals[r - 1]
+            states.append(h * self.continues[r].to(h.dtype))
+        return torch.stack(states)[self.cp.rank]  # the same graph on every rank (see conv)
+
+
+def enable_context_parallel(model, group=None) -> ContextParallel:
+    """Split every forward of `model` (a FalconH1ForCausalLM or its backbone) over `group`'s ranks."""
+    cp = ContextParallel(group)
+    backbone = getattr(model, "model", model)
+    backbone.context_parallel = cp
+    return cp
+
+
+def disable_context_parallel(model) -> None:
+    getattr(model, "model", model).context_parallel = None
+
+
+def shard(input_ids, position_ids, labels=None, group=None, ignore_index=-100) -> dict:
+    """This rank's slice of a (1, L) packed row, L divisible by the world size. Labels are shifted on the whole
+    row first (the next token of a rank's last token lives on the next rank) and returned as `shift_labels`;
+    a document's last token predicts nothing (the next position starts another document)."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    L = input_ids.size(1)
+    if L % world:
+        raise ValueError(f"context parallelism needs a row length divisible by {world} ranks; got {L} (pad it)")
+    n = L // world
+    out = {
+        "input_ids": input_ids[:, rank * n : (rank + 1) * n],
+        "position_ids": position_ids[:, rank * n : (rank + 1) * n],
+    }
+    if labels is not None:
+        shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        doc_end = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (0, 1), value=True)
+        out["shift_labels"] = shifted.masked_fill(doc_end, ignore_index)[:, rank * n : (rank + 1) * n]
+    return out

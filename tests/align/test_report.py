@@ -1,0 +1,48 @@
+"""The pipeline's report and its promises: plots are drawn, tables filled, regressions named."""
+
+import json
+
+from align import report
+from align.pipeline import check
+
+
+def _results(em, pref):
+    langs = ("en", "fr")
+    out = {}
+    for name in ("base", "sft", "dpo"):
+        out[name] = {
+            "exact_match": {
+                "overall": em[name],
+                "per_language": dict.fromkeys(langs, em[name]),
+                "n": 4,
+                "examples": [{"q": "What is 1 plus 1?", "reply": "2", "answer": "2"}],
+            },
+            "preference": {"accuracy": pref[name], "per_language": dict.fromkeys(langs, pref[name]), "n": 4},
+        }
+    out["dpo"]["preference"].update(reward_accuracy=0.7, reward_margin=0.2, rewards_chosen=0.5, rewards_rejected=0.3)
+    return out
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "base_report.json").write_text(json.dumps({"losses": [5.0, 4.0, 3.0]}))
+    for stage, keys in (("sft", ["loss"]), ("dpo", ["loss", "rewards/accuracies"])):
+        (tmp_path / stage).mkdir()
+        history = [{"step": s, **{k: 0.7 - 0.01 * s for k in keys}} for s in range(1, 6)]
+        (tmp_path / stage / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    results = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5}, {"base": 0.5, "sft": 0.6, "dpo": 0.75})
+    path = report.write(tmp_path, {"results": results, "timings": {"base_s": 1.0}})
+    text = path.read_text()
+    assert "| DPO (Instruct) | 50.0% | 75.0% |" in text and "accuracy 70.0%" in text
+    for png in ("training_curves", "exact_match_by_language", "preference_by_language"):
+        data = (tmp_path / "plots" / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
+        assert f"plots/{png}.png" in text
+
+
+def test_check_names_every_broken_promise():
+    good = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5}, {"base": 0.5, "sft": 0.6, "dpo": 0.75})
+    assert check(good) == []
+    bad = _results({"base": 0.3, "sft": 0.2, "dpo": 0.1}, {"base": 0.5, "sft": 0.6, "dpo": 0.55})
+    problems = check(bad)
+    assert len(problems) == 3 and "DPO preference accuracy 55.0% does not beat SFT 60.0%" in problems

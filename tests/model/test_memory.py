@@ -1,0 +1,35 @@
+"""The memory planner: its parameter count is the model's, it reproduces the measurement it was fitted to, and
+it moves the right way with offload, LoRA and card size."""
+
+import pytest
+import torch
+
+from model import FalconH1ForCausalLM, preset_config
+from model.memory import _n_params, main, plan
+
+
+@pytest.mark.parametrize("preset", ["0.5b", "1.5b-deep", "7b"])
+def test_parameter_count_is_the_models(preset):
+    cfg = preset_config(preset)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in FalconH1ForCausalLM(cfg).parameters())
+    assert abs(_n_params(cfg) - real) <= 1e-3 * real
+
+
+def test_reproduces_the_committed_measurement_and_orders_settings():
+    cfg = preset_config("0.5b")
+    measured = plan(cfg, card_gib=139, seq=262144).peak_gib_at_seq  # H200: 39.82 GiB measured
+    assert measured == pytest.approx(39.82, rel=0.02)
+    h100 = plan(cfg, card_gib=79)
+    assert plan(cfg, card_gib=79, offload=True).longest_tokens > 1.8 * h100.longest_tokens
+    assert plan(cfg, "lora", card_gib=79).longest_tokens > h100.longest_tokens
+    assert plan(cfg, card_gib=139).longest_tokens > h100.longest_tokens
+    assert plan(cfg, card_gib=79, precision="amp").longest_tokens < h100.longest_tokens
+    with pytest.raises(ValueError, match="method"):
+        plan(cfg, "qlora-typo")
+
+
+def test_cli_prints_the_plan(capsys):
+    main(["--preset", "7b", "--method", "lora", "--offload", "--seq", "262144"])
+    out = capsys.readouterr().out
+    assert "longest_tokens" in out and "peak_gib_at_seq" in out

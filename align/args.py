@@ -51,6 +51,13 @@ class AlignArguments:
     max_malformed_fraction: float = 0.01
     eval_fraction: float = field(default=0.0, metadata={"help": "Held-out share of each source for evaluation."})
     merge_lora: bool = field(default=False, metadata={"help": "Also save the LoRA adapters merged into the model."})
+    activation_offload: bool = field(
+        default=False,
+        metadata={
+            "help": "Long context on one GPU: each layer's saved input goes to pinned CPU memory (needs "
+            "gradient_checkpointing with use_reentrant: true); see `python -m model.memory` for the longest length."
+        },
+    )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
     def __post_init__(self):

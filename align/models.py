@@ -61,6 +61,7 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
     if align_args.init_preset:
         torch.manual_seed(0)
         model = FalconH1ForCausalLM(preset_config(align_args.init_preset))
+        model.model.offload_activations = align_args.activation_offload
         return model.to(dtype) if dtype else model
     trust = trust_remote_code
     kwargs = dict(trust_remote_code=trust, quantization_config=quantization_config(model_args))
@@ -68,7 +69,11 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
         kwargs["dtype"] = dtype
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
     if config.model_type == "falcon_h1":
-        return FalconH1ForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+        model = FalconH1ForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+        model.model.offload_activations = align_args.activation_offload
+        return model
+    if align_args.activation_offload:
+        raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)

@@ -4,8 +4,8 @@ Rank r holds tokens [r·n, (r+1)·n) of a (1, world·n) row (documents marked by
 TRL's padding-free collator emits them; a document may cross any number of rank boundaries). Per layer:
 
 - **Attention**: keys and values (GQA-small) are all-gathered; each rank's queries attend causally within
-  their own document over the gathered keys. Exact; K/V memory grows with the whole row (ring attention would
-  bound it — the seam is `ContextParallelStep.attend`).
+  their own document over the gathered keys. Exact, but through SDPA with a dense (n × L) document mask: right for
+  tests and moderate lengths, not for 512K rows — a varlen/ring kernel belongs at `ContextParallelStep.attend`.
 - **Conv**: a halo of the previous rank's last K−1 pre-conv activations (with their document ids) is prepended,
   so the window sees exactly what it would on one device; the halo's outputs are dropped.
 - **SSM**: exact state passing. Each rank scans its chunk from a zero state → final state S_r and the chunk's

@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 
 GIB = 2**30
 WORKSPACE_GIB = 1.0
+MARGIN = 0.10  # share of the card kept free: allocator fragmentation, cuBLAS/NCCL workspaces. Without it the plan
+# said 0.5B at 524,288 tokens fits an H100 (74.8 of 79.2 GiB); it ran out of memory (2026-11-26)
 WORKING_FACTOR = 1.13  # fitted, see the module docstring
 BYTES_PER_PARAM = {"bf16": 8, "amp": 16}  # bf16 weights+grads+2 AdamW moments; fp32 master copy under autocast
 
@@ -62,7 +64,7 @@ def plan(config, method="full", card_gib=80.0, offload=False, precision="bf16", 
     saved = 0 if offload else config.num_hidden_layers * config.hidden_size * 2
     working = WORKING_FACTOR * layer_elements(config) * 2
     per_token = saved + working
-    longest = max(0, int((card_gib * GIB - static) / per_token)) // 1024 * 1024
+    longest = max(0, int((card_gib * (1 - MARGIN) * GIB - static) / per_token)) // 1024 * 1024
     peak = (static + seq * per_token) / GIB if seq else None
     return Plan(
         round(static / GIB, 2), round(saved / 1024, 1), round(working / 1024, 1), longest, peak and round(peak, 2)

@@ -17,6 +17,8 @@ import json
 import random
 from pathlib import Path
 
+from .longctx import write_offline as write_longctx
+
 # language: (addition question, successor question, addition fact, successor fact)
 TEMPLATES = {
     "en": ("What is {a} plus {b}?", "Which number comes after {n}?", "{a} plus {b} is {c}.", "After {n} comes {m}."),
@@ -165,6 +167,7 @@ def write_shipped(out: Path) -> None:
     ]
     _write_jsonl(out / "dpo_pairs.jsonl", pairs)
     _write_jsonl(out / "heldout_pairs.jsonl", list(preference_pairs("heldout")))
+    write_longctx(out)  # the tiny long-context recipe's passkey/lookup rows
     heldout = list(examples("heldout"))
     (out / "heldout.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout), encoding="utf-8"

@@ -33,3 +33,9 @@ def test_cli_prints_the_plan(capsys):
     main(["--preset", "7b", "--method", "lora", "--offload", "--seq", "262144"])
     out = capsys.readouterr().out
     assert "longest_tokens" in out and "peak_gib_at_seq" in out
+
+
+def test_the_h100_out_of_memory_at_512k_is_predicted():
+    """Measured 2026-11-26: 0.5B full fine-tune at 524,288 tokens, checkpointing, no offload: out of memory on an
+    H100 80GB (79.2 GiB usable). The plan must not call it trainable."""
+    assert plan(preset_config("0.5b"), card_gib=79.2).longest_tokens < 524288

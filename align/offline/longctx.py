@@ -1,0 +1,112 @@
+"""Synthetic long-context tasks, made offline at any length: passkey retrieval and multi-document lookup.
+
+Passkey: a five-digit key hidden at a chosen depth (0 = start, 1 = end) of filler text; the question asks for it.
+Lookup: numbered documents, each with its own code; the question names one document. Both are verifiable by
+exact match and scale to any length, so the same generator serves the tiny CPU recipe (a few hundred tokens) and
+real 256K runs.
+
+    python -m align.offline.longctx --out data/longctx --tokenizer tiiuae/Falcon-H1-7B-Instruct \\
+        --lengths 16384,65536,262144 --per-length 200       # training/eval files for the long recipes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
+    "Rivers run to the sea. Birds fly south in winter. The road goes ever on. ",
+)
+
+
+def _filler_to(n_tokens: int, count_tokens, rng: random.Random) -> list[str]:
+    """Filler sentences whose total token count reaches about n_tokens (measured, not guessed)."""
+    pieces, total = [], 0
+    unit = count_tokens(FILLER[0] + FILLER[1])
+    while total < n_tokens:
+        piece = FILLER[rng.randrange(len(FILLER))]
+        pieces.append(piece)
+        total += unit // 2
+    return pieces
+
+
+def passkey_example(n_tokens: int, depth: float, count_tokens, seed: int = 0) -> dict:
+    """{messages: [user, assistant], answer, length, depth}: the key sits at `depth` of ~n_tokens of filler."""
+    rng = random.Random(f"passkey|{n_tokens}|{depth}|{seed}")
+    key = str(rng.randrange(10000, 100000))
+    pieces = _filler_to(n_tokens, count_tokens, rng)
+    pieces.insert(round(depth * len(pieces)), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    question = "".join(pieces) + "\nWhat is the pass key?"
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": key}],
+        "answer": key,
+        "task": "passkey",
+        "length": n_tokens,
+        "depth": depth,
+    }
+
+
+def lookup_example(n_tokens: int, n_docs: int, count_tokens, seed: int = 0) -> dict:
+    """Numbered documents of filler, each stating its code; the question asks for one document's code."""
+    rng = random.Random(f"lookup|{n_tokens}|{n_docs}|{seed}")
+    codes = [str(rng.randrange(100, 1000)) for _ in range(n_docs)]
+    docs = []
+    for i, code in enumerate(codes):
+        body = "".join(_filler_to(n_tokens // n_docs, count_tokens, rng))
+        docs.append(f"Document {i + 1}. The code of document {i + 1} is {code}. {body}")
+    target = rng.randrange(n_docs)
+    question = "\n".join(docs) + f"\nWhat is the code of document {target + 1}?"
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": codes[target]}],
+        "answer": codes[target],
+        "task": "lookup",
+        "length": n_tokens,
+        "depth": target / max(1, n_docs - 1),
+    }
+
+
+def examples(lengths, count_tokens, per_length: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0):
+    """Passkey rows over lengths × depths, plus one lookup row per length and seed, deterministic."""
+    rows = []
+    for n in lengths:
+        for i in range(per_length):
+            depth = depths[i % len(depths)]
+            rows.append(passkey_example(n, depth, count_tokens, seed=seed * 100_000 + i))
+            if i % 4 == 3:
+                rows.append(lookup_example(n, 4, count_tokens, seed=seed * 100_000 + i))
+    return rows
+
+
+def write_offline(out: Path) -> Path:
+    """The tiny recipe's file (data/offline/longctx_train.jsonl): short lengths, ~3 characters per token."""
+    rows = examples((96, 160, 224), lambda text: len(text) // 3, per_length=120, seed=0)
+    path = Path(out) / "longctx_train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/longctx")
+    parser.add_argument("--tokenizer", required=True, help="a tokenizer id or path: lengths are in its tokens")
+    parser.add_argument("--lengths", default="16384,65536,262144")
+    parser.add_argument("--per-length", type=int, default=200)
+    args = parser.parse_args(argv)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    count = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for split, seed in (("train", 0), ("eval", 1)):
+        rows = examples(lengths, count, args.per_length if split == "train" else 20, seed=seed)
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        print(f"{out / f'{split}.jsonl'}: {len(rows)} rows")
+
+
+if __name__ == "__main__":
+    main()

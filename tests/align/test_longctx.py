@@ -1,0 +1,46 @@
+"""Long context on CPU: the synthetic passkey/lookup generator, the tiny long-context recipe, the passkey eval."""
+
+import math
+
+from transformers import AutoTokenizer
+
+from align import sft
+from align.eval import passkey_accuracy
+from align.offline.longctx import lookup_example, passkey_example
+from model import FalconH1ForCausalLM
+from tests.align.test_sft import base  # noqa: F401  (the tiny base checkpoint fixture)
+
+
+def _words(text):
+    return len(text.split())
+
+
+def test_passkey_sits_at_its_depth_and_lengths_scale():
+    rows = {d: passkey_example(400, d, _words, seed=3) for d in (0.0, 0.5, 1.0)}
+    positions = []
+    for row in rows.values():
+        text = row["messages"][0]["content"]
+        assert row["answer"] in text and row["messages"][1]["content"] == row["answer"]
+        positions.append(text.index(f"The pass key is {row['answer']}") / len(text))
+    assert positions[0] < 0.05 and 0.4 < positions[1] < 0.6 and positions[2] > 0.9
+    short, long = passkey_example(200, 0.5, _words), passkey_example(2000, 0.5, _words)
+    assert 8 < _words(long["messages"][0]["content"]) / _words(short["messages"][0]["content"]) < 12
+    lookup = lookup_example(600, 4, _words, seed=1)
+    question = lookup["messages"][0]["content"]
+    n = int(question.rsplit("document ", 1)[1].rstrip("?"))
+    assert f"The code of document {n} is {lookup['answer']}." in question
+
+
+def test_tiny_long_context_recipe_runs_and_the_passkey_eval_scores_it(base, tmp_path):  # noqa: F811
+    out = tmp_path / "long"
+    argv = ["--config", "recipes/tiny/long-context.yaml", "--model_name_or_path", str(base / "base")]
+    trainer = sft.main(
+        argv + ["--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1", "--disable_tqdm", "True"]
+    )
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses and all(math.isfinite(x) for x in losses)
+    model = FalconH1ForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    result = passkey_accuracy(model, tokenizer, lengths=(48, 96), depths=(0.0, 1.0), per_cell=2)
+    assert set(result["grid"]) == {48, 96} and set(result["grid"][48]) == {0.0, 1.0}
+    assert 0.0 <= result["overall"] <= 1.0

@@ -27,16 +27,9 @@ from transformers import set_seed  # noqa: E402
 from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
 
 from align.args import PreferenceArguments  # noqa: E402
-from align.data import build_mixture, write_report  # noqa: E402
-from align.models import (  # noqa: E402
-    chat_ids,
-    load_model,
-    load_tokenizer,
-    merge_saved_adapter,
-    peft_config,
-    resume_checkpoint,
-)
+from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
+from align.stage import mixture_rows, train_and_save  # noqa: E402
 
 logger = logging.getLogger("falcon_align.dpo")
 
@@ -74,15 +67,7 @@ def main(argv=None):
     def count_tokens(pair):  # both sequences the model runs per pair: prompt+chosen and prompt+rejected
         return sum(len(chat_ids(tokenizer, pair["prompt"] + pair[k])) for k in ("chosen", "rejected"))
 
-    train_rows, eval_rows, reports = build_mixture(align_args.mixture("preference"), count_tokens=count_tokens)
-    report = write_report(reports, align_args.report_dir or dpo_args.output_dir, name="preference_mixture_report")
-    logger.info(
-        "preference mixture: %d train pairs, %d eval pairs, %d malformed pairs reported; see %s",
-        len(train_rows),
-        len(eval_rows),
-        sum(r.malformed for r in reports),
-        report,
-    )
+    train_rows, eval_rows = mixture_rows(align_args, "preference", count_tokens, dpo_args.output_dir)
 
     trainer = FalconDPOTrainer(
         model=model,
@@ -94,12 +79,7 @@ def main(argv=None):
         peft_config=peft_config(model_args),
         ref_logps_cache_dir=align_args.ref_logps_cache_dir or str(Path(dpo_args.output_dir) / "ref_logps"),
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(dpo_args.resume_from_checkpoint, dpo_args.output_dir))
-    trainer.save_model(dpo_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the log history the report plots
-    tokenizer.save_pretrained(dpo_args.output_dir)
-    if model_args.use_peft and align_args.merge_lora:
-        merge_saved_adapter(model_args, align_args, dpo_args.output_dir, tokenizer, trust)
+    train_and_save(trainer, dpo_args, model_args, align_args, tokenizer, trust)
     return trainer
 
 

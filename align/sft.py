@@ -21,15 +21,8 @@ from transformers import set_seed  # noqa: E402
 from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 from align.args import AlignArguments  # noqa: E402
-from align.data import build_mixture, write_report  # noqa: E402
-from align.models import (  # noqa: E402
-    chat_ids,
-    load_model,
-    load_tokenizer,
-    merge_saved_adapter,
-    peft_config,
-    resume_checkpoint,
-)
+from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
+from align.stage import mixture_rows, train_and_save  # noqa: E402
 
 logger = logging.getLogger("falcon_align.sft")
 
@@ -57,16 +50,7 @@ def main(argv=None):
     def count_tokens(messages):
         return len(chat_ids(tokenizer, messages))
 
-    train_rows, eval_rows, reports = build_mixture(align_args.mixture(), count_tokens=count_tokens)
-    report = write_report(reports, align_args.report_dir or sft_args.output_dir)
-    dropped = sum(r.malformed for r in reports)
-    logger.info(
-        "mixture: %d train rows, %d eval rows, %d malformed rows reported; see %s",
-        len(train_rows),
-        len(eval_rows),
-        dropped,
-        report,
-    )
+    train_rows, eval_rows = mixture_rows(align_args, "sft", count_tokens, sft_args.output_dir)
 
     trainer = SFTTrainer(
         model=model,
@@ -76,12 +60,7 @@ def main(argv=None):
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
     )
-    trainer.train(resume_from_checkpoint=resume_checkpoint(sft_args.resume_from_checkpoint, sft_args.output_dir))
-    trainer.save_model(sft_args.output_dir)
-    trainer.save_state()  # trainer_state.json: the log history the report plots
-    tokenizer.save_pretrained(sft_args.output_dir)
-    if model_args.use_peft and align_args.merge_lora:
-        merge_saved_adapter(model_args, align_args, sft_args.output_dir, tokenizer, trust)
+    train_and_save(trainer, sft_args, model_args, align_args, tokenizer, trust)
     return trainer
 
 

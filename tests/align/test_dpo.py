@@ -12,37 +12,18 @@ from trl import DPOConfig
 
 from align import dpo
 from align.eval import completion_logps, pairs_from_rows
-from align.offline.base import build_tokenizer
-from align.offline.tasks import examples, preference_pairs, pretraining_documents
+from align.offline.tasks import preference_pairs
 from align.preference import FalconDPOTrainer, set_padding_free
 from align.templates import falcon_h1_chat_template
 from model import FalconH1ForCausalLM
-from model.presets import _MUP_0_5B
-from tests.conftest import rel_err, tiny_config_for
+from tests.align.helpers import CPU_TRAINING, make_tiny_base
+from tests.conftest import rel_err
 
-COMMON = [
-    "--use_cpu",
-    "True",
-    "--bf16",
-    "False",
-    "--gradient_checkpointing",
-    "False",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
+COMMON = CPU_TRAINING + [
     "--per_device_train_batch_size",
     "8",
     "--max_length",
     "64",
-    "--lr_scheduler_type",
-    "constant",
-    "--save_strategy",
-    "no",
-    "--disable_tqdm",
-    "True",
     "--loss_type",
     "dpo_norm",
     "--beta",
@@ -54,13 +35,7 @@ COMMON = [
 def base(tmp_path_factory):
     """A tiny Falcon-H1 checkpoint (logit multiplier ≠ 1) with the project's tokenizer, and 32 preference pairs."""
     root = tmp_path_factory.mktemp("dpo")
-    tok = build_tokenizer(
-        pretraining_documents(200) + [m["content"] for r in examples("train") for m in r["messages"]], vocab_size=400
-    )
-    cfg = tiny_config_for(tok, mamba_rms_norm=True, **{**_MUP_0_5B, "lm_head_multiplier": 0.5})
-    torch.manual_seed(0)
-    FalconH1ForCausalLM(cfg).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    make_tiny_base(root / "base", lm_head_multiplier=0.5)
     rows = [r for r in preference_pairs("train") if r["language"] in ("en", "fr", "de")][::13][:32]
     rows[0] = {**rows[0], "prompt": rows[0]["prompt"] + " Please answer with a number only."}  # lengths vary
     (root / "pairs.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

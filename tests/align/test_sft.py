@@ -6,39 +6,20 @@ import pytest
 import torch
 
 from align import sft
-from align.offline.base import build_tokenizer
-from align.offline.tasks import examples, pretraining_documents
+from align.offline.tasks import examples
 from model import FalconH1ForCausalLM
-from model.presets import _MUP_0_5B
-from tests.conftest import rel_err, tiny_config_for
+from tests.align.helpers import CPU_TRAINING, make_tiny_base
+from tests.conftest import rel_err
 
-COMMON = [
-    "--use_cpu",
-    "True",
-    "--bf16",
-    "False",
-    "--gradient_checkpointing",
-    "False",
-    "--report_to",
-    "none",
-    "--logging_steps",
-    "1",
-    "--seed",
-    "0",
+COMMON = CPU_TRAINING + [
     "--per_device_train_batch_size",
     "4",
     "--max_length",
     "128",
     "--assistant_only_loss",
     "True",
-    "--lr_scheduler_type",
-    "constant",
-    "--save_strategy",
-    "no",
     "--dataloader_num_workers",
     "0",
-    "--disable_tqdm",
-    "True",
 ]
 
 
@@ -46,13 +27,7 @@ COMMON = [
 def base(tmp_path_factory):
     """A tiny Falcon-H1 'base' checkpoint with the project's tokenizer, plus a small jsonl mix."""
     root = tmp_path_factory.mktemp("sft")
-    tok = build_tokenizer(
-        pretraining_documents(200) + [m["content"] for r in examples("train") for m in r["messages"]], vocab_size=400
-    )
-    cfg = tiny_config_for(tok, mamba_rms_norm=True, **{**_MUP_0_5B, "lm_head_multiplier": 1.0})
-    torch.manual_seed(0)
-    FalconH1ForCausalLM(cfg).save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
+    make_tiny_base(root / "base")
     rows = [r for r in examples("train") if r["language"] in ("en", "fr", "de")][::9][:48]
     (root / "mix.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return root

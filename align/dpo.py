@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -47,8 +48,11 @@ def to_dataset(rows):
 
 
 def reference_model(model_args, align_args, dpo_args, trust):
-    """The frozen reference for full fine-tuning without precomputed log-probs; None where none is needed."""
-    if model_args.use_peft or dpo_args.precompute_ref_log_probs:
+    """The frozen reference for full fine-tuning; None where none is needed: LoRA (adapters disabled), or
+    precomputed log-probs without FSDP (TRL then scores with the policy before training). Under FSDP TRL would
+    load a reference itself, as transformers' class: ours is loaded instead (our kernels, padding-free)."""
+    fsdp = bool(dpo_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
+    if model_args.use_peft or (dpo_args.precompute_ref_log_probs and not fsdp):
         return None
     ref_args = copy.copy(model_args)
     ref_args.model_name_or_path = align_args.ref_model_name_or_path or model_args.model_name_or_path

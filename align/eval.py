@@ -44,7 +44,7 @@ def generate_replies(model, tokenizer, conversations, max_new_tokens=8, batch_si
     for start in range(0, len(conversations), batch_size):
         chunk = conversations[start : start + batch_size]
         prompts = [tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         out = model.generate(
             **enc,
             max_new_tokens=max_new_tokens,
@@ -89,7 +89,7 @@ def _pair_tokens(tokenizer, pair):
 
 
 @torch.no_grad()
-def completion_logps(model, tokenizer, pairs, batch_size=64) -> torch.Tensor:
+def completion_logps(model, tokenizer, pairs, batch_size=8) -> torch.Tensor:
     """(n, 2, 2): for each pair, [chosen, rejected] × [summed completion log-prob, completion length]."""
     rows, spans = [], []
     for pair in pairs:
@@ -105,8 +105,10 @@ def completion_logps(model, tokenizer, pairs, batch_size=64) -> torch.Tensor:
         mask = torch.zeros_like(ids)
         for i, r in enumerate(chunk):
             ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-        logps = model(ids, attention_mask=mask, use_cache=False).logits.float().log_softmax(-1)
-        token_logps = logps[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (b, width-1): log p(token t+1)
+        ids, mask = ids.to(model.device), mask.to(model.device)
+        logits = model(ids, attention_mask=mask, use_cache=False).logits[:, :-1]  # (b, width-1, V), scaled
+        picked = logits.gather(-1, ids[:, 1:, None])[..., 0].float()
+        token_logps = (picked - logits.float().logsumexp(-1)).cpu()  # (b, width-1): log p(token t+1)
         for i in range(len(chunk)):
             p, c = spans[start + i]
             out[start + i] = torch.tensor([token_logps[i, p - 1 : p - 1 + c].sum(), c])

@@ -19,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 import trl
+from accelerate.utils import broadcast_object_list
 from datasets import Dataset, Features, Value, concatenate_datasets
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from model.kernels import get_ops
@@ -105,17 +108,17 @@ class FalconDPOTrainer(DPOTrainer):
         self.ref_cache_events: list[tuple[str, str]] = []  # (split, "hit" | "miss"), for logs and tests
         self.dropped_pairs: dict[str, int] = {}
         config.loss_type = resolve_loss_types(config.loss_type)
-        # TRL's own padding_free only warns and pads; ours runs in the model, so it must be on before TRL
-        # precomputes reference log-probs inside its __init__
-        self.padding_free = bool(config.padding_free)
+        # TRL's own padding_free only warns and pads (and TRL resets `self.padding_free` to False); ours runs in
+        # the model, so it must be on before TRL precomputes reference log-probs inside its __init__
+        self.packed_pairs = bool(config.padding_free)
         config.padding_free = False
-        if self.padding_free:
+        if self.packed_pairs:
             models = [kwargs.get("model"), kwargs.get("ref_model")]
             found = [set_padding_free(m, True) for m in models if isinstance(m, torch.nn.Module)]
             if not all(found):
                 logger.warning("padding_free needs falcon-align's Falcon-H1 model; other models run padded")
         super().__init__(*args, **kwargs)
-        self.args.padding_free = self.padding_free  # saved and logged as asked
+        self.args.padding_free = self.packed_pairs  # saved and logged as asked
 
     # ------------------------------------------------------------------ counted drops
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -138,14 +141,16 @@ class FalconDPOTrainer(DPOTrainer):
     def ref_logps_key(self, dataset) -> str:
         """Everything that changes the reference log-probs of `dataset`, hashed."""
         args = self.args
+        reference = self.ref_model or self.model
         parts = {
-            "reference_weights": self._precompute_model_hash,
+            "reference_weights": self._precompute_model_hash,  # TRL's hash of the reference state dict
+            "reference_config": reference.config.to_json_string(use_diff=False),  # multipliers, RoPE, chunking
             "tokens": hash_token_columns(dataset),
             "max_length": args.max_length,
             "truncation_mode": args.truncation_mode,
             "ld_alpha": args.ld_alpha,
-            "precision": {"bf16": args.bf16, "fp16": args.fp16, "dtype": str(self.model.dtype)},
-            "padding_free": self.padding_free,
+            "precision": {"bf16": args.bf16, "fp16": args.fp16, "dtype": str(reference.dtype)},
+            "padding_free": self.packed_pairs,
             "kernels": get_ops(self.accelerator.device).name,
             "trl": trl.__version__,
         }
@@ -154,22 +159,62 @@ class FalconDPOTrainer(DPOTrainer):
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self.ref_logps_cache_dir is None:
             return super()._precompute_ref_logps(dataset, name, batch_size)
-        path = self.ref_logps_cache_dir / f"{name}-{self.ref_logps_key(dataset)}.safetensors"
-        if path.exists():
-            cached = load_file(path)
-            if cached["ref_chosen_logps"].numel() == len(dataset):
-                self.ref_cache_events.append((name, "hit"))
-                logger.info("%s: reference log-probs reused from %s", name, path)
-                columns = Dataset.from_dict(
-                    {k: v.tolist() for k, v in cached.items()},
-                    features=Features({k: Value("float32") for k in cached}),
-                )
-                return concatenate_datasets([dataset, columns], axis=1)
-        self.ref_cache_events.append((name, "miss"))
-        dataset = super()._precompute_ref_logps(dataset, name, batch_size)
+        # one decision for all ranks: rank 0's key and whether its file exists (weights can hash differently on
+        # other ranks, e.g. sharded; a split decision would leave ranks waiting in different collectives)
+        decision = [None]
         if self.accelerator.is_main_process:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            names = ("ref_chosen_logps", "ref_rejected_logps")
-            save_file({k: torch.tensor(dataset[k], dtype=torch.float32) for k in names}, path)
-            logger.info("%s: reference log-probs cached at %s", name, path)
-        return dataset
+            key = self.ref_logps_key(dataset)
+            path = self.ref_logps_cache_dir / f"{name}-{key}.safetensors"
+            decision = [(str(path), path.exists() and _rows_in(path) == len(dataset))]
+        broadcast_object_list(decision, from_process=0)
+        path, hit = Path(decision[0][0]), decision[0][1]
+        self.ref_cache_events.append((name, "hit" if hit else "miss"))
+        if hit:
+            logger.info("%s: reference log-probs reused from %s", name, path)
+            cached = load_file(path)
+        else:
+            cached = self._reference_logps(dataset, name, batch_size)
+            if self.accelerator.is_main_process:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                partial = path.with_suffix(f".tmp{os.getpid()}")
+                save_file(cached, partial)
+                os.replace(partial, path)  # readers never see half a file
+                logger.info("%s: reference log-probs cached at %s", name, path)
+            self.accelerator.wait_for_everyone()
+        columns = Dataset.from_dict(
+            {k: cached[k].tolist() for k in REF_COLUMNS}, features=Features({k: Value("float32") for k in REF_COLUMNS})
+        )
+        return concatenate_datasets([dataset, columns], axis=1)
+
+    def _reference_logps(self, dataset, name, batch_size) -> dict:
+        """Reference log-probs of every pair, in dataset order, on every rank: {column: (n,) fp32}. Computed here,
+        not through TRL's own cache (keyed on the dataset fingerprint and weights only; for in-memory datasets a
+        per-process temporary file)."""
+        if self.is_deepspeed_enabled:  # TRL wraps the model in a DeepSpeed inference engine first: use its pass
+            key = self._precompute_model_hash
+            self._precompute_model_hash = self.ref_logps_key(dataset)  # makes TRL's cache file ours alone
+            try:
+                out = super()._precompute_ref_logps(dataset, name, batch_size)
+            finally:
+                self._precompute_model_hash = key
+            return {k: torch.tensor(out[k], dtype=torch.float32) for k in REF_COLUMNS}
+        loader = self.accelerator.prepare(
+            DataLoader(dataset, batch_size=batch_size, collate_fn=self.data_collator, shuffle=False)
+        )
+        model = self.ref_model or self.model
+        chosen, rejected = [], []
+        for batch in loader:
+            c, r = self.accelerator.gather_for_metrics(self.compute_ref_log_probs(model, batch))
+            chosen.append(c.float().cpu())
+            rejected.append(r.float().cpu())
+        return {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+
+
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def _rows_in(path: Path) -> int:
+    try:
+        return load_file(path)["ref_chosen_logps"].numel()
+    except Exception:  # a damaged file is a miss
+        return -1

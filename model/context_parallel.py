@@ -89,7 +89,10 @@ class ContextParallelStep:
     def __post_init__(self):
         r, n = self.cp.rank, self.n
         self.start = r * n
-        self.seq_idx = self.seq_idx_global[:, self.start : self.start + n]  # (1, n)
+        self.seq_idx = self.seq_idx_global[:, self.start : self.start + n]  # (1, n) global ids, for attention
+        # the scan and conv kernels take ids from 0 and give an initial state to document 0 only (mamba-ssm's
+        # Triton kernels zero it for any other id): this rank's first document is 0 there
+        self.local_seq_idx = self.seq_idx - self.seq_idx[:, :1]
         s = self.seq_idx_global[0]
         # per rank: does its first token continue the previous rank's document? does a document start inside?
         firsts = torch.arange(self.cp.world, device=s.device) * n
@@ -123,6 +126,7 @@ class ContextParallelStep:
         sl = slice(self.cp.rank * halo_len, (self.cp.rank + 1) * halo_len)
         x = torch.cat([prev[:, sl], xBC], dim=1)  # (1, K−1+n, C)
         seq = torch.cat([seq_prev[:, sl] if self.cp.rank else seq_prev[:, sl].clamp(min=0), self.seq_idx], dim=1)
+        seq = seq - seq[:, :1]  # ids from 0 (only equality matters to the conv)
         out, _ = ops.causal_conv1d(
             x.transpose(1, 2), weight, bias, seq_idx=seq.contiguous(), activation=activation, return_final_states=True
         )
@@ -132,7 +136,7 @@ class ContextParallelStep:
     def initial_state(self, ops, x, dt, A, B, C, chunk_size, D):
         """The exact SSM state entering this rank's chunk (1, H, P, N), fp32, differentiable across ranks.
         dt is the discretized step (after softplus and clamping), (1, n, H) fp32."""
-        _, final = ops.ssd_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=self.seq_idx, return_final_states=True)
+        _, final = ops.ssd_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=self.local_seq_idx, return_final_states=True)
         decay = torch.exp(A.float()[None] * dt.float().sum(1))  # (1, H): the chunk's total decay
         decay = decay * self.whole[self.cp.rank].to(decay.dtype)  # a document starting inside resets the state
         finals = gather_seq(final.float()[None], 0, self.cp.group)  # (world, 1, H, P, N)

@@ -463,7 +463,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
         with self._offload_context():
             for layer in self.layers:
-                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=step.seq_idx, ops=ops, cp=step)
+                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=step.local_seq_idx, ops=ops, cp=step)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: None})
 
     def _forward_unpadded(self, inputs_embeds, attention_mask, position_ids=None):

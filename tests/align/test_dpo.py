@@ -233,6 +233,7 @@ def test_reference_cache_is_reused_and_invalidated(base, tmp_path, monkeypatch):
     assert events(beta=0.1)[0] == "hit"  # beta does not change reference log-probs
     assert events(max_length=longest_prompt + 1)[0] == "miss"  # truncating the completions does
     assert events(ld_alpha=0.5)[0] == "miss"
+    assert events(padding_free=False)[0] == "miss"  # packed and padded differ at rounding level
     changed = FalconH1ForCausalLM.from_pretrained(base / "base")
     with torch.no_grad():
         changed.model.final_layernorm.weight.mul_(1.01)

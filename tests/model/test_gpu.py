@@ -45,7 +45,8 @@ def test_ssd_scan_fast_matches_reference(fast, dtype, packed):
         seq_idx[0, 70:] = 1
         seq_idx[0, 201:] = 2
         seq_idx[1, 129:] = 1
-    init = None if packed else torch.randn(2, 8, 32, 16, device="cuda")
+    # packed rows with an initial state: what context parallelism feeds a rank (it belongs to document 0)
+    init = torch.randn(2, 8, 32, 16, device="cuda")
     y_ref, s_ref = REFERENCE.ssd_scan(
         **a, chunk_size=64, seq_idx=seq_idx, initial_states=init, return_final_states=True
     )

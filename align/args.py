@@ -51,6 +51,13 @@ class AlignArguments:
     max_malformed_fraction: float = 0.01
     eval_fraction: float = field(default=0.0, metadata={"help": "Held-out share of each source for evaluation."})
     merge_lora: bool = field(default=False, metadata={"help": "Also save the LoRA adapters merged into the model."})
+    context_parallel_size: int = field(
+        default=1,
+        metadata={
+            "help": "Split every packed row over this many processes (exact for attention, conv and SSM; "
+            "align/long_context.py). Needs packing and exactly this many processes."
+        },
+    )
     activation_offload: bool = field(
         default=False,
         metadata={

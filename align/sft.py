@@ -52,7 +52,13 @@ def main(argv=None):
 
     train_rows, eval_rows = mixture_rows(align_args, "sft", count_tokens, sft_args.output_dir)
 
-    trainer = SFTTrainer(
+    trainer_cls, extra = SFTTrainer, {}
+    if align_args.context_parallel_size > 1:
+        from align.long_context import ContextParallelSFTTrainer
+
+        trainer_cls, extra = ContextParallelSFTTrainer, {"context_parallel_size": align_args.context_parallel_size}
+    trainer = trainer_cls(
+        **extra,
         model=model,
         args=sft_args,
         train_dataset=to_dataset(train_rows),

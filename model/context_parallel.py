@@ -174,7 +174,13 @@ def shard(input_ids, position_ids, labels=None, group=None, ignore_index=-100) -
         "position_ids": position_ids[:, rank * n : (rank + 1) * n],
     }
     if labels is not None:
-        shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-        doc_end = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (0, 1), value=True)
-        out["shift_labels"] = shifted.masked_fill(doc_end, ignore_index)[:, rank * n : (rank + 1) * n]
+        out["shift_labels"] = next_token_targets(position_ids, labels, ignore_index)[:, rank * n : (rank + 1) * n]
     return out
+
+
+def next_token_targets(position_ids, labels, ignore_index=-100):
+    """(1, L) labels shifted to the token each position predicts, ignored where that token starts another
+    document (or past the row's end)."""
+    shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    doc_end = F.pad(position_ids[:, 1:] != position_ids[:, :-1] + 1, (0, 1), value=True)
+    return shifted.masked_fill(doc_end, ignore_index)

@@ -3,9 +3,10 @@
 Rank r holds tokens [r·n, (r+1)·n) of a (1, world·n) row (documents marked by restarting `position_ids`, as
 TRL's padding-free collator emits them; a document may cross any number of rank boundaries). Per layer:
 
-- **Attention**: keys and values (GQA-small) are all-gathered; each rank's queries attend causally within
-  their own document over the gathered keys. Exact, but through SDPA with a dense (n × L) document mask: right for
-  tests and moderate lengths, not for 512K rows — a varlen/ring kernel belongs at `ContextParallelStep.attend`.
+- **Attention**: keys and values (GQA-small) are all-gathered; per document, this rank's queries attend to that
+  document's keys up to themselves (SDPA with a lower-right causal bias: flash kernels on GPU, no row-wide mask).
+  K/V of the whole row live on every rank (ring attention would bound that; the seam is
+  `ContextParallelStep.attend`).
 - **Conv**: a halo of the previous rank's last K−1 pre-conv activations (with their document ids) is prepended,
   so the window sees exactly what it would on one device; the halo's outputs are dropped.
 - **SSM**: exact state passing. Each rank scans its chunk from a zero state → final state S_r and the chunk's
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from .packing import seq_idx_from_position_ids
 
@@ -99,16 +101,43 @@ class ContextParallelStep:
         self.continues = torch.zeros(self.cp.world, dtype=torch.bool, device=s.device)
         self.continues[1:] = s[firsts[1:]] == s[firsts[1:] - 1]
         self.whole = s[firsts + n - 1] == s[firsts]  # one document spans the entire chunk
+        self.segments = self._document_segments()
 
     # ------------------------------------------------------------------ attention
     def attend(self, q, k, v, scale, gqa: bool):
-        """q (1, H, n, hd) local; k, v (1, kv, n, hd) local, rotated → (1, H, n, hd)."""
+        """q (1, H, n, hd) local; k, v (1, kv, n, hd) local, rotated → (1, H, n, hd).
+
+        Per document present here: its local queries attend to its keys from the document's start (possibly on
+        an earlier rank) to the last local query, causal aligned to the lower right — flash/efficient kernels on
+        GPU, O(queries × keys of that document) memory, never a mask over the whole row."""
         k, v = gather_seq(k, 2, self.cp.group), gather_seq(v, 2, self.cp.group)  # (1, kv, L, hd)
-        q_pos = torch.arange(self.start, self.start + self.n, device=q.device)[:, None]
-        k_pos = torch.arange(k.size(2), device=q.device)[None, :]
-        same_doc = self.seq_idx[0][:, None] == self.seq_idx_global[0][None, :]
-        mask = ((k_pos <= q_pos) & same_doc)[None, None]  # (1, 1, n, L)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        if gqa:  # kv heads → query heads (the lower-right causal bias is not combined with enable_gqa)
+            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        out = []
+        for q_lo, q_hi, k_lo in self.segments:
+            k_hi = self.start + q_hi  # keys up to the last query of this segment (global index, exclusive)
+            lq, lk = q_hi - q_lo, k_hi - k_lo
+            mask = causal_lower_right(lq, lk) if lq != lk else None
+            out.append(
+                F.scaled_dot_product_attention(
+                    q[:, :, q_lo:q_hi],
+                    k[:, :, k_lo:k_hi],
+                    v[:, :, k_lo:k_hi],
+                    attn_mask=mask,
+                    is_causal=mask is None,
+                    scale=scale,
+                )
+            )
+        return torch.cat(out, dim=2)
+
+    def _document_segments(self):
+        """(local query start, local query end, global key start) for each document on this rank."""
+        local, whole = self.seq_idx[0].tolist(), self.seq_idx_global[0]
+        bounds = [0] + [i for i in range(1, len(local)) if local[i] != local[i - 1]] + [len(local)]
+        firsts = torch.tensor([local[lo] for lo in bounds[:-1]], dtype=whole.dtype, device=whole.device)
+        starts = torch.searchsorted(whole, firsts)
+        return [(lo, hi, int(k)) for lo, hi, k in zip(bounds[:-1], bounds[1:], starts.tolist())]
 
     # ------------------------------------------------------------------ conv halo
     def conv(self, ops, xBC, weight, bias, activation="silu"):

@@ -30,14 +30,18 @@ def _loss_sum(model, **inputs):
     return model(**inputs, num_items_in_batch=1, return_logits=True)  # summed CE: ranks add up
 
 
-def _worker(rank, world, port, cases, errors):
+def _worker(rank, world, port, cases, errors, backend="gloo"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    tol = 1e-5 if device.type == "cpu" else 5e-3  # fp32 on GPU: Triton scans run their dots in tf32
     try:
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(device.type == "cpu")
         for i, lengths in enumerate(cases):
-            model = tiny_model(seed=21, mamba_chunk_size=8, mamba_n_groups=2)
-            ids, pos = _row(lengths, seed=i)
+            model = tiny_model(seed=21, mamba_chunk_size=8, mamba_n_groups=2).to(device)
+            ids, pos = (t.to(device) for t in _row(lengths, seed=i))
             # one process, whole row: the reference
             shifted = torch.nn.functional.pad(ids[:, 1:], (0, 1), value=-100)
             doc_end = torch.nn.functional.pad(pos[:, 1:] != pos[:, :-1] + 1, (0, 1), value=True)
@@ -58,15 +62,11 @@ def _worker(rank, world, port, cases, errors):
             dist.all_reduce(loss)
             for p in model.parameters():
                 dist.all_reduce(p.grad)
-            assert rel_err(torch.cat(logits, dim=1), ref.logits) < 1e-5, ("logits", lengths)
-            assert abs(loss - ref.loss) <= 1e-5 * abs(ref.loss), ("loss", lengths, float(loss), float(ref.loss))
+            assert rel_err(torch.cat(logits, dim=1), ref.logits) < tol, ("logits", lengths)
+            assert abs(loss - ref.loss) <= tol * abs(ref.loss), ("loss", lengths, float(loss), float(ref.loss))
             for name, p in model.named_parameters():
-                assert rel_err(p.grad, ref_grads[name]) < 1e-4, (
-                    "grad",
-                    name,
-                    lengths,
-                    rel_err(p.grad, ref_grads[name]),
-                )
+                err = rel_err(p.grad, ref_grads[name])
+                assert err < 10 * tol, ("grad", name, lengths, err)
     except BaseException as err:  # report to the parent, keep the other ranks from hanging in a collective
         errors.put(f"rank {rank}: {err!r}")
         raise
@@ -85,6 +85,17 @@ def test_context_parallel_equals_one_process(world):
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     mp.start_processes(_worker, args=(world, _free_port(), CASES[world], errors), nprocs=world, start_method="spawn")
+    assert errors.empty()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_context_parallel_on_two_gpus():
+    """The same cases through NCCL and the CUDA kernels (Triton scan with initial states, flash attention)."""
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    args = (2, _free_port(), CASES[2], errors, "nccl")
+    mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
     assert errors.empty()
 
 

@@ -107,3 +107,22 @@ def test_context_parallel_leaks_without_state_passing():
         whole = model(ids, position_ids=pos).logits
         second_alone = model(ids[:, 24:], position_ids=pos[:, 24:] - 24).logits  # rank 1 without rank 0's state
     assert rel_err(second_alone, whole[:, 24:]) > 1e-2
+
+
+def test_long_context_bench_runs_on_cpu(tmp_path):
+    """bench/long_context.py's own smoke mode: one process with offload, two context-parallel processes with LoRA."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ["bench/long_context.py", "--tiny"]
+    one = [sys.executable, *script, "--seqs", "64,128", "--offload", "--out", str(tmp_path / "a.json")]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    two += [*script, "--seqs", "64", "--method", "lora", "--out", str(tmp_path / "b.json")]
+    for command in (one, two):
+        done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    for name, longest, processes in (("a", 128, 1), ("b", 64, 2)):
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        assert record["longest"] == longest and record["processes"] == processes

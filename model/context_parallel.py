@@ -156,9 +156,7 @@ class ContextParallelStep:
         x = torch.cat([prev[:, sl], xBC], dim=1)  # (1, K−1+n, C)
         seq = torch.cat([seq_prev[:, sl] if self.cp.rank else seq_prev[:, sl].clamp(min=0), self.seq_idx], dim=1)
         seq = seq - seq[:, :1]  # ids from 0 (only equality matters to the conv)
-        out, _ = ops.causal_conv1d(
-            x.transpose(1, 2), weight, bias, seq_idx=seq.contiguous(), activation=activation, return_final_states=True
-        )
+        out = ops.causal_conv1d(x.transpose(1, 2), weight, bias, seq_idx=seq.contiguous(), activation=activation)
         return out.transpose(1, 2)[:, -self.n :]
 
     # ------------------------------------------------------------------ SSM state passing

@@ -197,15 +197,16 @@ class FalconH1Mixer(nn.Module):
             if cp is not None:  # the window continues over the previous rank's last K-1 positions
                 xBC, conv_final = cp.conv(ops, xBC, conv_w, self.conv1d.bias), None
             else:
-                xBC, conv_final = ops.causal_conv1d(
+                conv = ops.causal_conv1d(
                     xBC.transpose(1, 2),
                     conv_w,
                     self.conv1d.bias,
                     seq_idx=seq_idx,
                     initial_states=conv_init,
-                    return_final_states=True,
+                    return_final_states=cache is not None,  # training: no state, so the fast kernel can run
                     activation="silu",
                 )
+                xBC, conv_final = conv if cache is not None else (conv, None)
                 xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
             dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H) fp32
             if self.time_step_limit != (0.0, float("inf")):

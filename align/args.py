@@ -54,8 +54,8 @@ class AlignArguments:
     context_parallel_size: int = field(
         default=1,
         metadata={
-            "help": "Split every packed row over this many processes (exact for attention, conv and SSM; "
-            "align/long_context.py). Needs packing and exactly this many processes."
+            "help": "Split every packed row over groups of this many processes (exact for attention, conv and SSM; "
+            "align/long_context.py); the groups are data-parallel. Needs packing; must divide the process count."
         },
     )
     activation_offload: bool = field(

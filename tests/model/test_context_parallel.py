@@ -126,3 +126,15 @@ def test_long_context_bench_runs_on_cpu(tmp_path):
     for name, longest, processes in (("a", 128, 1), ("b", 64, 2)):
         record = json.loads((tmp_path / f"{name}.json").read_text())
         assert record["longest"] == longest and record["processes"] == processes
+
+
+def test_enable_context_parallel_reaches_the_backbone_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model(seed=1), LoraConfig(r=2, target_modules=["q_proj"]))
+    cp = enable_context_parallel(model)
+    assert model.get_base_model().model.context_parallel is cp
+    disable_context_parallel(model)
+    assert model.get_base_model().model.context_parallel is None
+    with pytest.raises(ValueError, match="Falcon-H1"):
+        enable_context_parallel(torch.nn.Linear(2, 2))

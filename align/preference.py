@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
 from model.kernels import get_ops
-from model.modeling import FalconH1Model
+from model.modeling import configure_backbones
 
 logger = logging.getLogger("falcon_align.dpo")
 
@@ -76,12 +76,7 @@ def dpo_norm_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_l
 def set_padding_free(model, enabled: bool) -> bool:
     """Turns padding-free execution on in every falcon-align backbone inside `model` (PEFT wrappers included).
     False when there is none: other models run padded."""
-    found = False
-    for module in model.modules():
-        if isinstance(module, FalconH1Model):
-            module.padding_free = enabled
-            found = True
-    return found
+    return configure_backbones(model, padding_free=enabled)
 
 
 def hash_token_columns(dataset, columns=("prompt_ids", "chosen_ids", "rejected_ids")) -> str:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from .modeling import FalconH1Model
+from .modeling import configure_backbones
 from .packing import seq_idx_from_position_ids
 
 
@@ -179,22 +179,13 @@ class ContextParallelStep:
 def enable_context_parallel(model, group=None) -> ContextParallel:
     """Split every forward of the Falcon-H1 backbone(s) inside `model` (PEFT or other wrappers too) over `group`."""
     cp = ContextParallel(group)
-    if not _set_on_backbones(model, cp):
+    if not configure_backbones(model, context_parallel=cp):
         raise ValueError("context parallelism needs falcon-align's Falcon-H1 model (model.modeling.FalconH1Model)")
     return cp
 
 
 def disable_context_parallel(model) -> None:
-    _set_on_backbones(model, None)
-
-
-def _set_on_backbones(model, cp) -> bool:
-    found = False
-    for module in model.modules():
-        if isinstance(module, FalconH1Model):
-            module.context_parallel = cp
-            found = True
-    return found
+    configure_backbones(model, context_parallel=None)
 
 
 def shard(input_ids, position_ids, labels=None, group=None, ignore_index=-100) -> dict:

@@ -485,6 +485,18 @@ class FalconH1Model(FalconH1PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=scattered, **{_CACHE_FIELD: None})
 
 
+def configure_backbones(model: nn.Module, **settings) -> bool:
+    """Sets run-time switches (padding_free, context_parallel, offload_activations) on every FalconH1Model inside
+    `model`, through PEFT or any other wrapper. False when there is none."""
+    found = False
+    for module in model.modules():
+        if isinstance(module, FalconH1Model):
+            for name, value in settings.items():
+                setattr(module, name, value)
+            found = True
+    return found
+
+
 class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 

@@ -190,9 +190,12 @@ def to_preference(row: dict, source: SourceConfig) -> tuple[dict | None, str | N
             shared += 1
         parts["prompt"] = parts["chosen"][:shared]
         parts["chosen"], parts["rejected"] = parts["chosen"][shared:], parts["rejected"][shared:]
-    elif parts["chosen"][: len(parts["prompt"])] == parts["prompt"] == parts["rejected"][: len(parts["prompt"])]:
-        parts["chosen"] = parts["chosen"][len(parts["prompt"]) :]  # completions repeated the prompt turns
-        parts["rejected"] = parts["rejected"][len(parts["prompt"]) :]
+    else:  # completions that repeat the prompt turns (with or without the system turn added from system_column)
+        for repeated in (parts["prompt"], [t for t in parts["prompt"] if t["role"] != "system"]):
+            n = len(repeated)
+            if n and parts["chosen"][:n] == repeated == parts["rejected"][:n]:
+                parts["chosen"], parts["rejected"] = parts["chosen"][n:], parts["rejected"][n:]
+                break
     if not parts["prompt"] or parts["prompt"][-1]["role"] == "assistant":
         return None, "no prompt (the conversation must open with a user turn before the compared completions)"
     for name in ("chosen", "rejected"):

@@ -157,3 +157,18 @@ def test_implicit_prompt_from_whole_conversations():
     assert train[0]["prompt"] == [user]
     assert train[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]
     assert train[0]["rejected"] == [{"role": "assistant", "content": "Seven."}]
+
+
+def test_completions_that_repeat_the_prompt_are_trimmed_with_a_system_column():
+    user = {"role": "user", "content": "Name a colour."}
+    row = {
+        "prompt": "Name a colour.",
+        "system": "Be brief.",
+        "chosen": [user, {"role": "assistant", "content": "Blue."}],
+        "rejected": [user, {"role": "assistant", "content": "Seven."}],
+    }
+    source = SourceConfig(path="p", prompt_column="prompt", system_column="system")
+    train, _, reports = build_mixture(MixtureConfig(kind="preference", sources=[source]), loader=_loader({"p": [row]}))
+    assert reports[0].malformed == 0
+    assert train[0]["prompt"] == [{"role": "system", "content": "Be brief."}, user]
+    assert train[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]

@@ -32,8 +32,6 @@ from align.models import chat_ids, load_model, load_tokenizer, peft_config  # no
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import mixture_rows, train_and_save  # noqa: E402
 
-logger = logging.getLogger("falcon_align.dpo")
-
 
 def parse(argv=None):
     parser = TrlParser((PreferenceArguments, DPOConfig, ModelConfig))

@@ -59,16 +59,10 @@ def generate_replies(model, tokenizer, conversations, max_new_tokens=8, batch_si
 def exact_match_by_language(model, tokenizer, rows, **kw) -> dict:
     """rows: {messages: [user, assistant], language, answer} → {"overall": acc, "per_language": {lang: acc}}."""
     replies = generate_replies(model, tokenizer, [r["messages"][:-1] for r in rows], **kw)
-    hits, totals = defaultdict(int), defaultdict(int)
-    for row, reply in zip(rows, replies):
-        first_line = reply.strip().split("\n")[0].strip()
-        hits[row["language"]] += int(first_line == row["answer"])
-        totals[row["language"]] += 1
-    per_language = {lang: hits[lang] / totals[lang] for lang in sorted(totals)}
+    hits = torch.tensor([float(reply.strip().split("\n")[0].strip() == r["answer"]) for r, reply in zip(rows, replies)])
     return {
-        "overall": sum(hits.values()) / max(1, sum(totals.values())),
-        "per_language": per_language,
-        "n": sum(totals.values()),
+        **_by_language(rows, hits, "overall"),
+        "n": len(rows),
         "examples": [
             {"q": r["messages"][0]["content"], "reply": p, "answer": r["answer"]}
             for r, p in list(zip(rows, replies))[:6]

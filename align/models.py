@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model import FalconH1ForCausalLM, preset_config
+from model.modeling import configure_backbones
 
 from .args import AlignArguments, lora_targets
 from .templates import falcon_h1_chat_template
@@ -57,11 +58,17 @@ def quantization_config(model_args):
 
 def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
     """Our FalconH1ForCausalLM for falcon_h1 checkpoints (and presets); any other model through Auto*."""
+    model = _load(model_args, align_args, trust_remote_code)
+    if align_args.activation_offload and not configure_backbones(model, offload_activations=True):
+        raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
+    return model
+
+
+def _load(model_args, align_args, trust_remote_code):
     dtype = _dtype(model_args.dtype)
     if align_args.init_preset:
         torch.manual_seed(0)
         model = FalconH1ForCausalLM(preset_config(align_args.init_preset))
-        model.model.offload_activations = align_args.activation_offload
         return model.to(dtype) if dtype else model
     trust = trust_remote_code
     kwargs = dict(trust_remote_code=trust, quantization_config=quantization_config(model_args))
@@ -69,11 +76,7 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
         kwargs["dtype"] = dtype
     config = AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=trust)
     if config.model_type == "falcon_h1":
-        model = FalconH1ForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-        model.model.offload_activations = align_args.activation_offload
-        return model
-    if align_args.activation_offload:
-        raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
+        return FalconH1ForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)

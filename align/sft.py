@@ -24,8 +24,6 @@ from align.args import AlignArguments  # noqa: E402
 from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
 from align.stage import mixture_rows, train_and_save  # noqa: E402
 
-logger = logging.getLogger("falcon_align.sft")
-
 
 def parse(argv=None):
     parser = TrlParser((AlignArguments, SFTConfig, ModelConfig))

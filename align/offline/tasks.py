@@ -77,20 +77,26 @@ def question(language: str, task: str, operands) -> str:
     return add_q.format(a=operands[0], b=operands[1]) if task == "add" else next_q.format(n=operands[0])
 
 
-def examples(split: str):
-    """Rows {messages, language, task, answer} of the 'train' or 'heldout' split, in a fixed order."""
+def _split(split: str):
+    """(language, task, operands, answer) of the 'train' or 'heldout' split, in a fixed order."""
     for language in LANGUAGES:
         for task, operands, answer in items():
             if is_held_out(language, task, operands) == (split == "heldout"):
-                yield {
-                    "messages": [
-                        {"role": "user", "content": question(language, task, operands)},
-                        {"role": "assistant", "content": answer},
-                    ],
-                    "language": language,
-                    "task": task,
-                    "answer": answer,
-                }
+                yield language, task, operands, answer
+
+
+def examples(split: str):
+    """Rows {messages, language, task, answer} of the 'train' or 'heldout' split, in a fixed order."""
+    for language, task, operands, answer in _split(split):
+        yield {
+            "messages": [
+                {"role": "user", "content": question(language, task, operands)},
+                {"role": "assistant", "content": answer},
+            ],
+            "language": language,
+            "task": task,
+            "answer": answer,
+        }
 
 
 def pretraining_documents(n_docs: int, seed: int = 0, sentences_per_doc: int = 8):
@@ -124,20 +130,14 @@ def wrong_answer(language: str, task: str, operands) -> str:
 
 def preference_pairs(split: str):
     """Rows {prompt, chosen, rejected, language, task} over the same questions (and held-out split) as SFT."""
-    for row in examples(split):
-        operands = _operands(row)
+    for language, task, operands, answer in _split(split):
         yield {
-            "prompt": row["messages"][0]["content"],
-            "chosen": row["answer"],
-            "rejected": wrong_answer(row["language"], row["task"], operands),
-            "language": row["language"],
-            "task": row["task"],
+            "prompt": question(language, task, operands),
+            "chosen": answer,
+            "rejected": wrong_answer(language, task, operands),
+            "language": language,
+            "task": task,
         }
-
-
-def _operands(row):
-    numbers = [int(t) for t in row["messages"][0]["content"].replace("?", " ").split() if t.isdigit()]
-    return tuple(numbers)
 
 
 def write_shipped(out: Path) -> None:

@@ -62,7 +62,8 @@ class AlignArguments:
         default=False,
         metadata={
             "help": "Long context on one GPU: each layer's saved input goes to pinned CPU memory (needs "
-            "gradient_checkpointing with use_reentrant: true); see `python -m model.memory` for the longest length."
+            "gradient_checkpointing with use_reentrant: true) and rows over 16,384 tokens run the MLP in "
+            "checkpointed chunks; see `python -m model.memory` for the longest length."
         },
     )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model import FalconH1ForCausalLM, preset_config
-from model.modeling import configure_backbones
+from model.modeling import MLP_CHUNK_TOKENS, configure_backbones
 
 from .args import AlignArguments, lora_targets
 from .templates import falcon_h1_chat_template
@@ -59,7 +59,8 @@ def quantization_config(model_args):
 def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
     """Our FalconH1ForCausalLM for falcon_h1 checkpoints (and presets); any other model through Auto*."""
     model = _load(model_args, align_args, trust_remote_code)
-    if align_args.activation_offload and not configure_backbones(model, offload_activations=True):
+    long_rows = dict(offload_activations=True, mlp_chunk_tokens=MLP_CHUNK_TOKENS)
+    if align_args.activation_offload and not configure_backbones(model, **long_rows):
         raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
     return model
 

@@ -4,10 +4,12 @@
     torchrun --nproc_per_node 2 bench/long_context.py --preset 7b --method lora --seqs 524288 --offload --out <json>
     python bench/long_context.py --preset 0.5b --seqs 32768,65536 --reference   # transformers at the same settings
 
-Per length: one packed row of that many tokens (a single document), a warm-up step and a timed step (forward,
-backward, AdamW) with per-layer activation checkpointing; reports tokens/s, the peak memory (the largest over the
-ranks) and the memory planner's prediction (one GPU), or the error (out of memory). `--tiny` runs a 2-layer model
-on CPU (gloo) as a smoke test of the script itself.
+Per length: one packed row of that many tokens (a single document), a warm-up step (at `--warmup-seq` tokens
+when given: Triton autotuning and the allocator need no full-length step) and a timed step (forward, backward,
+AdamW) with per-layer activation checkpointing; `--offload` as `enable_activation_offload` (layer inputs in pinned
+CPU memory, the MLP in checkpointed chunks). Reports tokens/s, the peak memory (the largest over the ranks) and the
+memory planner's prediction (one GPU), or the error (out of memory, or what else stopped the step). `--tiny` runs
+a 2-layer model on CPU (gloo) as a smoke test of the script itself.
 """
 
 from __future__ import annotations
@@ -25,9 +27,15 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# transformers resolves its Mamba-2 kernels on import: import it before falcon-align registers mamba-ssm without
+# its CUDA extension, so the reference takes its PyTorch path (its fused path needs causal-conv1d; see
+# docs/performance.md, DPO)
+import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: E402, F401
+
 from model import FalconH1ForCausalLM, preset_config  # noqa: E402
 from model.context_parallel import enable_context_parallel, shard  # noqa: E402
 from model.memory import plan  # noqa: E402
+from model.modeling import MLP_CHUNK_TOKENS, configure_backbones  # noqa: E402
 
 
 def build(args, device):
@@ -40,14 +48,20 @@ def build(args, device):
     else:
         cfg = preset_config(args.preset, max_position_embeddings=1 << 21)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    if args.reference:
-        from transformers import FalconH1Config as HFConfig
-        from transformers import FalconH1ForCausalLM as HFModel
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built on the GPU in bf16: a 7B model in seconds, no fp32 copy on the host
+    try:
+        with device:
+            if args.reference:
+                from transformers import FalconH1Config as HFConfig
+                from transformers import FalconH1ForCausalLM as HFModel
 
-        skip = ("architectures", "transformers_version", "model_type")
-        model = HFModel(HFConfig(**{k: v for k, v in cfg.to_dict().items() if k not in skip}))
-    else:
-        model = FalconH1ForCausalLM(cfg)
+                skip = ("architectures", "transformers_version", "model_type")
+                model = HFModel(HFConfig(**{k: v for k, v in cfg.to_dict().items() if k not in skip}))
+            else:
+                model = FalconH1ForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(default_dtype)
     model = model.to(device, dtype)
     if args.method == "lora":
         from peft import LoraConfig, get_peft_model
@@ -57,18 +71,19 @@ def build(args, device):
         model = get_peft_model(model, LoraConfig(r=64, lora_alpha=128, target_modules=SAFE_LORA_TARGETS))
     reentrant = args.offload  # offloaded checkpoints need the inputs saved through autograd's hooks
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if args.offload:
-        backbone = model.get_base_model() if args.method == "lora" else model
-        backbone.model.offload_activations = True
+    if args.offload and not args.reference:
+        chunk = args.mlp_chunk if args.mlp_chunk is not None else MLP_CHUNK_TOKENS
+        configure_backbones(model, offload_activations=True, mlp_chunk_tokens=chunk or None)
     model.train()
     return cfg, model
 
 
-def step_once(model, T, world, device, vocab):
+def step_once(model, T, world, device, vocab, autocast):
     ids = torch.randint(1, vocab, (1, T), device=device, generator=torch.Generator(device).manual_seed(0))
     pos = torch.arange(T, device=device)[None]
     inputs = shard(ids, pos, ids) if world > 1 else {"input_ids": ids, "labels": ids}
-    loss = model(**inputs).loss
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**inputs).loss
     loss.backward()
     return loss
 
@@ -78,12 +93,14 @@ def measure(args, model, cfg, T, world, device):
     cuda = device.type == "cuda"
     try:
         times = []
-        for _ in range(2):  # warm-up (autotuning, allocator), then the timed step
+        warmup = min(T, args.warmup_seq) if args.warmup_seq else T
+        for length in (warmup, T):  # warm-up (autotuning, allocator), then the timed step
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
-            step_once(model, T, world, device, cfg.vocab_size)
+            # PEFT keeps adapters in fp32: run LoRA under bf16 autocast, as the Trainer does with bf16: true
+            step_once(model, length, world, device, cfg.vocab_size, autocast=args.method == "lora" and not args.tiny)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if cuda:
@@ -93,8 +110,10 @@ def measure(args, model, cfg, T, world, device):
         if world > 1:
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         out = dict(tokens_per_s=round(T / times[-1]), step_s=round(times[-1], 3), peak_gib=round(float(peak), 2))
-    except torch.OutOfMemoryError:
-        out = dict(error="out of memory")
+    except torch.OutOfMemoryError as err:  # keep what it tried to allocate and what was held
+        out = dict(error="out of memory", detail=" ".join(str(err).split(". ")[:2])[:300])
+    except Exception as err:  # the reference's checkpointing path has crashed before: record, go on
+        out = dict(error=f"{type(err).__name__}: {str(err)[:300]}")
     finally:
         opt.state.clear()
         model.zero_grad(set_to_none=True)
@@ -112,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--method", choices=("full", "lora"), default="full")
     ap.add_argument("--seqs", default="262144,524288")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--mlp-chunk", type=int, default=None, help="with --offload; 0: whole rows (default 16384)")
+    ap.add_argument("--warmup-seq", type=int, default=0, help="warm-up step length (default: the timed length)")
     ap.add_argument("--reference", action="store_true", help="transformers' FalconH1ForCausalLM instead of ours")
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this script")
     ap.add_argument("--out", default=None)

@@ -161,10 +161,11 @@ class ContextParallelStep:
         return out.transpose(1, 2)[:, -self.n :]
 
     # ------------------------------------------------------------------ SSM state passing
-    def initial_state(self, ops, x, dt, A, B, C, chunk_size, D):
+    def initial_state(self, scan, x, dt, A, B, C):
         """The exact SSM state entering this rank's chunk (1, H, P, N), fp32, differentiable across ranks.
-        dt is the discretized step (after softplus and clamping), (1, n, H) fp32."""
-        _, final = ops.ssd_scan(x, dt, A, B, C, chunk_size, D=D, seq_idx=self.local_seq_idx, return_final_states=True)
+        dt is the discretized step (after softplus and clamping), (1, n, H) fp32; scan(x, dt, A, B, C, seq_idx,
+        initial_states) → (y, final state) is the mixer's own (segmented for long chunks)."""
+        _, final = scan(x, dt, A, B, C, self.local_seq_idx, None)
         decay = torch.exp(A.float()[None] * dt.float().sum(1))  # (1, H): the chunk's total decay
         decay = decay * self.whole[self.cp.rank].to(decay.dtype)  # a document starting inside resets the state
         finals = gather_seq(final.float()[None], 0, self.cp.group)  # (world, 1, H, P, N)

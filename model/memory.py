@@ -7,13 +7,20 @@ Model of the peak (bytes), training one packed row of T tokens with per-layer ac
     static   = parameters × bytes per parameter (weights, gradients, AdamW moments; LoRA: frozen bf16 weights)
                + a fixed workspace (loss chunk, allocator slack)
     saved    = T × layers × hidden × 2            (each layer's bf16 input, kept for the recompute; 0 offloaded)
-    working  = T × WORKING_FACTOR × elements(layer) × 2   (one layer's recompute: forward activations and
-               their gradients, at once)
+    working  = T × WORKING_FACTOR[method] × elements(layer) × 2   (one layer's recompute: forward activations
+               and their gradients, at once)
+               + chunk × WORKING_FACTOR[method] × 4·intermediate × 2  (offload mode runs the MLP in checkpointed chunks of
+               MLP_CHUNK_TOKENS: then its 4·intermediate per token leave elements(layer), one chunk's stay)
+    scan     = min(T, SCAN_SEGMENT_TOKENS) × SCAN_COPIES × H·P·N / chunk_size × 4   (the SSD scan's fp32 per-chunk
+               states in its backward; longer rows scan in segments, so this stops growing)
 
 `elements(layer)` counts the per-token activations of one layer from the config (projections, conv, scan output,
-attention q/k/v/o, MLP). WORKING_FACTOR is fitted to one measurement — 0.5B full fine-tune, 262,144 tokens,
-39.82 GiB peak on an H200 (bench/results/h200-0.5b-longest-2026-11-26.json) — and checked against the others
-committed in docs/performance.md. Attention memory is linear in T (flash / varlen kernels).
+attention q/k/v/o, MLP). WORKING_FACTOR is fitted per method to H100 measurements (docs/performance.md,
+bench/results/h100-*-long-*.json): full fine-tune to the 0.5B at 524,288 tokens with offload (38.47 GiB); LoRA to
+the 7B's growth from 131,072 to 262,144 tokens with offload (40.99 → 64.69 GiB). LoRA's factor is larger: PEFT
+materialises the frozen projection's output, the adapter's and their sum for every adapted projection. Every
+other committed measurement is predicted at or above what was measured (tests/model/test_memory.py).
+Attention memory is linear in T (flash / varlen kernels).
 """
 
 from __future__ import annotations
@@ -21,23 +28,27 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass
 
+from .modeling import MLP_CHUNK_TOKENS, SCAN_SEGMENT_TOKENS
+
 GIB = 2**30
 WORKSPACE_GIB = 1.0
 MARGIN = 0.10  # share of the card kept free: allocator fragmentation, cuBLAS/NCCL workspaces. Without it the plan
 # said 0.5B at 524,288 tokens fits an H100 (74.8 of 79.2 GiB); it ran out of memory (2026-11-26)
-WORKING_FACTOR = 1.13  # fitted, see the module docstring
+WORKING_FACTOR = {"full": 0.89, "lora": 1.58}  # fitted, see the module docstring
+SCAN_COPIES = 4  # chunk states, passed states, their gradients: live at once in mamba-ssm's scan backward
 BYTES_PER_PARAM = {"bf16": 8, "amp": 16}  # bf16 weights+grads+2 AdamW moments; fp32 master copy under autocast
 
 
-def layer_elements(config) -> int:
-    """Per-token activations of one decoder layer's forward (what its backward needs at once)."""
+def layer_elements(config, mlp_chunked: bool = False) -> int:
+    """Per-token activations of one decoder layer's forward (what its backward needs at once). With the MLP in
+    checkpointed chunks, only its output (and the concatenation) scale with the row."""
     d, inter = config.hidden_size, config.intermediate_size
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     d_ssm, conv_dim, in_proj = config.d_ssm, config.conv_dim, config.in_proj_dim
     norms_and_residuals = 8 * d
     mamba = in_proj + 3 * conv_dim + 2 * d_ssm
     attention = 4 * heads * hd + 4 * kv * hd
-    mlp = 4 * inter
+    mlp = 2 * d if mlp_chunked else 4 * inter
     return norms_and_residuals + mamba + attention + mlp
 
 
@@ -50,8 +61,19 @@ class Plan:
     peak_gib_at_seq: float | None = None
 
 
-def plan(config, method="full", card_gib=80.0, offload=False, precision="bf16", seq=None, lora_params=0) -> Plan:
-    """method: "full" or "lora" (lora_params: the adapters' size; default ~0.5% of the model)."""
+def plan(
+    config,
+    method="full",
+    card_gib=80.0,
+    offload=False,
+    precision="bf16",
+    seq=None,
+    lora_params=0,
+    scan_segment=SCAN_SEGMENT_TOKENS,
+) -> Plan:
+    """method: "full" or "lora" (lora_params: the adapters' size; default ~0.5% of the model). offload: the layer
+    inputs in CPU memory and the MLP in chunks (FalconH1ForCausalLM.enable_activation_offload). scan_segment: None
+    for the one-piece scan (the model before 2026-11-27, as the committed measurements ran)."""
     n_params = _n_params(config)
     if method == "full":
         static = n_params * BYTES_PER_PARAM[precision]
@@ -61,14 +83,19 @@ def plan(config, method="full", card_gib=80.0, offload=False, precision="bf16", 
     else:
         raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
     static += WORKSPACE_GIB * GIB
+    if offload:  # one MLP chunk's recompute, whatever the row's length
+        static += WORKING_FACTOR[method] * MLP_CHUNK_TOKENS * 4 * config.intermediate_size * 2
     saved = 0 if offload else config.num_hidden_layers * config.hidden_size * 2
-    working = WORKING_FACTOR * layer_elements(config) * 2
-    per_token = saved + working
+    working = WORKING_FACTOR[method] * layer_elements(config, mlp_chunked=offload) * 2
+    scan = SCAN_COPIES * config.mamba_n_heads * config.mamba_d_head * config.mamba_d_state / config.mamba_chunk_size * 4
+    if scan_segment:  # the scan's states stop growing at one segment
+        static += scan_segment * scan
+        scan = 0
+    per_token = saved + working + scan
     longest = max(0, int((card_gib * (1 - MARGIN) * GIB - static) / per_token)) // 1024 * 1024
     peak = (static + seq * per_token) / GIB if seq else None
-    return Plan(
-        round(static / GIB, 2), round(saved / 1024, 1), round(working / 1024, 1), longest, peak and round(peak, 2)
-    )
+    per_layer = round((working + scan) / 1024, 1)
+    return Plan(round(static / GIB, 2), round(saved / 1024, 1), per_layer, longest, peak and round(peak, 2))
 
 
 def _n_params(config) -> int:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -35,6 +37,12 @@ from .packing import (
     positions_from_attention_mask,
     resolve_seq_idx,
 )
+
+# long rows under activation checkpointing: the MLP runs in token chunks of this size, each checkpointed on its own
+# (FalconH1Model.mlp_chunk_tokens), so a layer's recompute holds one chunk's (chunk, 2·intermediate) activations
+MLP_CHUNK_TOKENS = 16384
+# longer rows run the SSD scan in segments of this many tokens with exact state passing (FalconH1Mixer._scan)
+SCAN_SEGMENT_TOKENS = 32768
 
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -215,29 +223,11 @@ class FalconH1Mixer(nn.Module):
                 xBC = xBC * pad_mask[..., None]
                 dt = dt * pad_mask[..., None]
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
+            x, B, C = x.reshape(b, l, H, P), B.reshape(b, l, G, N), C.reshape(b, l, G, N)
+            scan = partial(self._scan, ops)
             if cp is not None:  # the state the previous ranks' chunks leave (exact state passing)
-                ssm_init = cp.initial_state(
-                    ops,
-                    x.reshape(b, l, H, P),
-                    dt,
-                    A,
-                    B.reshape(b, l, G, N),
-                    C.reshape(b, l, G, N),
-                    self.chunk_size,
-                    self.D,
-                )
-            y, ssm_final = ops.ssd_scan(
-                x.reshape(b, l, H, P),
-                dt,
-                A,
-                B.reshape(b, l, G, N),
-                C.reshape(b, l, G, N),
-                self.chunk_size,
-                D=self.D,
-                seq_idx=seq_idx,
-                initial_states=ssm_init,
-                return_final_states=True,
-            )
+                ssm_init = cp.initial_state(scan, x, dt, A, B, C)
+            y, ssm_final = scan(x, dt, A, B, C, seq_idx, ssm_init)
             if cache is not None:
                 cache.set_mamba_states(self.layer_idx, conv_final, ssm_final)
             y = y.reshape(b, l, self.d_ssm)
@@ -246,6 +236,28 @@ class FalconH1Mixer(nn.Module):
         else:
             y = y * F.silu(z)
         return self.out_proj(y.to(h.dtype))
+
+    def _scan(self, ops, x, dt, A, B, C, seq_idx, initial):
+        """The SSD scan → y (b, l, H, P), final state (b, H, P, N). Rows longer than SCAN_SEGMENT_TOKENS run in
+        segments, each from the state the previous one leaves (zeroed where a document starts at the seam): exact,
+        and the scan's per-chunk states — fp32, H·P·N per chunk, ~6 GiB per copy at 7B and 256K tokens, several
+        copies in its backward — then exist for one segment at a time."""
+        l, kw = x.size(1), dict(D=self.D, return_final_states=True)
+        if l <= SCAN_SEGMENT_TOKENS:
+            return ops.ssd_scan(x, dt, A, B, C, self.chunk_size, seq_idx=seq_idx, initial_states=initial, **kw)
+        ys, state = [], initial
+        for start in range(0, l, SCAN_SEGMENT_TOKENS):
+            part = slice(start, start + SCAN_SEGMENT_TOKENS)
+            ids = None
+            if seq_idx is not None:
+                ids = seq_idx[:, part]
+                if start and state is not None:  # a document starting at the seam gets no state
+                    state = state * (ids[:, 0] == seq_idx[:, start - 1]).to(state.dtype)[:, None, None, None]
+                ids = ids - ids[:, :1]  # the kernels hand the initial state to document 0
+            segment = (x[:, part], dt[:, part], A, B[:, part], C[:, part], self.chunk_size)
+            y, state = ops.ssd_scan(*segment, seq_idx=ids, initial_states=state, **kw)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
 
 
 def mup_vector(config: FalconH1Config) -> torch.Tensor:
@@ -292,13 +304,24 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         cache=None,
         ops=None,
         cp=None,
+        mlp_chunk=None,
     ):
         h = self.input_layernorm(hidden_states)
         m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp) * self.ssm_out_multiplier
         a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed, cp)
         a = a * self.attention_out_multiplier
         hidden_states = hidden_states + (m + a)
-        return hidden_states + self.feed_forward(self.pre_ff_layernorm(hidden_states))
+        return hidden_states + self._feed_forward(self.pre_ff_layernorm(hidden_states), mlp_chunk)
+
+    def _feed_forward(self, x, chunk):
+        """x (b, l, d). With `chunk` and autograd recording (a checkpointed layer's recompute, or a training forward),
+        rows longer than `chunk` run the MLP chunk by chunk, each under its own checkpoint: what the
+        layer's backward holds of the MLP is one chunk's activations, not the row's. The MLP is per token, so the
+        result and every gradient are unchanged; the cost is one more MLP forward."""
+        if not chunk or x.size(1) <= chunk or not torch.is_grad_enabled():
+            return self.feed_forward(x)
+        parts = [checkpoint(self.feed_forward, part, use_reentrant=False) for part in x.split(chunk, dim=1)]
+        return torch.cat(parts, dim=1)
 
 
 class FalconH1PreTrainedModel(PreTrainedModel):
@@ -353,6 +376,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
         self.padding_free = False
         self.context_parallel = None  # model.context_parallel.enable_context_parallel: the row split over ranks
         self.offload_activations = False  # FalconH1ForCausalLM.enable_activation_offload
+        self.mlp_chunk_tokens = None  # long rows: the MLP in checkpointed token chunks (MLP_CHUNK_TOKENS)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -440,6 +464,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
                         pad_mask=pad_mask,
                         cache=cache,
                         ops=ops,
+                        mlp_chunk=self.mlp_chunk_tokens,
                     )
         if cache is not None:
             cache.advance(l)
@@ -464,7 +489,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
         with self._offload_context():
             for layer in self.layers:
-                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=step.local_seq_idx, ops=ops, cp=step)
+                seq_idx, chunk = step.local_seq_idx, self.mlp_chunk_tokens
+                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=seq_idx, ops=ops, cp=step, mlp_chunk=chunk)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: None})
 
     def _forward_unpadded(self, inputs_embeds, attention_mask, position_ids=None):
@@ -486,7 +512,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
 
 
 def configure_backbones(model: nn.Module, **settings) -> bool:
-    """Sets run-time switches (padding_free, context_parallel, offload_activations) on every FalconH1Model inside
+    """Sets run-time switches (padding_free, context_parallel, offload_activations, mlp_chunk_tokens) on every
+    FalconH1Model inside
     `model`, through PEFT or any other wrapper. False when there is none."""
     found = False
     for module in model.modules():
@@ -515,12 +542,14 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def enable_activation_offload(self, enabled: bool = True) -> FalconH1ForCausalLM:
+    def enable_activation_offload(self, enabled: bool = True, mlp_chunk_tokens: int | None = MLP_CHUNK_TOKENS):
         """Long context on one GPU: per-layer activation checkpointing (reentrant) whose saved layer inputs live in
-        pinned CPU memory; the GPU keeps one layer's recompute at a time. Gradients are unchanged."""
+        pinned CPU memory; the GPU keeps one layer's recompute at a time, its MLP in checkpointed chunks of
+        `mlp_chunk_tokens` (None: whole rows). Gradients are unchanged."""
         if enabled:
             self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         self.model.offload_activations = enabled
+        self.model.mlp_chunk_tokens = mlp_chunk_tokens if enabled else None
         return self
 
     def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:

@@ -120,6 +120,13 @@ def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
         assert rel_err(g_fast[name], g_ref[name]) < 5 * TOL[dtype], name
 
 
+def test_segmented_scan_on_gpu(monkeypatch):
+    """The long-row scan segments through the Triton kernels (initial and final states, their gradients)."""
+    from tests.model.scan_segments import check_segmented_scan
+
+    check_segmented_scan("cuda", monkeypatch, TOL[torch.float32])
+
+
 def test_packed_isolation_and_cache_on_gpu():
     model = tiny_model(seed=2, mamba_chunk_size=16).to("cuda")
     gen = torch.Generator("cuda").manual_seed(1)

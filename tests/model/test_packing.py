@@ -128,3 +128,9 @@ def test_padding_free_leaves_generation_alone():
             .generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
         )
     assert torch.equal(out, ref)
+
+
+def test_long_rows_scan_in_segments_exactly(monkeypatch):
+    from tests.model.scan_segments import check_segmented_scan
+
+    check_segmented_scan("cpu", monkeypatch, 1e-5)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call for the long-context benchmarks: installs the carried wheels (mamba-ssm for the Triton scan),
+# then runs bench/long_context.py once per argument string, each under its own timeout; JSON and logs land in $OUT.
+#   bash bench/long_context_run.sh "--preset 0.5b --seqs 524288 --offload --warmup-seq 16384" "--reference ..."
+#   LAUNCH="torchrun --nproc_per_node 2" bash bench/long_context_run.sh "--preset 7b --method lora ..."
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+T=/tmp/carried/site-packages
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/mamba_ssm-*.whl \
+  || exit 1
+export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+n=0
+for args in "$@"; do
+  n=$((n + 1))
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${BENCH_TIMEOUT:-330}" ${LAUNCH:-python3} bench/long_context.py $args --out "$OUT/long$n.json" \
+    > "$OUT/long$n.log" 2>&1
+  echo "[$n] rc=$? $(($(date +%s) - start))s: $args"
+  grep -E '^\{"seq"' "$OUT/long$n.log" || tail -4 "$OUT/long$n.log"
+done

@@ -6,7 +6,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T=/tmp/carried/site-packages  # a "site-packages" path: datasets' dill pickles other module paths by value
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/*.whl || exit 1
-export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/model/test_gpu.py -k "${TESTS:-padding_free or whole_model or packed}" \
   > "$OUT/gpu_tests.log" 2>&1

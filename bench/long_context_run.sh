@@ -8,7 +8,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 T=/tmp/carried/site-packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/mamba_ssm-*.whl \
   || exit 1
-export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1
+# autotune results on disk (Triton ≥ 3.2): the next process on this machine skips mamba-ssm's autotuning
+export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 n=0
 for args in "$@"; do

@@ -9,8 +9,8 @@ Model of the peak (bytes), training one packed row of T tokens with per-layer ac
     saved    = T × layers × hidden × 2            (each layer's bf16 input, kept for the recompute; 0 offloaded)
     working  = T × WORKING_FACTOR[method] × elements(layer) × 2   (one layer's recompute: forward activations
                and their gradients, at once)
-               + chunk × WORKING_FACTOR[method] × 4·intermediate × 2  (offload mode runs the MLP in checkpointed chunks of
-               MLP_CHUNK_TOKENS: then its 4·intermediate per token leave elements(layer), one chunk's stay)
+               + chunk × WORKING_FACTOR[method] × 4·intermediate × 2  (offload mode runs the MLP in checkpointed
+               chunks of MLP_CHUNK_TOKENS: then its 4·intermediate per token leave elements(layer), one chunk's stay)
     scan     = min(T, SCAN_SEGMENT_TOKENS) × SCAN_COPIES × H·P·N / chunk_size × 4   (the SSD scan's fp32 per-chunk
                states in its backward; longer rows scan in segments, so this stops growing)
 

@@ -1,0 +1,163 @@
+"""Where a training step's time goes: ours on one micro-batch, profiled kernel by kernel.
+
+    python bench/profile_step.py --preset 0.5b --seq 8192 --mode compiled --out bench/results/<card>-profile.json
+    python bench/profile_step.py --preset 1.5b-deep --seq 8192 --mode graphs
+
+Modes: `eager`, `graphs` (per-layer CUDA graphs), `compiled` (compiled layers inside the graphs) — the columns
+of docs/performance.md. After warm-up (and capture), `--steps` steps run under torch.profiler; every GPU kernel's
+time is summed by family (GEMM, attention, the SSD scan, conv, norms, fused/eager elementwise, optimizer, copies)
+and the GPU's busy share of the step is reported: a step much longer than its kernels is launch-bound, a busy
+GPU is kernel-bound, and the families then say which kernels. `--tiny` profiles a 2-layer model on CPU (CPU ops
+instead of kernels), a smoke test of this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model import FalconH1ForCausalLM, preset_config  # noqa: E402
+
+# first match wins; names of cuBLAS/CUTLASS, flash, mamba-ssm Triton, inductor and ATen kernels
+FAMILIES = (
+    ("SSD scan (mamba-ssm Triton)", r"chunk_scan|chunk_state|state_passing|chunk_cumsum|bmm_chunk|_ssd|_ddt|_dcb|dda"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("GEMM", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|aten::mm|aten::addmm|aten::bmm|aten::linear|matmul"),
+    ("causal conv", r"conv"),
+    ("norms", r"norm|rms|rsqrt"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("loss / softmax", r"softmax|cross_entropy|nll|logsumexp"),
+    ("copies / fills / cat", r"memcpy|memset|copy|fill|cat|index|gather|scatter"),
+    ("fused elementwise (inductor / Triton)", r"^triton_|fused"),
+    ("elementwise (eager)", r"elementwise|vectorized|unrolled|reduce|aten::"),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for label, pattern in FAMILIES:
+        if re.search(pattern, low):
+            return label
+    return "other"
+
+
+def kernel_table(events, steps: int, on_gpu: bool) -> tuple[list[dict], list[dict], float]:
+    """profiler key_averages() → (families, top kernels, busy ms per step). GPU: kernels' self device time;
+    CPU: ops' self CPU time."""
+    per_name = []
+    for e in events:
+        if on_gpu:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        else:
+            us = e.self_cpu_time_total
+        if us > 0:
+            per_name.append((e.key, e.count, us / 1e3 / steps))
+    busy = sum(ms for _, _, ms in per_name)
+    groups = defaultdict(lambda: [0.0, 0])
+    for name, count, ms in per_name:
+        g = groups[family(name)]
+        g[0] += ms
+        g[1] += count // steps
+    families = [
+        dict(family=k, ms_per_step=round(v[0], 3), share=round(v[0] / busy, 4), kernels_per_step=v[1])
+        for k, v in sorted(groups.items(), key=lambda kv: -kv[1][0])
+    ]
+    top = [
+        dict(kernel=name[:120], family=family(name), ms_per_step=round(ms, 3), calls_per_step=count // steps)
+        for name, count, ms in sorted(per_name, key=lambda r: -r[2])[:20]
+    ]
+    return families, top, busy
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    if args.tiny:
+        from model import FalconH1Config
+        from tests.conftest import tiny_kwargs
+
+        cfg = FalconH1Config(**tiny_kwargs())
+    else:
+        cfg = preset_config(args.preset)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    return cfg, FalconH1ForCausalLM(cfg).to(device, dtype).train()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="0.5b")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--mode", choices=("eager", "graphs", "compiled"), default="compiled")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this script")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    on_gpu = not args.tiny
+    device = torch.device("cuda" if on_gpu else "cpu")
+    cfg, model = build(args, device)
+    if on_gpu and args.mode != "eager":
+        from model.graphs import enable_training_graphs
+
+        enable_training_graphs(model, 1, args.seq, compile=args.mode == "compiled")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
+    ids = torch.randint(0, cfg.vocab_size, (1, args.seq), device=device)
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def sync():
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    sync()
+    t = time.perf_counter()
+    for _ in range(args.steps):  # unprofiled: the profiler's own overhead stays out of the step time
+        step()
+    sync()
+    step_ms = (time.perf_counter() - t) * 1e3 / args.steps
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+    families, top, busy = kernel_table(prof.key_averages(), args.steps, on_gpu)
+    record = dict(
+        name=f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}, {args.mode}",
+        card=torch.cuda.get_device_name() if on_gpu else "cpu",
+        date=datetime.date.today().isoformat(),
+        command=" ".join(["python", *sys.argv]),
+        torch=torch.__version__,
+        step_ms=round(step_ms, 2),
+        tokens_per_s=round(args.seq / step_ms * 1e3),
+        busy_ms_per_step=round(busy, 2),
+        busy_share=round(busy / step_ms, 3),
+        families=families,
+        top_kernels=top,
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\n{record['name']} on {record['card']}: step {step_ms:.1f} ms, kernels busy {busy:.1f} ms per step")
+    print("| family | ms/step | share | kernels/step |\n|---|---|---|---|")
+    for f in families:
+        print(f"| {f['family']} | {f['ms_per_step']:.2f} | {f['share']:.1%} | {f['kernels_per_step']} |")
+
+
+if __name__ == "__main__":
+    main()

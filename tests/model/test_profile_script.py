@@ -1,0 +1,46 @@
+"""bench/profile_step.py: kernel names fall into the right families, and the script runs end to end (CPU mode)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from profile_step import family  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("_chunk_scan_fwd_kernel", "SSD scan (mamba-ssm Triton)"),
+        ("_chunk_state_bwd_db_kernel", "SSD scan (mamba-ssm Triton)"),
+        ("_state_passing_fwd_kernel", "SSD scan (mamba-ssm Triton)"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+        ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "GEMM"),
+        ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norms"),
+        ("triton_poi_fused_add_mul_silu_3", "fused elementwise (inductor / Triton)"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+            "elementwise (eager)",
+        ),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+        ("Memcpy DtoD (Device -> Device)", "copies / fills / cat"),
+    ],
+)
+def test_kernel_families(name, expected):
+    assert family(name) == expected
+
+
+def test_profile_script_runs_on_cpu(tmp_path):
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "p.json"
+    command = [sys.executable, "bench/profile_step.py", "--tiny", "--seq", "48", "--mode", "eager", "--out", str(out)]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["step_ms"] > 0 and record["busy_ms_per_step"] > 0
+    assert abs(sum(f["share"] for f in record["families"]) - 1) < 1e-2
+    assert {"GEMM", "attention"} <= {f["family"] for f in record["families"]}

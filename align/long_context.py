@@ -19,13 +19,13 @@ from accelerate.data_loader import prepare_data_loader
 from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
-from model.context_parallel import enable_context_parallel, next_token_targets, shard
+from model.context_parallel import enable_context_parallel, next_token_targets, row_multiple, shard
 
 IGNORE = -100
 
 
 def pad_row(input_ids, position_ids, labels, multiple):
-    """Pads a (1, L) packed row to a multiple of the world size with one extra document that trains nothing."""
+    """Pads a (1, L) packed row to a multiple of `multiple` with one extra document that trains nothing."""
     extra = (-input_ids.size(1)) % multiple
     if not extra:
         return input_ids, position_ids, labels
@@ -77,7 +77,8 @@ class ContextParallelSFTTrainer(SFTTrainer):
         return prepared
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids, positions, labels = pad_row(inputs["input_ids"], inputs["position_ids"], inputs["labels"], self.cp_size)
+        row = (inputs["input_ids"], inputs["position_ids"], inputs["labels"])
+        ids, positions, labels = pad_row(*row, row_multiple(self.cp_size))  # 2 chunks per rank
         local = shard(ids, positions, labels, group=self.cp_group)
         out = model(
             input_ids=local["input_ids"],

@@ -1,25 +1,28 @@
 """Context parallelism for Falcon-H1: one packed row split over ranks, exact in all three mixers.
 
-Rank r holds tokens [r·n, (r+1)·n) of a (1, world·n) row (documents marked by restarting `position_ids`, as
-TRL's padding-free collator emits them; a document may cross any number of rank boundaries). Per layer:
+Layout (load-balanced for causal attention): the (1, L) row is cut into 2·W chunks of m = L / 2W tokens; rank r
+holds chunks r and 2W−1−r, in that order (its local row is 2m tokens). Causal attention work grows with a
+chunk's position, so every rank gets one early and one late chunk: equal work, where a contiguous split gives the
+last rank 2W−1 times the first's. Documents (marked by restarting `position_ids`, as TRL's padding-free collator
+emits them) may cross any number of chunk boundaries. Per layer:
 
-- **Attention**: keys and values (GQA-small) are all-gathered; per document, this rank's queries attend to that
-  document's keys up to themselves (SDPA with a lower-right causal bias: flash kernels on GPU, no row-wide mask).
-  K/V of the whole row live on every rank (ring attention would bound that; the seam is
-  `ContextParallelStep.attend`).
-- **Conv**: a halo of the previous rank's last K−1 pre-conv activations (with their document ids) is prepended,
-  so the window sees exactly what it would on one device; the halo's outputs are dropped.
-- **SSM**: exact state passing. Each rank scans its chunk from a zero state → final state S_r and the chunk's
-  total decay T_r = exp(A·Σdt) (0 if a document starts inside the chunk). The state entering rank r is
-  h_r = T_{r−1}·h_{r−1} + S_{r−1} (reset where a document starts at the boundary); rank r then rescans with
-  initial state h_r. Gradients flow back through the gathers to the ranks that produced S and T.
+- **Attention**: keys and values (GQA-small) are all-gathered and put back in row order; per document, each local
+  chunk's queries attend to that document's keys up to themselves (SDPA with a lower-right causal bias: flash
+  kernels on GPU, no row-wide mask). K/V of the whole row live on every rank (ring attention would bound that;
+  the seam is `ContextParallelStep.attend`).
+- **Conv**: each chunk gets a halo of the K−1 pre-conv activations (with their document ids) that precede it in
+  the row, from whichever rank holds them, so the window sees exactly what it would on one device.
+- **SSM**: exact state passing. Each chunk is scanned from a zero state → final state S_c and total decay
+  T_c = exp(A·Σdt) (0 if a document starts inside the chunk); all are gathered; the state entering chunk c is
+  h_c = T_{c−1}·h_{c−1} + S_{c−1} (0 where a document starts at the seam); each chunk is rescanned from h_c.
+  Gradients flow back through the gathers to the ranks that produced S and T.
 
 Every collective is an all-gather whose backward all-reduces the gradient and keeps the caller's slice, so any
 torch.distributed backend works (gloo on CPU in the tests, NCCL on GPUs).
 
     from model.context_parallel import enable_context_parallel, shard
     enable_context_parallel(model)                       # after torch.distributed.init_process_group
-    local = shard(input_ids, position_ids, labels)        # this rank's slice, labels pre-shifted globally
+    local = shard(input_ids, position_ids, labels)        # this rank's two chunks, labels pre-shifted on the row
     loss_sum = model(**local).loss * n_local_labels       # then all-reduce losses / gradients as in DDP
 """
 
@@ -58,6 +61,29 @@ def gather_seq(x: torch.Tensor, dim: int, group=None) -> torch.Tensor:
     return _GatherSeq.apply(x, dim, group)
 
 
+def chunks_of(rank: int, world: int) -> tuple[int, int]:
+    """The two chunks (of 2·world) that `rank` holds: one early, one late."""
+    return rank, 2 * world - 1 - rank
+
+
+def row_multiple(world: int) -> int:
+    """A context-parallel row's length must be a multiple of this (2 chunks per rank)."""
+    return 2 * world
+
+
+def local_index(length: int, world: int, rank: int, device=None) -> torch.Tensor:
+    """Row positions of `rank`'s local tokens, in local order: (2m,)."""
+    m = length // (2 * world)
+    return torch.cat([torch.arange(c * m, (c + 1) * m, device=device) for c in chunks_of(rank, world)])
+
+
+def _row_order(world: int, per_chunk: int, device) -> torch.Tensor:
+    """Index into an all-gather of every rank's local sequence (rank by rank, chunk a then b) that lists its
+    entries in row order. per_chunk: entries per chunk (m tokens, or K−1 tail rows, or 1 state)."""
+    owner_slot = [(c, 0) if c < world else (2 * world - 1 - c, 1) for c in range(2 * world)]
+    return torch.cat([torch.arange(per_chunk, device=device) + (r * 2 + j) * per_chunk for r, j in owner_slot])
+
+
 @dataclass
 class ContextParallel:
     """The process group the sequence is split over (None: the default group)."""
@@ -72,52 +98,63 @@ class ContextParallel:
     def world(self) -> int:
         return dist.get_world_size(self.group)
 
+    def default_positions(self, n: int, device) -> torch.Tensor:
+        """(1, n) position_ids of this rank's tokens when the row is one document."""
+        return local_index(n * self.world, self.world, self.rank, device)[None]
+
     def step(self, position_ids: torch.Tensor) -> ContextParallelStep:
-        """Per-forward context from this rank's (1, n) position_ids: global document ids and boundaries."""
+        """Per-forward context from this rank's (1, 2m) position_ids: global document ids and boundaries."""
         if position_ids.size(0) != 1:
             raise ValueError(f"context parallelism splits one packed row; got a batch of {position_ids.size(0)}")
-        positions = gather_seq(position_ids, 1, self.group)  # (1, L) global; ints carry no gradient
+        if position_ids.size(1) % 2:
+            raise ValueError(f"a rank holds two equal chunks; got {position_ids.size(1)} tokens (use shard())")
+        m = position_ids.size(1) // 2
+        gathered = gather_seq(position_ids, 1, self.group)  # (1, L) rank by rank; ints carry no gradient
+        positions = gathered[:, _row_order(self.world, m, gathered.device)]  # (1, L) in row order
         seq_idx = seq_idx_from_position_ids(positions)
         if seq_idx is None:
             seq_idx = torch.zeros_like(positions, dtype=torch.int32)
-        return ContextParallelStep(self, seq_idx, position_ids.size(1))
+        return ContextParallelStep(self, seq_idx, m)
 
 
 @dataclass
 class ContextParallelStep:
     cp: ContextParallel
-    seq_idx_global: torch.Tensor  # (1, L) int32
-    n: int  # tokens per rank
+    seq_idx_global: torch.Tensor  # (1, L) int32, row order
+    m: int  # tokens per chunk; this rank holds 2 chunks
 
     def __post_init__(self):
-        r, n = self.cp.rank, self.n
-        self.start = r * n
-        self.seq_idx = self.seq_idx_global[:, self.start : self.start + n]  # (1, n) global ids, for attention
-        # the scan and conv kernels take ids from 0 and give an initial state to document 0 only (mamba-ssm's
-        # Triton kernels zero it for any other id): this rank's first document is 0 there
-        self.local_seq_idx = self.seq_idx - self.seq_idx[:, :1]
+        W, m = self.cp.world, self.m
+        self.chunks = chunks_of(self.cp.rank, W)  # (a, b), row chunk numbers
+        self.starts = [c * m for c in self.chunks]  # their row offsets
         s = self.seq_idx_global[0]
-        # per rank: does its first token continue the previous rank's document? does a document start inside?
-        firsts = torch.arange(self.cp.world, device=s.device) * n
-        self.continues = torch.zeros(self.cp.world, dtype=torch.bool, device=s.device)
+        self.seq_idx = torch.cat([s[st : st + m] for st in self.starts])[None]  # (1, 2m) global ids, local order
+        # the scan and conv kernels take ids from 0 and give an initial state to document 0 only (mamba-ssm's
+        # Triton kernels zero it for any other id): each chunk's first document is 0 there
+        self.chunk_seq_idx = [ids - ids[:, :1] for ids in self.seq_idx.split(m, dim=1)]
+        firsts = torch.arange(2 * W, device=s.device) * m
+        # per chunk of the row: does its first token continue the previous chunk's document? one document whole?
+        self.continues = torch.zeros(2 * W, dtype=torch.bool, device=s.device)
         self.continues[1:] = s[firsts[1:]] == s[firsts[1:] - 1]
-        self.whole = s[firsts + n - 1] == s[firsts]  # one document spans the entire chunk
+        self.whole = s[firsts + m - 1] == s[firsts]
         self.segments = self._document_segments()
 
     # ------------------------------------------------------------------ attention
     def attend(self, q, k, v, scale, gqa: bool):
-        """q (1, H, n, hd) local; k, v (1, kv, n, hd) local, rotated → (1, H, n, hd).
+        """q (1, H, 2m, hd) local; k, v (1, kv, 2m, hd) local, rotated → (1, H, 2m, hd).
 
-        Per document present here: its local queries attend to its keys from the document's start (possibly on
-        an earlier rank) to the last local query, causal aligned to the lower right — flash/efficient kernels on
-        GPU, O(queries × keys of that document) memory, never a mask over the whole row."""
-        k, v = gather_seq(k, 2, self.cp.group), gather_seq(v, 2, self.cp.group)  # (1, kv, L, hd)
+        Per document in each local chunk: its queries attend to its keys from the document's start (possibly on
+        another rank) to the last of those queries, causal aligned to the lower right — flash/efficient kernels
+        on GPU, O(queries × keys of that document) memory, never a mask over the whole row."""
+        order = _row_order(self.cp.world, self.m, k.device)
+        k = gather_seq(k, 2, self.cp.group)[:, :, order]  # (1, kv, L, hd) in row order
+        v = gather_seq(v, 2, self.cp.group)[:, :, order]
         if gqa:  # kv heads → query heads (the lower-right causal bias is not combined with enable_gqa)
             k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
             v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
         out = []
-        for q_lo, q_hi, k_lo in self.segments:
-            k_hi = self.start + q_hi  # keys up to the last query of this segment (global index, exclusive)
+        for q_lo, q_hi, row_lo, k_lo in self.segments:
+            k_hi = row_lo + (q_hi - q_lo)  # keys up to the segment's last query (row index, exclusive)
             lq, lk = q_hi - q_lo, k_hi - k_lo
             mask = causal_lower_right(lq, lk) if lq != lk else None
             out.append(
@@ -133,48 +170,71 @@ class ContextParallelStep:
         return torch.cat(out, dim=2)
 
     def _document_segments(self):
-        """(local query start, local query end, global key start) for each document on this rank."""
-        local, whole = self.seq_idx[0].tolist(), self.seq_idx_global[0]
-        bounds = [0] + [i for i in range(1, len(local)) if local[i] != local[i - 1]] + [len(local)]
-        firsts = torch.tensor([local[lo] for lo in bounds[:-1]], dtype=whole.dtype, device=whole.device)
-        starts = torch.searchsorted(whole, firsts)
-        return [(lo, hi, int(k)) for lo, hi, k in zip(bounds[:-1], bounds[1:], starts.tolist())]
+        """(local query start, local query end, row index of the first query, row index of the document's first
+        key) for each document piece in each local chunk."""
+        whole = self.seq_idx_global[0]
+        local = self.seq_idx[0].tolist()
+        out = []
+        for j, row_start in enumerate(self.starts):
+            lo_chunk, hi_chunk = j * self.m, (j + 1) * self.m
+            bounds = [lo_chunk] + [i for i in range(lo_chunk + 1, hi_chunk) if local[i] != local[i - 1]] + [hi_chunk]
+            firsts = torch.tensor([local[lo] for lo in bounds[:-1]], dtype=whole.dtype, device=whole.device)
+            starts = torch.searchsorted(whole, firsts).tolist()
+            for lo, hi, k in zip(bounds[:-1], bounds[1:], starts):
+                out.append((lo, hi, row_start + lo - lo_chunk, int(k)))
+        return out
 
     # ------------------------------------------------------------------ conv halo
     def conv(self, ops, xBC, weight, bias, activation="silu"):
-        """xBC (1, n, C) local pre-conv → (1, n, C): the causal conv as if the whole row were here."""
-        K = weight.size(-1)
-        halo_len = K - 1
-        if self.n < halo_len:
-            raise ValueError(f"context parallelism needs ≥ {halo_len} tokens per rank for the conv halo; got {self.n}")
-        # every rank runs the same graph (a collective's backward must run on all ranks, in the same order):
-        # rank r takes the tails shifted by one rank, rank 0 zeros — what a causal conv sees before a row
-        tails = gather_seq(xBC[:, -halo_len:], 1, self.cp.group)  # (1, world·(K−1), C)
-        prev = torch.cat([torch.zeros_like(tails[:, :halo_len]), tails[:, :-halo_len]], dim=1)
-        seq_tails = self.seq_idx_global.view(self.cp.world, self.n)[:, -halo_len:].reshape(1, -1)
-        seq_prev = torch.cat([torch.full_like(seq_tails[:, :halo_len], -1), seq_tails[:, :-halo_len]], dim=1)
-        sl = slice(self.cp.rank * halo_len, (self.cp.rank + 1) * halo_len)
-        x = torch.cat([prev[:, sl], xBC], dim=1)  # (1, K−1+n, C)
-        seq = torch.cat([seq_prev[:, sl] if self.cp.rank else seq_prev[:, sl].clamp(min=0), self.seq_idx], dim=1)
-        seq = seq - seq[:, :1]  # ids from 0 (only equality matters to the conv)
-        out = ops.causal_conv1d(x.transpose(1, 2), weight, bias, seq_idx=seq.contiguous(), activation=activation)
-        return out.transpose(1, 2)[:, -self.n :]
+        """xBC (1, 2m, C) local pre-conv → (1, 2m, C): the causal conv as if the whole row were here."""
+        h, m, W = weight.size(-1) - 1, self.m, self.cp.world
+        if m < h:
+            raise ValueError(f"context parallelism needs ≥ {h} tokens per chunk for the conv halo; got {m}")
+        # every rank runs the same graph (a collective's backward must run on all ranks, in the same order)
+        tails = torch.cat([xBC[:, m - h : m], xBC[:, 2 * m - h :]], dim=1)  # (1, 2h, C): each chunk's last h rows
+        tails = gather_seq(tails, 1, self.cp.group)[:, _row_order(W, h, xBC.device)]  # (1, 2W·h, C), chunk order
+        s = self.seq_idx_global
+        pieces, ids = [], []
+        for j, c in enumerate(self.chunks):
+            if c == 0:  # the row's start: zeros, as a causal conv sees before position 0
+                pieces.append(torch.zeros_like(xBC[:, :h]))
+                ids.append(s[:, :1].expand(1, h))
+            else:
+                pieces.append(tails[:, (c - 1) * h : c * h])
+                ids.append(s[:, c * m - h : c * m])
+            pieces.append(xBC[:, j * m : (j + 1) * m])
+            ids.append(self.seq_idx[:, j * m : (j + 1) * m])
+        # one call over [halo a, chunk a, halo b, chunk b]: chunk b's window reaches back into its own halo only
+        x, seq = torch.cat(pieces, dim=1), torch.cat(ids, dim=1)
+        seq = (seq - seq[:, :1]).to(torch.int32).contiguous()  # ids from 0 (only equality matters to the conv)
+        out = ops.causal_conv1d(x.transpose(1, 2), weight, bias, seq_idx=seq, activation=activation).transpose(1, 2)
+        return torch.cat([out[:, h : h + m], out[:, 2 * h + m :]], dim=1)
 
     # ------------------------------------------------------------------ SSM state passing
-    def initial_state(self, scan, x, dt, A, B, C):
-        """The exact SSM state entering this rank's chunk (1, H, P, N), fp32, differentiable across ranks.
-        dt is the discretized step (after softplus and clamping), (1, n, H) fp32; scan(x, dt, A, B, C, seq_idx,
-        initial_states) → (y, final state) is the mixer's own (segmented for long chunks)."""
-        _, final = scan(x, dt, A, B, C, self.local_seq_idx, None)
-        decay = torch.exp(A.float()[None] * dt.float().sum(1))  # (1, H): the chunk's total decay
-        decay = decay * self.whole[self.cp.rank].to(decay.dtype)  # a document starting inside resets the state
-        finals = gather_seq(final.float()[None], 0, self.cp.group)  # (world, 1, H, P, N)
-        decays = gather_seq(decay[None], 0, self.cp.group)  # (world, 1, H)
-        states = [torch.zeros_like(final, dtype=torch.float32)]
-        for r in range(1, self.cp.world):  # h_r = T_{r-1} h_{r-1} + S_{r-1}, reset at document starts
-            h = decays[r - 1][..., None, None] * states[-1] + finals[r - 1]
-            states.append(h * self.continues[r].to(h.dtype))
-        return torch.stack(states)[self.cp.rank]  # the same graph on every rank (see conv)
+    def ssm(self, scan, x, dt, A, B, C):
+        """The exact scan of this rank's two chunks → y (1, 2m, H, P). scan(x, dt, A, B, C, seq_idx,
+        initial_states) → (y, final state (1, H, P, N)) is the mixer's own (segmented for long chunks); dt is the
+        discretized step (1, 2m, H) fp32."""
+        W, m = self.cp.world, self.m
+        parts = [tuple(t[:, j * m : (j + 1) * m] for t in (x, dt, B, C)) for j in range(2)]
+        finals, decays = [], []
+        for j, (xj, dtj, Bj, Cj) in enumerate(parts):  # from a zero state: what each chunk adds, how it decays
+            _, final = scan(xj, dtj, A, Bj, Cj, self.chunk_seq_idx[j], None)
+            finals.append(final.float())
+            decay = torch.exp(A.float()[None] * dtj.float().sum(1))  # (1, H)
+            decays.append(decay * self.whole[self.chunks[j]].to(decay.dtype))  # a document starting inside resets
+        order = _row_order(W, 1, x.device)
+        finals = gather_seq(torch.stack(finals), 0, self.cp.group)[order]  # (2W, 1, H, P, N), chunk order
+        decays = gather_seq(torch.stack(decays), 0, self.cp.group)[order]  # (2W, 1, H)
+        states = [torch.zeros_like(finals[0])]
+        for c in range(1, 2 * W):  # h_c = T_{c-1} h_{c-1} + S_{c-1}, reset at document starts
+            h = decays[c - 1][..., None, None] * states[-1] + finals[c - 1]
+            states.append(h * self.continues[c].to(h.dtype))
+        ys = [
+            scan(xj, dtj, A, Bj, Cj, self.chunk_seq_idx[j], states[self.chunks[j]])[0]
+            for j, (xj, dtj, Bj, Cj) in enumerate(parts)
+        ]
+        return torch.cat(ys, dim=1)
 
 
 def enable_context_parallel(model, group=None) -> ContextParallel:
@@ -190,20 +250,20 @@ def disable_context_parallel(model) -> None:
 
 
 def shard(input_ids, position_ids, labels=None, group=None, ignore_index=-100) -> dict:
-    """This rank's slice of a (1, L) packed row, L divisible by the world size. Labels are shifted on the whole
-    row first (the next token of a rank's last token lives on the next rank) and returned as `shift_labels`;
-    a document's last token predicts nothing (the next position starts another document)."""
+    """This rank's two chunks of a (1, L) packed row, L a multiple of `row_multiple(world)` (2 chunks per rank).
+    Labels are shifted on the whole row first (the next token of a chunk's last token lives in the next chunk) and
+    returned as `shift_labels`; a document's last token predicts nothing (the next position starts another)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     L = input_ids.size(1)
-    if L % world:
-        raise ValueError(f"context parallelism needs a row length divisible by {world} ranks; got {L} (pad it)")
-    n = L // world
-    out = {
-        "input_ids": input_ids[:, rank * n : (rank + 1) * n],
-        "position_ids": position_ids[:, rank * n : (rank + 1) * n],
-    }
+    if L % row_multiple(world):
+        raise ValueError(
+            f"context parallelism needs a row length divisible by {row_multiple(world)} (2 chunks for each of "
+            f"{world} ranks); got {L} (pad it)"
+        )
+    idx = local_index(L, world, rank, input_ids.device)
+    out = {"input_ids": input_ids[:, idx], "position_ids": position_ids[:, idx]}
     if labels is not None:
-        out["shift_labels"] = next_token_targets(position_ids, labels, ignore_index)[:, rank * n : (rank + 1) * n]
+        out["shift_labels"] = next_token_targets(position_ids, labels, ignore_index)[:, idx]
     return out
 
 

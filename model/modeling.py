@@ -202,7 +202,7 @@ class FalconH1Mixer(nn.Module):
         else:
             conv_init = cache.conv_states[self.layer_idx] if continuing else None
             ssm_init = cache.ssm_states[self.layer_idx] if continuing else None
-            if cp is not None:  # the window continues over the previous rank's last K-1 positions
+            if cp is not None:  # each chunk's window continues over the K-1 positions before it in the row
                 xBC, conv_final = cp.conv(ops, xBC, conv_w, self.conv1d.bias), None
             else:
                 conv = ops.causal_conv1d(
@@ -225,9 +225,10 @@ class FalconH1Mixer(nn.Module):
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
             x, B, C = x.reshape(b, l, H, P), B.reshape(b, l, G, N), C.reshape(b, l, G, N)
             scan = partial(self._scan, ops)
-            if cp is not None:  # the state the previous ranks' chunks leave (exact state passing)
-                ssm_init = cp.initial_state(scan, x, dt, A, B, C)
-            y, ssm_final = scan(x, dt, A, B, C, seq_idx, ssm_init)
+            if cp is not None:  # each chunk from the state the chunks before it leave (exact state passing)
+                y, ssm_final = cp.ssm(scan, x, dt, A, B, C), None
+            else:
+                y, ssm_final = scan(x, dt, A, B, C, seq_idx, ssm_init)
             if cache is not None:
                 cache.set_mamba_states(self.layer_idx, conv_final, ssm_final)
             y = y.reshape(b, l, self.d_ssm)
@@ -479,18 +480,16 @@ class FalconH1Model(FalconH1PreTrainedModel):
         return nullcontext()
 
     def _forward_context_parallel(self, hidden, position_ids):
-        """This rank's slice (1, n) of a packed row split over ranks (model/context_parallel.py)."""
+        """This rank's two chunks (1, 2m) of a packed row split over ranks (model/context_parallel.py)."""
         cp = self.context_parallel
         if position_ids is None:  # one document over the whole row
-            start = cp.rank * hidden.size(1)
-            position_ids = torch.arange(start, start + hidden.size(1), device=hidden.device)[None]
+            position_ids = cp.default_positions(hidden.size(1), hidden.device)
         step = cp.step(position_ids)
         ops = get_ops(hidden.device)
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
         with self._offload_context():
-            for layer in self.layers:
-                seq_idx, chunk = step.local_seq_idx, self.mlp_chunk_tokens
-                hidden = layer(hidden, cos=cos, sin=sin, seq_idx=seq_idx, ops=ops, cp=step, mlp_chunk=chunk)
+            for layer in self.layers:  # conv, scan and attention take their document ids from the step
+                hidden = layer(hidden, cos=cos, sin=sin, ops=ops, cp=step, mlp_chunk=self.mlp_chunk_tokens)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: None})
 
     def _forward_unpadded(self, inputs_embeds, attention_mask, position_ids=None):

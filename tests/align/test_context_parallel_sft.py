@@ -64,7 +64,10 @@ def _run(argv, world, tmp_path, name):
     return json.loads(path.read_text())
 
 
-def _same_training(result, reference_losses, out, reference_out, forwards, weight_tol=1e-4):
+def _same_training(result, reference_losses, out, reference_out, forwards, weight_tol=2e-4):
+    """weight_tol: fp32, 3 AdamW steps at lr 1e-2 — Adam's normalised update turns last-bit gradient differences
+    (another summation order across chunks) into ~1e-4 of the weights; a wrong state, halo or mask moves them by
+    orders more (tests/model/test_context_parallel.py bounds the gradients themselves)."""
     assert result["cp"] and len(result["losses"]) == 3
     assert len(result["slices"]) == forwards, result["slices"]  # one forward per step, on half a packed row
     assert all(shape[0] == 1 and 100 <= shape[1] <= 260 for shape in result["slices"]), result["slices"]

@@ -190,20 +190,17 @@ class ContextParallelStep:
         h, m, W = weight.size(-1) - 1, self.m, self.cp.world
         if m < h:
             raise ValueError(f"context parallelism needs ≥ {h} tokens per chunk for the conv halo; got {m}")
-        # every rank runs the same graph (a collective's backward must run on all ranks, in the same order)
+        # every rank runs the same graph (a collective's backward must run on all ranks, in the same order):
+        # block c of `prev` is what precedes chunk c — chunk c−1's tail, zeros before the row as a causal conv sees
         tails = torch.cat([xBC[:, m - h : m], xBC[:, 2 * m - h :]], dim=1)  # (1, 2h, C): each chunk's last h rows
         tails = gather_seq(tails, 1, self.cp.group)[:, _row_order(W, h, xBC.device)]  # (1, 2W·h, C), chunk order
-        s = self.seq_idx_global
+        prev = torch.cat([torch.zeros_like(tails[:, :h]), tails[:, :-h]], dim=1)
+        s = self.seq_idx_global.view(2 * W, m)[:, -h:].reshape(1, -1)  # ids of those tails, chunk order
+        prev_ids = torch.cat([self.seq_idx_global[:, :1].expand(1, h), s[:, :-h]], dim=1)  # zeros: the first id
         pieces, ids = [], []
         for j, c in enumerate(self.chunks):
-            if c == 0:  # the row's start: zeros, as a causal conv sees before position 0
-                pieces.append(torch.zeros_like(xBC[:, :h]))
-                ids.append(s[:, :1].expand(1, h))
-            else:
-                pieces.append(tails[:, (c - 1) * h : c * h])
-                ids.append(s[:, c * m - h : c * m])
-            pieces.append(xBC[:, j * m : (j + 1) * m])
-            ids.append(self.seq_idx[:, j * m : (j + 1) * m])
+            pieces += [prev[:, c * h : (c + 1) * h], xBC[:, j * m : (j + 1) * m]]
+            ids += [prev_ids[:, c * h : (c + 1) * h], self.seq_idx[:, j * m : (j + 1) * m]]
         # one call over [halo a, chunk a, halo b, chunk b]: chunk b's window reaches back into its own halo only
         x, seq = torch.cat(pieces, dim=1), torch.cat(ids, dim=1)
         seq = (seq - seq[:, :1]).to(torch.int32).contiguous()  # ids from 0 (only equality matters to the conv)
@@ -230,6 +227,7 @@ class ContextParallelStep:
         for c in range(1, 2 * W):  # h_c = T_{c-1} h_{c-1} + S_{c-1}, reset at document starts
             h = decays[c - 1][..., None, None] * states[-1] + finals[c - 1]
             states.append(h * self.continues[c].to(h.dtype))
+        states = torch.stack(states)  # (2W, 1, H, P, N): the same graph on every rank (see conv)
         ys = [
             scan(xj, dtj, A, Bj, Cj, self.chunk_seq_idx[j], states[self.chunks[j]])[0]
             for j, (xj, dtj, Bj, Cj) in enumerate(parts)

@@ -195,7 +195,7 @@ class ContextParallelStep:
         tails = torch.cat([xBC[:, m - h : m], xBC[:, 2 * m - h :]], dim=1)  # (1, 2h, C): each chunk's last h rows
         tails = gather_seq(tails, 1, self.cp.group)[:, _row_order(W, h, xBC.device)]  # (1, 2W·h, C), chunk order
         prev = torch.cat([torch.zeros_like(tails[:, :h]), tails[:, :-h]], dim=1)
-        s = self.seq_idx_global.view(2 * W, m)[:, -h:].reshape(1, -1)  # ids of those tails, chunk order
+        s = self.seq_idx_global.reshape(2 * W, m)[:, -h:].reshape(1, -1)  # ids of those tails, chunk order
         prev_ids = torch.cat([self.seq_idx_global[:, :1].expand(1, h), s[:, :-h]], dim=1)  # zeros: the first id
         pieces, ids = [], []
         for j, c in enumerate(self.chunks):

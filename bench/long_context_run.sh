@@ -14,6 +14,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 n=0
 for args in "$@"; do
   n=$((n + 1))
+  while [ -e "$OUT/long$n.json" ] || [ -e "$OUT/long$n.log" ]; do n=$((n + 1)); done  # a second invocation in one call
   start=$(date +%s)
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-330}" ${LAUNCH:-python3} bench/long_context.py $args --out "$OUT/long$n.json" \

@@ -125,6 +125,7 @@ class ContextParallelStep:
 
     def __post_init__(self):
         W, m = self.cp.world, self.m
+        self._orders = {}  # per_chunk → _row_order index, built once per forward and shared by every layer
         self.chunks = chunks_of(self.cp.rank, W)  # (a, b), row chunk numbers
         self.starts = [c * m for c in self.chunks]  # their row offsets
         s = self.seq_idx_global[0]
@@ -139,6 +140,12 @@ class ContextParallelStep:
         self.whole = s[firsts + m - 1] == s[firsts]
         self.segments = self._document_segments()
 
+    def order(self, per_chunk: int) -> torch.Tensor:
+        """`_row_order` for this step's ranks and device (per_chunk: m tokens, K−1 tail rows or 1 state)."""
+        if per_chunk not in self._orders:
+            self._orders[per_chunk] = _row_order(self.cp.world, per_chunk, self.seq_idx_global.device)
+        return self._orders[per_chunk]
+
     # ------------------------------------------------------------------ attention
     def attend(self, q, k, v, scale, gqa: bool):
         """q (1, H, 2m, hd) local; k, v (1, kv, 2m, hd) local, rotated → (1, H, 2m, hd).
@@ -146,7 +153,7 @@ class ContextParallelStep:
         Per document in each local chunk: its queries attend to its keys from the document's start (possibly on
         another rank) to the last of those queries, causal aligned to the lower right — flash/efficient kernels
         on GPU, O(queries × keys of that document) memory, never a mask over the whole row."""
-        order = _row_order(self.cp.world, self.m, k.device)
+        order = self.order(self.m)
         k = gather_seq(k, 2, self.cp.group)[:, :, order]  # (1, kv, L, hd) in row order
         v = gather_seq(v, 2, self.cp.group)[:, :, order]
         if gqa:  # kv heads → query heads (the lower-right causal bias is not combined with enable_gqa)
@@ -193,7 +200,7 @@ class ContextParallelStep:
         # every rank runs the same graph (a collective's backward must run on all ranks, in the same order):
         # block c of `prev` is what precedes chunk c — chunk c−1's tail, zeros before the row as a causal conv sees
         tails = torch.cat([xBC[:, m - h : m], xBC[:, 2 * m - h :]], dim=1)  # (1, 2h, C): each chunk's last h rows
-        tails = gather_seq(tails, 1, self.cp.group)[:, _row_order(W, h, xBC.device)]  # (1, 2W·h, C), chunk order
+        tails = gather_seq(tails, 1, self.cp.group)[:, self.order(h)]  # (1, 2W·h, C), chunk order
         prev = torch.cat([torch.zeros_like(tails[:, :h]), tails[:, :-h]], dim=1)
         s = self.seq_idx_global.reshape(2 * W, m)[:, -h:].reshape(1, -1)  # ids of those tails, chunk order
         prev_ids = torch.cat([self.seq_idx_global[:, :1].expand(1, h), s[:, :-h]], dim=1)  # zeros: the first id
@@ -220,7 +227,7 @@ class ContextParallelStep:
             finals.append(final.float())
             decay = torch.exp(A.float()[None] * dtj.float().sum(1))  # (1, H)
             decays.append(decay * self.whole[self.chunks[j]].to(decay.dtype))  # a document starting inside resets
-        order = _row_order(W, 1, x.device)
+        order = self.order(1)
         finals = gather_seq(torch.stack(finals), 0, self.cp.group)[order]  # (2W, 1, H, P, N), chunk order
         decays = gather_seq(torch.stack(decays), 0, self.cp.group)[order]  # (2W, 1, H)
         states = [torch.zeros_like(finals[0])]

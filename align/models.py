@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -58,11 +59,23 @@ def quantization_config(model_args):
 
 def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
     """Our FalconH1ForCausalLM for falcon_h1 checkpoints (and presets); any other model through Auto*."""
+    if align_args.activation_offload or align_args.context_parallel_size > 1:
+        expandable_segments()
     model = _load(model_args, align_args, trust_remote_code)
     long_rows = dict(offload_activations=True, mlp_chunk_tokens=MLP_CHUNK_TOKENS)
     if align_args.activation_offload and not configure_backbones(model, **long_rows):
         raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
     return model
+
+
+def expandable_segments() -> bool:
+    """Long rows allocate and free GiB-sized blocks layer after layer: with the allocator's fixed segments the 7B's
+    524,288-token step (2 GPUs) ran out of memory with 15 GiB reserved but unusable. Expandable segments, unless
+    PYTORCH_CUDA_ALLOC_CONF already says otherwise; before the model reaches the GPU."""
+    if not torch.cuda.is_available() or "PYTORCH_CUDA_ALLOC_CONF" in os.environ:
+        return False
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
 
 
 def _load(model_args, align_args, trust_remote_code):

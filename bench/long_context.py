@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -88,6 +89,12 @@ def step_once(model, T, world, device, vocab, autocast):
     return loss
 
 
+def _where(err: BaseException) -> str:
+    """The innermost frame of this project where the error arose: file:line function."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "/model/" in f.filename or "/bench/" in f.filename]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno} {frames[-1].name}" if frames else ""
+
+
 def measure(args, model, cfg, T, world, device):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     cuda = device.type == "cuda"
@@ -101,6 +108,9 @@ def measure(args, model, cfg, T, world, device):
             t = time.perf_counter()
             # PEFT keeps adapters in fp32: run LoRA under bf16 autocast, as the Trainer does with bf16: true
             step_once(model, length, world, device, cfg.vocab_size, autocast=args.method == "lora" and not args.tiny)
+            if world > 1:  # each rank holds its chunks' share of every gradient: sum them, as DDP would
+                for p in opt.param_groups[0]["params"]:
+                    dist.all_reduce(p.grad)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if cuda:
@@ -111,7 +121,7 @@ def measure(args, model, cfg, T, world, device):
             dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         out = dict(tokens_per_s=round(T / times[-1]), step_s=round(times[-1], 3), peak_gib=round(float(peak), 2))
     except torch.OutOfMemoryError as err:  # keep what it tried to allocate and what was held
-        out = dict(error="out of memory", detail=" ".join(str(err).split(". ")[:2])[:300])
+        out = dict(error="out of memory", detail=" ".join(str(err).split())[:400], where=_where(err))
     except Exception as err:  # the reference's checkpointing path has crashed before: record, go on
         out = dict(error=f"{type(err).__name__}: {str(err)[:300]}")
     finally:

@@ -9,7 +9,8 @@ T=/tmp/carried/site-packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/mamba_ssm-*.whl \
   || exit 1
 # autotune results on disk (Triton ≥ 3.2): the next process on this machine skips mamba-ssm's autotuning
-export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1
+# expandable segments: at 512K the backward's GiB-sized blocks left 15 GiB reserved but unusable (fragmentation)
+export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 n=0
 for args in "$@"; do

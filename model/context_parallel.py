@@ -156,22 +156,33 @@ class ContextParallelStep:
         order = self.order(self.m)
         k = gather_seq(k, 2, self.cp.group)[:, :, order]  # (1, kv, L, hd) in row order
         v = gather_seq(v, 2, self.cp.group)[:, :, order]
-        if gqa:  # kv heads → query heads (the lower-right causal bias is not combined with enable_gqa)
-            k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
-            v = v.repeat_interleave(q.size(1) // v.size(1), dim=1)
+        # the lower-right causal bias is not combined with enable_gqa: one call per query head against its kv
+        # head, never k, v repeated to H heads over the whole row (7B at 512K: 1.5 GiB each, and their gradients)
+        group = q.size(1) // k.size(1) if gqa else 1
+        heads = (
+            [(slice(None), slice(None))]
+            if group == 1
+            else [(slice(h, h + 1), slice(h // group, h // group + 1)) for h in range(q.size(1))]
+        )
         out = []
         for q_lo, q_hi, row_lo, k_lo in self.segments:
             k_hi = row_lo + (q_hi - q_lo)  # keys up to the segment's last query (row index, exclusive)
             lq, lk = q_hi - q_lo, k_hi - k_lo
             mask = causal_lower_right(lq, lk) if lq != lk else None
             out.append(
-                F.scaled_dot_product_attention(
-                    q[:, :, q_lo:q_hi],
-                    k[:, :, k_lo:k_hi],
-                    v[:, :, k_lo:k_hi],
-                    attn_mask=mask,
-                    is_causal=mask is None,
-                    scale=scale,
+                torch.cat(
+                    [
+                        F.scaled_dot_product_attention(
+                            q[:, qh, q_lo:q_hi],
+                            k[:, kh, k_lo:k_hi],
+                            v[:, kh, k_lo:k_hi],
+                            attn_mask=mask,
+                            is_causal=mask is None,
+                            scale=scale,
+                        )
+                        for qh, kh in heads
+                    ],
+                    dim=1,
                 )
             )
         return torch.cat(out, dim=2)

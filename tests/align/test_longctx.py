@@ -44,3 +44,17 @@ def test_tiny_long_context_recipe_runs_and_the_passkey_eval_scores_it(base, tmp_
     result = passkey_accuracy(model, tokenizer, lengths=(48, 96), depths=(0.0, 1.0), per_cell=2)
     assert set(result["grid"]) == {48, 96} and set(result["grid"][48]) == {0.0, 1.0}
     assert 0.0 <= result["overall"] <= 1.0
+
+
+def test_long_rows_ask_for_expandable_segments(monkeypatch):
+    """activation_offload / context parallelism switch the CUDA allocator to expandable segments, unless the
+    user's PYTORCH_CUDA_ALLOC_CONF says otherwise (the 7B at 524,288 tokens ran out of memory without them)."""
+    from align import models
+
+    asked = []
+    monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(models.torch.cuda.memory, "_set_allocator_settings", asked.append)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert models.expandable_segments() and asked == ["expandable_segments:True"]
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    assert not models.expandable_segments() and asked == ["expandable_segments:True"]

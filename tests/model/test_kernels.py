@@ -118,6 +118,26 @@ def test_conv_with_seq_idx_masks_cross_document_taps():
         torch.testing.assert_close(packed[..., lo:hi], causal_conv1d_ref(x[..., lo:hi], w, bias))
 
 
+@pytest.mark.parametrize("l", [2, 12])  # 2: a row shorter than the window
+def test_conv_taps_under_compile_equal_aten_conv(monkeypatch, l):
+    """Under torch.compile the conv runs as shifted multiply-adds (inductor fuses them): same outputs, final states
+    and gradients as ATen's depthwise conv."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, l, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        y, state = causal_conv1d_ref(x, w, bias, activation="silu", return_final_states=True)
+        return (y, state, *torch.autograd.grad((y * y.detach().cos()).sum(), (x, w, bias)))
+
+    aten = run()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    for a, b in zip(run(), aten):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(aten[0], F.silu(naive_conv(x.detach(), w.detach(), bias.detach())))
+
+
 def test_conv_update_and_initial_states_continue_the_window():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 5, 9, generator=gen)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from profile_step import family  # noqa: E402
+from profile_step import family, kernel_table  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -32,6 +32,22 @@ from profile_step import family  # noqa: E402
 )
 def test_kernel_families(name, expected):
     assert family(name) == expected
+
+
+def test_user_annotations_are_not_counted_as_kernels():
+    """The optimizer's GPU-side range spans its kernels: counting both gave a busy time above the step time."""
+    from types import SimpleNamespace
+
+    import torch
+
+    def event(key, ms, annotation=False):
+        cuda = torch.autograd.DeviceType.CUDA
+        return SimpleNamespace(key=key, count=2, device_type=cuda, self_device_time_total=ms * 2e3,
+                               is_user_annotation=annotation)  # fmt: skip
+
+    kernels = [event("multi_tensor_apply_kernel", 3.0), event("nvjet_sm90_tst_256x128", 5.0)]
+    families, top, busy = kernel_table([*kernels, event("Optimizer.step#AdamW.step", 3.0, True)], 2, on_gpu=True)
+    assert busy == 8.0 and [t["kernel"] for t in top] == ["nvjet_sm90_tst_256x128", "multi_tensor_apply_kernel"]
 
 
 def test_profile_script_runs_on_cpu(tmp_path):

@@ -29,6 +29,7 @@ torch.distributed backend works (gloo on CPU in the tests, NCCL on GPUs).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -156,35 +157,14 @@ class ContextParallelStep:
         order = self.order(self.m)
         k = gather_seq(k, 2, self.cp.group)[:, :, order]  # (1, kv, L, hd) in row order
         v = gather_seq(v, 2, self.cp.group)[:, :, order]
-        # the lower-right causal bias is not combined with enable_gqa: one call per query head against its kv
-        # head, never k, v repeated to H heads over the whole row (7B at 512K: 1.5 GiB each, and their gradients)
         group = q.size(1) // k.size(1) if gqa else 1
-        heads = (
-            [(slice(None), slice(None))]
-            if group == 1
-            else [(slice(h, h + 1), slice(h // group, h // group + 1)) for h in range(q.size(1))]
-        )
         out = []
         for q_lo, q_hi, row_lo, k_lo in self.segments:
             k_hi = row_lo + (q_hi - q_lo)  # keys up to the segment's last query (row index, exclusive)
             lq, lk = q_hi - q_lo, k_hi - k_lo
             mask = causal_lower_right(lq, lk) if lq != lk else None
-            out.append(
-                torch.cat(
-                    [
-                        F.scaled_dot_product_attention(
-                            q[:, qh, q_lo:q_hi],
-                            k[:, kh, k_lo:k_hi],
-                            v[:, kh, k_lo:k_hi],
-                            attn_mask=mask,
-                            is_causal=mask is None,
-                            scale=scale,
-                        )
-                        for qh, kh in heads
-                    ],
-                    dim=1,
-                )
-            )
+            qs, ks, vs = q[:, :, q_lo:q_hi], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi]
+            out.append(_attend_segment(qs, ks, vs, mask, scale, group))
         return torch.cat(out, dim=2)
 
     def _document_segments(self):
@@ -251,6 +231,24 @@ class ContextParallelStep:
             for j, (xj, dtj, Bj, Cj) in enumerate(parts)
         ]
         return torch.cat(ys, dim=1)
+
+
+# The lower-right causal bias does not combine with SDPA's enable_gqa. A document's keys up to this many are
+# repeated to the query heads (one call); longer ones get one call per query head against its kv head: the 7B's
+# keys repeated over a 512K row were 1.5 GiB for k and for v, and as much again for their gradients.
+GQA_REPEAT_MAX_KEYS = 8192
+
+
+def _attend_segment(q, k, v, mask, scale, group: int) -> torch.Tensor:
+    """q (1, H, lq, hd); k, v (1, kv, lk, hd), H = kv · group → (1, H, lq, hd)."""
+    sdpa = partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None, scale=scale)
+    if group == 1:
+        return sdpa(q, k, v)
+    if k.size(2) <= GQA_REPEAT_MAX_KEYS:
+        return sdpa(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
+    heads = [sdpa(q[:, h : h + 1], k[:, h // group : h // group + 1], v[:, h // group : h // group + 1])
+             for h in range(q.size(1))]  # fmt: skip
+    return torch.cat(heads, dim=1)
 
 
 def enable_context_parallel(model, group=None) -> ContextParallel:

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import model.context_parallel as context_parallel
 import model.modeling as modeling
 from model.context_parallel import disable_context_parallel, enable_context_parallel, local_index, shard
 from tests.conftest import rel_err, tiny_model
@@ -43,6 +44,8 @@ def _worker(rank, world, port, cases, errors, backend="gloo"):
         for i, lengths in enumerate(cases):
             # the first case also scans in segments of 5 tokens (long rows do, inside each chunk too)
             modeling.SCAN_SEGMENT_TOKENS = 5 if i == 0 else 1 << 30
+            # even cases: attention one query head at a time (long documents do); odd: keys repeated to the heads
+            context_parallel.GQA_REPEAT_MAX_KEYS = 0 if i % 2 == 0 else 1 << 30
             model = tiny_model(seed=21, mamba_chunk_size=8, mamba_n_groups=2).to(device)
             ids, pos = (t.to(device) for t in _row(lengths, seed=i))
             # one process, whole row: the reference

@@ -1,6 +1,7 @@
 """Memory planner: the longest sequence one GPU can train, for a Falcon-H1 config, a method and a card.
 
     python -m model.memory --preset 0.5b --method full --card-gib 80 [--offload] [--seq 524288]
+    python -m model.memory --preset 7b --method lora --offload --context-parallel 2   # the row over 2 GPUs
 
 Model of the peak (bytes), training one packed row of T tokens with per-layer activation checkpointing:
 
@@ -70,10 +71,14 @@ def plan(
     seq=None,
     lora_params=0,
     scan_segment=SCAN_SEGMENT_TOKENS,
+    context_parallel=1,
 ) -> Plan:
     """method: "full" or "lora" (lora_params: the adapters' size; default ~0.5% of the model). offload: the layer
     inputs in CPU memory and the MLP in chunks (FalconH1ForCausalLM.enable_activation_offload). scan_segment: None
-    for the one-piece scan (the model before 2026-11-27, as the committed measurements ran)."""
+    for the one-piece scan (the model before 2026-11-27, as the committed measurements ran). context_parallel: the
+    row split over this many GPUs (model/context_parallel.py): each holds T/W tokens' activations, and one layer's
+    keys and values all-gathered over the whole row with their gradients (the 7B at 524,288 tokens on two H100s
+    peaked at 64.68 GiB per GPU, as one H100 at 262,144: 64.69). Sequence figures are the whole row's."""
     n_params = _n_params(config)
     if method == "full":
         static = n_params * BYTES_PER_PARAM[precision]
@@ -91,7 +96,9 @@ def plan(
     if scan_segment:  # the scan's states stop growing at one segment
         static += scan_segment * scan
         scan = 0
-    per_token = saved + working + scan
+    # per token of the whole row: this GPU's share, and the gathered bf16 keys and values with their gradients
+    gathered = 4 * config.num_key_value_heads * config.head_dim * 2 if context_parallel > 1 else 0
+    per_token = (saved + working + scan) / context_parallel + gathered
     longest = max(0, int((card_gib * (1 - MARGIN) * GIB - static) / per_token)) // 1024 * 1024
     peak = (static + seq * per_token) / GIB if seq else None
     per_layer = round((working + scan) / 1024, 1)
@@ -118,8 +125,11 @@ def main(argv=None):
     parser.add_argument("--offload", action="store_true", help="saved layer inputs in CPU memory")
     parser.add_argument("--precision", choices=tuple(BYTES_PER_PARAM), default="bf16")
     parser.add_argument("--seq", type=int, default=None, help="also predict the peak at this length")
+    parser.add_argument("--context-parallel", type=int, default=1, help="the row split over this many GPUs")
     args = parser.parse_args(argv)
-    result = plan(preset_config(args.preset), args.method, args.card_gib, args.offload, args.precision, args.seq)
+    cfg = preset_config(args.preset)
+    result = plan(cfg, args.method, args.card_gib, args.offload, args.precision, args.seq,
+                  context_parallel=args.context_parallel)  # fmt: skip
     for key, value in asdict(result).items():
         print(f"{key:>24}: {value}")
 

@@ -28,6 +28,11 @@ def test_reproduces_the_committed_measurements_and_orders_settings():
     for seq, measured in ((65536, 12.2), (131072, 21.4), (262144, 39.82)):  # 0.5B, no offload, H200
         predicted = plan(cfg, card_gib=139, seq=seq, scan_segment=None).peak_gib_at_seq
         assert measured <= predicted <= 1.2 * measured, seq
+    # 7B LoRA + offload, the row over two H100s (bench/results/h100x2-7b-lora-cp-512k-2026-11-27.json)
+    predicted = plan(big, "lora", card_gib=79, offload=True, seq=524288, context_parallel=2).peak_gib_at_seq
+    assert 64.68 <= predicted <= 1.15 * 64.68
+    two = plan(big, "lora", card_gib=79, offload=True, context_parallel=2).longest_tokens
+    assert 524288 <= two < 2 * plan(big, "lora", card_gib=79, offload=True).longest_tokens
     h100 = plan(cfg, card_gib=79)
     assert plan(cfg, card_gib=79, offload=True).longest_tokens > 1.8 * h100.longest_tokens
     assert plan(big, "lora", card_gib=79).static_gib < plan(big, card_gib=79).static_gib / 3  # no grads, no AdamW

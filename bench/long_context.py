@@ -108,9 +108,11 @@ def measure(args, model, cfg, T, world, device):
             t = time.perf_counter()
             # PEFT keeps adapters in fp32: run LoRA under bf16 autocast, as the Trainer does with bf16: true
             step_once(model, length, world, device, cfg.vocab_size, autocast=args.method == "lora" and not args.tiny)
-            if world > 1:  # each rank holds its chunks' share of every gradient: sum them, as DDP would
+            if world > 1:  # each rank's loss is the mean over its half of the row: average, as DDP does
                 for p in opt.param_groups[0]["params"]:
-                    dist.all_reduce(p.grad)
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
             opt.step()
             opt.zero_grad(set_to_none=True)
             if cuda:

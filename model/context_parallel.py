@@ -233,21 +233,23 @@ class ContextParallelStep:
         return torch.cat(ys, dim=1)
 
 
-# The lower-right causal bias does not combine with SDPA's enable_gqa. A document's keys up to this many are
-# repeated to the query heads (one call); longer ones get one call per query head against its kv head: the 7B's
-# keys repeated over a 512K row were 1.5 GiB for k and for v, and as much again for their gradients.
+# The lower-right causal bias does not combine with SDPA's enable_gqa. Where a document's queries and keys are the
+# same tokens (plain causal) one enable_gqa call serves, as in the model without context parallelism. Otherwise keys
+# up to this many are repeated to the query heads (one call); longer ones get one call per query head against its
+# kv head: the 7B's keys repeated over a 512K row were 1.5 GiB for k and for v, and as much for their gradients.
 GQA_REPEAT_MAX_KEYS = 8192
 
 
 def _attend_segment(q, k, v, mask, scale, group: int) -> torch.Tensor:
-    """q (1, H, lq, hd); k, v (1, kv, lk, hd), H = kv · group → (1, H, lq, hd)."""
+    """q (1, H, lq, hd); k, v (1, kv, lk, hd), H = kv · group; mask None: lq == lk, plain causal → (1, H, lq, hd)."""
     sdpa = partial(F.scaled_dot_product_attention, attn_mask=mask, is_causal=mask is None, scale=scale)
-    if group == 1:
-        return sdpa(q, k, v)
+    if group == 1 or mask is None:
+        return sdpa(q, k, v, enable_gqa=group > 1)
     if k.size(2) <= GQA_REPEAT_MAX_KEYS:
         return sdpa(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1))
-    heads = [sdpa(q[:, h : h + 1], k[:, h // group : h // group + 1], v[:, h // group : h // group + 1])
-             for h in range(q.size(1))]  # fmt: skip
+    # split, not slices: the backward is one concatenation, not a zero tensor the size of q per head
+    ks, vs = k.split(1, dim=1), v.split(1, dim=1)
+    heads = [sdpa(qh, ks[h // group], vs[h // group]) for h, qh in enumerate(q.split(1, dim=1))]
     return torch.cat(heads, dim=1)
 
 

@@ -151,7 +151,8 @@ def causal_conv1d_ref(
     k = weight.shape[-1]
     w = weight.to(x.dtype)
     if initial_states is None and seq_idx is None and not torch.compiler.is_compiling():
-        y = F.conv1d(x, w.unsqueeze(1), bias, padding=k - 1, groups=d)[..., :l]  # zeros before the row
+        bias_x = bias.to(x.dtype) if bias is not None else None
+        y = F.conv1d(x, w.unsqueeze(1), bias_x, padding=k - 1, groups=d)[..., :l]  # zeros before the row
         xp = F.pad(x[..., -(k - 1) :], (max(0, k - 1 - l), 0)) if return_final_states else None
     else:
         head = x.new_zeros(b, d, k - 1) if initial_states is None else initial_states.to(x.dtype)

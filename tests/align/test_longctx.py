@@ -54,7 +54,10 @@ def test_long_rows_ask_for_expandable_segments(monkeypatch):
     asked = []
     monkeypatch.setattr(models.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(models.torch.cuda.memory, "_set_allocator_settings", asked.append)
-    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
     assert models.expandable_segments() and asked == ["expandable_segments:True"]
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
-    assert not models.expandable_segments() and asked == ["expandable_segments:True"]
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):  # either of the user's settings is kept
+        with monkeypatch.context() as env:
+            env.setenv(name, "backend:cudaMallocAsync")
+            assert not models.expandable_segments() and asked == ["expandable_segments:True"]

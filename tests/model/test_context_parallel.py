@@ -143,3 +143,34 @@ def test_enable_context_parallel_reaches_the_backbone_through_peft():
     assert model.get_base_model().model.context_parallel is None
     with pytest.raises(ValueError, match="Falcon-H1"):
         enable_context_parallel(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize(
+    "device, dtype, tol",
+    [
+        ("cpu", torch.float64, 1e-10),
+        pytest.param("cuda", torch.bfloat16, 2e-2, marks=[pytest.mark.gpu, pytest.mark.skipif(
+            not torch.cuda.is_available(), reason="needs CUDA")]),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("lq, lk, repeat_max", [(6, 6, 0), (6, 20, 1 << 30), (6, 20, 0), (32, 80, 0)])
+def test_attend_segment_equals_gqa_attention(monkeypatch, device, dtype, tol, lq, lk, repeat_max):
+    """Each way a context-parallel document piece attends (plain causal with enable_gqa, keys repeated, one call per
+    query head) equals SDPA with enable_gqa and an explicit lower-right causal mask, forward and gradients; on a
+    GPU in bf16, where the flash/efficient kernels take the lower-right bias."""
+    from model import context_parallel
+
+    monkeypatch.setattr(context_parallel, "GQA_REPEAT_MAX_KEYS", repeat_max)
+    gen = torch.Generator().manual_seed(lk)
+    q, k, v = (torch.randn(1, h, n, 64, generator=gen, dtype=torch.float64) for h, n in ((6, lq), (2, lk), (2, lk)))
+    q, k, v = (t.to(device, dtype).requires_grad_() for t in (q, k, v))
+    mask = context_parallel.causal_lower_right(lq, lk) if lq != lk else None
+    out = context_parallel._attend_segment(q, k, v, mask, 0.125, group=3)
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(lk - lq)  # query i sees keys ≤ i + lk − lq
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=0.125, enable_gqa=True)
+    probe = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    grads = torch.autograd.grad((out * probe).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (q, k, v))
+    assert rel_err(out, ref) < tol
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < tol

@@ -149,22 +149,25 @@ def causal_conv1d_ref(
     an H100, its layout copies 3% more)."""
     b, d, l = x.shape
     k = weight.shape[-1]
-    w = weight.to(x.dtype)
-    if initial_states is None and seq_idx is None and not torch.compiler.is_compiling():
-        bias_x = bias.to(x.dtype) if bias is not None else None
-        y = F.conv1d(x, w.unsqueeze(1), bias_x, padding=k - 1, groups=d)[..., :l]  # zeros before the row
-        xp = F.pad(x[..., -(k - 1) :], (max(0, k - 1 - l), 0)) if return_final_states else None
+    w, bias_x = weight.to(x.dtype), (bias.to(x.dtype) if bias is not None else None)
+    # the raw inputs with the k-1 before the row: the initial states, or zeros (then ATen pads, or F.pad)
+    xp = None if initial_states is None else torch.cat([initial_states.to(x.dtype), x], dim=-1)  # (b, d, k-1+l)
+    if seq_idx is None and not torch.compiler.is_compiling():  # ATen's depthwise conv
+        if xp is None:
+            y = F.conv1d(x, w.unsqueeze(1), bias_x, padding=k - 1, groups=d)[..., :l]
+        else:
+            y = F.conv1d(xp, w.unsqueeze(1), bias_x, groups=d)
     else:
-        head = x.new_zeros(b, d, k - 1) if initial_states is None else initial_states.to(x.dtype)
-        xp = torch.cat([head, x], dim=-1)  # (b, d, k-1+l)
-        y = _conv_taps(xp, w, l, seq_idx)
-        if bias is not None:
-            y = y + bias.to(x.dtype)[:, None]
+        y = _conv_taps(F.pad(x, (k - 1, 0)) if xp is None else xp, w, l, seq_idx)
+        y = y if bias_x is None else y + bias_x[:, None]
     if activation in ("silu", "swish"):
         y = F.silu(y)
     elif activation is not None:
         raise ValueError(f"activation must be None or 'silu', got {activation!r}")
-    return (y, xp[..., -(k - 1) :].clone()) if return_final_states else y
+    if not return_final_states:
+        return y
+    tail = F.pad(x[..., -(k - 1) :], (max(0, k - 1 - l), 0)) if xp is None else xp[..., -(k - 1) :]
+    return y, tail.clone()
 
 
 def _conv_taps(xp, w, l, seq_idx=None):

@@ -127,9 +127,13 @@ def test_conv_taps_under_compile_equal_aten_conv(monkeypatch, l):
     w = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True)
 
+    init = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+
     def run():
         y, state = causal_conv1d_ref(x, w, bias, activation="silu", return_final_states=True)
-        return (y, state, *torch.autograd.grad((y * y.detach().cos()).sum(), (x, w, bias)))
+        y2, state2 = causal_conv1d_ref(x, w, bias, initial_states=init, return_final_states=True)  # continuing
+        loss = (y * y.detach().cos()).sum() + (y2 * y2.detach().sin()).sum()
+        return (y, state, y2, state2, *torch.autograd.grad(loss, (x, w, bias)))
 
     aten = run()
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)

@@ -191,8 +191,9 @@ def test_cuda_graph_decoder_equals_eager_generate(batch):
     assert dec.generate(ids, mask, max_new_tokens=20).tolist() == eager.tolist()  # reusable
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])  # compiled: the conv as taps
 @pytest.mark.parametrize("packed", [False, True])
-def test_training_graphs_match_eager(packed):
+def test_training_graphs_match_eager(packed, compile):
     from model.graphs import disable_training_graphs, enable_training_graphs
 
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
@@ -209,7 +210,7 @@ def test_training_graphs_match_eager(packed):
         return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
     eager = [loss_and_grads(ids) for ids in batches]
-    enable_training_graphs(model, batch=2, seqlen=128, max_docs=4 if packed else None)
+    enable_training_graphs(model, batch=2, seqlen=128, max_docs=4 if packed else None, compile=compile)
     graphed = [loss_and_grads(ids) for ids in batches]  # two different batches: inputs really flow in
     disable_training_graphs(model)
     for (l_e, g_e), (l_g, g_g) in zip(eager, graphed):

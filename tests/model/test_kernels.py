@@ -12,6 +12,7 @@ from model.kernels.ref import (
     selective_state_update_ref,
     ssd_scan_ref,
 )
+from tests.conftest import rel_err, tiny_model
 
 
 def naive_scan(x, dt, A, B, C, D, seq_idx=None, init=None):
@@ -184,3 +185,24 @@ def test_gated_rmsnorm_is_groupwise():
 def test_cpu_dispatch_is_the_reference():
     assert get_ops("cpu") is REFERENCE
     assert not REFERENCE.varlen_for_packing  # CPU masks packed documents densely
+
+
+def test_compiled_layers_equal_eager():
+    """Layers under a real torch.compile (dynamo + AOT autograd; the conv traced as shifted multiply-adds) give the
+    eager loss and gradients (ATen's conv) — what the bench's compiled layers run on a GPU."""
+    model = tiny_model(seed=5)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager = loss_and_grads()
+    for layer in model.model.layers:
+        layer.compile(backend="aot_eager", dynamic=False)
+    compiled = loss_and_grads()
+    assert rel_err(compiled[0], eager[0]) < 1e-6
+    for name, grad in eager[1].items():
+        assert rel_err(compiled[1][name], grad) < 1e-5, name

@@ -170,16 +170,14 @@ class ContextParallelStep:
     def _document_segments(self):
         """(local query start, local query end, row index of the first query, row index of the document's first
         key) for each document piece in each local chunk."""
-        whole = self.seq_idx_global[0]
-        local = self.seq_idx[0].tolist()
+        whole, m = self.seq_idx_global[0], self.m
         out = []
-        for j, row_start in enumerate(self.starts):
-            lo_chunk, hi_chunk = j * self.m, (j + 1) * self.m
-            bounds = [lo_chunk] + [i for i in range(lo_chunk + 1, hi_chunk) if local[i] != local[i - 1]] + [hi_chunk]
-            firsts = torch.tensor([local[lo] for lo in bounds[:-1]], dtype=whole.dtype, device=whole.device)
-            starts = torch.searchsorted(whole, firsts).tolist()
+        for j, (ids, row_start) in enumerate(zip(self.seq_idx[0].split(m), self.starts)):
+            cuts = (torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1).tolist()  # where a document starts inside
+            bounds = [0, *cuts, m]
+            starts = torch.searchsorted(whole, ids[bounds[:-1]]).tolist()  # row index of each document's first key
             for lo, hi, k in zip(bounds[:-1], bounds[1:], starts):
-                out.append((lo, hi, row_start + lo - lo_chunk, int(k)))
+                out.append((j * m + lo, j * m + hi, row_start + lo, k))
         return out
 
     # ------------------------------------------------------------------ conv halo

@@ -24,7 +24,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         vocab = weight.size(0)
-        if vocab % 8:
+        padded = vocab % 8 != 0
+        if padded:
             weight = F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))  # (V', d), zero rows past the vocabulary
         acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits, fp64 when asked (tests)
         grad_h = torch.empty_like(hidden) if want_h else None
@@ -34,7 +35,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start : start + chunk_size]
             y = labels[start : start + chunk_size]
             logits = (h @ weight.t()).to(acc) * multiplier  # (n, V') — one chunk only
-            logits[:, vocab:] = float("-inf")
+            if padded:
+                logits[:, vocab:] = float("-inf")
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
             if want_h or want_w:

@@ -512,8 +512,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
 
 def configure_backbones(model: nn.Module, **settings) -> bool:
     """Sets run-time switches (padding_free, context_parallel, offload_activations, mlp_chunk_tokens) on every
-    FalconH1Model inside
-    `model`, through PEFT or any other wrapper. False when there is none."""
+    FalconH1Model inside `model`, through PEFT or any other wrapper. False when there is none."""
     found = False
     for module in model.modules():
         if isinstance(module, FalconH1Model):

@@ -66,6 +66,14 @@ class AlignArguments:
             "checkpointed chunks; see `python -m model.memory` for the longest length."
         },
     )
+    compile_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "torch.compile every decoder layer (regional; FalconH1ForCausalLM.compile_layers): inductor fuses "
+            "norms, RoPE, µP multipliers, gates and the conv around the scan, attention and GEMM kernels. Padding-free "
+            "batches vary in length: layers compile twice (the second time with a symbolic length), not per batch."
+        },
+    )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
     def __post_init__(self):

@@ -4,10 +4,12 @@
     python bench/profile_step.py --preset 1.5b-deep --seq 8192 --mode graphs
 
 Modes: `eager`, `graphs` (per-layer CUDA graphs), `compiled` (compiled layers inside the graphs) — the columns
-of docs/performance.md. After warm-up (and capture), `--steps` steps run under torch.profiler; every GPU kernel's
-time is summed by family (GEMM, attention, the SSD scan, conv, norms, fused/eager elementwise, optimizer, copies)
-and the GPU's busy share of the step is reported: a step much longer than its kernels is launch-bound, a busy
-GPU is kernel-bound, and the families then say which kernels. `--tiny` profiles a 2-layer model on CPU (CPU ops
+of docs/performance.md — and `compiled-eager` (`compile_layers`, what `compile_layers: true` runs in the
+Trainer; its kernels keep their CPU ops in a `--trace`). After warm-up (and capture), `--steps` steps run under
+torch.profiler; every GPU kernel's time is summed by family (GEMM, attention, the SSD scan, conv, norms,
+fused/eager elementwise, optimizer, copies) and the GPU's busy share of the step is reported: a step much longer
+than its kernels is launch-bound, a busy GPU is kernel-bound, and the families then say which kernels. `--tiny`
+profiles a 2-layer model on CPU (CPU ops
 instead of kernels), a smoke test of this script.
 """
 
@@ -52,7 +54,7 @@ def family(name: str) -> str:
     return "other"
 
 
-def kernel_table(events, steps: int, on_gpu: bool) -> tuple[list[dict], list[dict], float]:
+def kernel_table(events, steps: int, on_gpu: bool, top: int = 40) -> tuple[list[dict], list[dict], float]:
     """profiler key_averages() → (families, top kernels, busy ms per step). GPU: kernels' self device time;
     CPU: ops' self CPU time."""
     per_name = []
@@ -78,7 +80,7 @@ def kernel_table(events, steps: int, on_gpu: bool) -> tuple[list[dict], list[dic
     ]
     top = [
         dict(kernel=name[:120], family=family(name), ms_per_step=round(ms, 3), calls_per_step=count // steps)
-        for name, count, ms in sorted(per_name, key=lambda r: -r[2])[:40]
+        for name, count, ms in sorted(per_name, key=lambda r: -r[2])[:top]
     ]
     return families, top, busy
 
@@ -100,16 +102,20 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--mode", choices=("eager", "graphs", "compiled"), default="compiled")
+    ap.add_argument("--mode", choices=("eager", "graphs", "compiled", "compiled-eager"), default="compiled")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this script")
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list by time")
+    ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
     on_gpu = not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
     cfg, model = build(args, device)
-    if on_gpu and args.mode != "eager":
+    if args.mode == "compiled-eager":  # compiled layers launched one by one: kernels keep their CPU ops
+        model.compile_layers(backend=None if on_gpu else "aot_eager")
+    elif on_gpu and args.mode != "eager":
         from model.graphs import enable_training_graphs
 
         enable_training_graphs(model, 1, args.seq, compile=args.mode == "compiled")
@@ -138,7 +144,9 @@ def main(argv=None):
         for _ in range(args.steps):
             step()
         sync()
-    families, top, busy = kernel_table(prof.key_averages(), args.steps, on_gpu)
+    families, top, busy = kernel_table(prof.key_averages(), args.steps, on_gpu, args.top)
+    if args.trace:
+        prof.export_chrome_trace(args.trace)
     record = dict(
         name=f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}, {args.mode}",
         card=torch.cuda.get_device_name() if on_gpu else "cpu",

@@ -29,7 +29,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from .cache import FalconH1HybridCache
 from .config import FalconH1Config
 from .kernels import get_ops
-from .kernels.ref import rmsnorm_ref
+from .kernels.ref import rmsnorm_gated_ref, rmsnorm_ref
 from .loss import chunked_causal_lm_loss
 from .packing import (
     build_attention_mask,
@@ -69,7 +69,10 @@ class FalconH1RMSNormGated(nn.Module):
         self.norm_before_gate = norm_before_gate
 
     def forward(self, y, z, ops):
-        return ops.rmsnorm_gated(y, z, self.weight, self.variance_epsilon, self.group_size, self.norm_before_gate)
+        # under torch.compile the reference: inductor fuses it with the gate and the casts around it (forward and
+        # backward), where mamba-ssm's Triton norm is an autograd.Function that torch.compile cannot trace
+        norm = rmsnorm_gated_ref if torch.compiler.is_compiling() else ops.rmsnorm_gated
+        return norm(y, z, self.weight, self.variance_epsilon, self.group_size, self.norm_before_gate)
 
 
 def _rope_cos_sin(position_ids, head_dim, theta, dtype):
@@ -548,6 +551,19 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
             self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         self.model.offload_activations = enabled
         self.model.mlp_chunk_tokens = mlp_chunk_tokens if enabled else None
+        return self
+
+    def compile_layers(self, backend: str | None = None, dynamic: bool | None = None, **options) -> FalconH1ForCausalLM:
+        """Regional torch.compile: every decoder layer compiled (`nn.Module.compile`), the same code serving all of
+        them. Inductor fuses what eager runs as separate kernels — norms, RoPE, the µP multipliers, the gates and
+        the causal conv (traced as shifted multiply-adds) — while the scan, attention and GEMMs stay the kernels
+        `get_ops` chose. With dynamic=None the first length compiles static and the second recompiles with a
+        symbolic length, so padding-free batches of varying length (TRL's packing) compile twice, not per batch.
+        Embedding, loss and optimizer stay outside (the loss compiles its own chunk on CUDA, model/loss.py).
+        backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor."""
+        backend = backend or os.environ.get("FALCON_ALIGN_COMPILE_BACKEND", "inductor")
+        for layer in self.model.layers:
+            layer.compile(backend=backend, dynamic=dynamic, **options)
         return self
 
     def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:

@@ -15,10 +15,12 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import os
 import sys
 import types
 
 import torch
+from torch import Tensor
 
 logger = logging.getLogger("falcon_align.kernels")
 
@@ -53,6 +55,7 @@ def _import_mamba_triton():
 
 def _ssd_scan(ssd_combined):
     scan = ssd_combined.mamba_chunk_scan_combined
+    chunked = _chunked_scan_op(ssd_combined)
 
     def ssd_scan(
         x,
@@ -74,6 +77,10 @@ def _ssd_scan(ssd_combined):
             seq_idx = seq_idx.to(torch.int32).contiguous()
         if initial_states is not None:
             initial_states = initial_states.float()
+        plain = z is None and dt_bias is None and not dt_softplus and tuple(dt_limit) == (0.0, float("inf"))
+        if plain and D is not None:  # what the model runs: one op torch.compile sees through, no graph break
+            y, final = chunked(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
+            return (y, final) if return_final_states else y
         out = scan(
             x,
             dt,
@@ -96,6 +103,174 @@ def _ssd_scan(ssd_combined):
         return out
 
     return ssd_scan
+
+
+_SCAN_OP = None
+
+
+def _chunked_scan_op(ssd_combined):
+    """mamba-ssm's chunked SSD kernels as one `torch.library` custom op with its own backward (registered once).
+
+    Why not `mamba_chunk_scan_combined`: (1) it is a Python autograd.Function that torch.compile cannot trace, so a
+    compiled layer broke into four graphs around it and its ~20 eager kernels (grad adds, copies, casts) ran
+    between them; an opaque custom op with a fake (shape) implementation keeps the layer one graph. (2) Its
+    backward recomputes the chunk cumsum, CB, the chunk states and the state passing; here the forward keeps them
+    (the states in the input dtype, as the forward's output kernel reads them) — per layer (l/chunk)·H·P·N
+    elements, 50 MB for 1.5B-Deep at 8K. Set FALCON_ALIGN_SSD_RECOMPUTE=1 for mamba-ssm's own backward.
+    Kernels only: the reference twin is `ref.ssd_scan_ref`, and the GPU tests hold the two together."""
+    global _SCAN_OP
+    if _SCAN_OP is not None:
+        return _SCAN_OP
+    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+
+    recompute = os.environ.get("FALCON_ALIGN_SSD_RECOMPUTE", "0") == "1"
+
+    @torch.library.custom_op("falcon_align::ssd_chunk_scan", mutates_args=())
+    def ssd_fwd(
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        initial_states: Tensor | None,
+        seq_idx: Tensor | None,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """→ y (b, l, H, P), final state (b, H, P, N) fp32, and for the backward: dA_cumsum and the chunked dt
+        (b, H, c, chunk) fp32, the state entering each chunk (b, c, H, P, N) in C's dtype, CB (b, c, G, chunk,
+        chunk) fp32."""
+        b, l, H, P = x.shape
+        N = B.shape[-1]
+        dA_cumsum, dt_c = ssd_chunk_state._chunk_cumsum_fwd(dt, A, chunk_size)
+        states = ssd_chunk_state._chunk_state_fwd(B, x, dt_c, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
+        states, final = ssd_state_passing._state_passing_fwd(
+            states.flatten(-2),
+            dA_cumsum[:, :, :, -1],
+            initial_states=None if initial_states is None else initial_states.flatten(-2),
+            seq_idx=seq_idx,
+            chunk_size=chunk_size,
+            out_dtype=C.dtype,
+        )
+        states = states.unflatten(-1, (P, N))  # (b, c, H, P, N)
+        CB = ssd_bmm._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
+        y, _ = ssd_chunk_scan._chunk_scan_fwd(CB, x, dt_c, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
+        outs = y, final.unflatten(-1, (P, N)), dA_cumsum, dt_c, states, CB
+        return tuple(t.contiguous() for t in outs)  # the layout the fake below promises
+
+    @ssd_fwd.register_fake
+    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+        b, l, H, P = x.shape
+        G, N = B.shape[-2:]
+        c = (l + chunk_size - 1) // chunk_size
+        f32 = dict(dtype=torch.float32, device=x.device)
+        return (
+            x.new_empty(b, l, H, P),
+            x.new_empty(b, H, P, N, dtype=torch.float32),
+            x.new_empty(b, H, c, chunk_size, **f32),
+            x.new_empty(b, H, c, chunk_size, **f32),
+            x.new_empty(b, c, H, P, N, dtype=C.dtype),
+            x.new_empty(b, c, G, chunk_size, chunk_size, **f32),
+        )
+
+    @torch.library.custom_op("falcon_align::ssd_chunk_scan_backward", mutates_args=())
+    def ssd_bwd(
+        dy: Tensor,
+        dfinal: Tensor | None,
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        initial_states: Tensor | None,
+        seq_idx: Tensor | None,
+        y: Tensor,
+        dA_cumsum: Tensor,
+        dt_c: Tensor,
+        states: Tensor,
+        CB: Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """→ dx, ddt, dA, dB, dC, dD, d initial states (empty when there are none)."""
+        if recompute:
+            grads = ssd_combined._mamba_chunk_scan_combined_bwd(
+                dy, x, dt, A, B, C, y, chunk_size, D=D, initial_states=initial_states, dfinal_states=dfinal,
+                seq_idx=seq_idx,
+            )  # fmt: skip
+            dx, ddt, dA, dB, dC, dD, _, _, dinit = grads
+        else:
+            dx, ddt, dA, dB, dC, dD, dinit = _ssd_backward(
+                ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing, ssd_combined,
+                dy.contiguous(), dfinal, x, dt, A, B, C, D, initial_states, seq_idx, dA_cumsum, dt_c, states, CB,
+            )  # fmt: skip
+        dinit = dinit if dinit is not None else x.new_empty(0, dtype=torch.float32)
+        grads = dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), dinit
+        return tuple(g.contiguous() for g in grads)  # the kernels' outputs follow their inputs' strides at times
+
+    @ssd_bwd.register_fake
+    def _(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, chunk_size):
+        like = lambda t: t.new_empty(t.shape)  # contiguous, whatever the input's strides
+        dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
+        return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
+
+    def setup_context(ctx, inputs, output):
+        x, dt, A, B, C, D, initial_states, seq_idx, chunk_size = inputs
+        y, _, dA_cumsum, dt_c, states, CB = output
+        ctx.chunk_size = chunk_size
+        ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB)
+
+    def backward(ctx, dy, dfinal, *_unused):
+        x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB = ctx.saved_tensors
+        dx, ddt, dA, dB, dC, dD, dinit = ssd_bwd(
+            dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size
+        )
+        return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None
+
+    ssd_fwd.register_autograd(backward, setup_context=setup_context)
+
+    def chunked_scan(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+        y, final, *_ = ssd_fwd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
+        return y, final
+
+    _SCAN_OP = chunked_scan
+    return chunked_scan
+
+
+def _ssd_backward(bmm, scan, state, passing, combined, dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c,
+                  states, CB):  # fmt: skip
+    """The SSD backward from the forward's saved chunk quantities (no recompute). Shapes: x, dy (b, l, H, P); dt
+    (b, l, H) fp32; B, C (b, l, G, N); dA_cumsum, dt_c (b, H, c, chunk); states (b, c, H, P, N): the state
+    entering each chunk; CB (b, c, G, chunk, chunk). The kernels are mamba-ssm's; the order is the chain rule:
+    d states from y, back through the state passing, then dx / dB / dC / dCB and the dA_cumsum terms."""
+    G, N = B.shape[-2:]
+    # d(state entering each chunk) from y = C·state·exp(dA_cumsum) + ... (fp32)
+    dstates = scan._chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=torch.float32)
+    dstates, ddA_chunk_end, dinit, states_x = passing._state_passing_bwd(
+        states.flatten(-2),
+        dA_cumsum[:, :, :, -1],
+        dstates.flatten(-2),
+        dfinal_states=None if dfinal is None else dfinal.flatten(-2),
+        seq_idx=seq_idx,
+        has_initial_states=init is not None,
+        dstates_dtype=x.dtype,
+        states_dtype=x.dtype,
+        chunk_size=dA_cumsum.shape[-1],
+    )  # dstates: d(each chunk's own end state), the input dtype
+    states_x, dstates = states_x.unflatten(-1, states.shape[-2:]), dstates.unflatten(-1, states.shape[-2:])
+    dinit = None if dinit is None else dinit.unflatten(-1, states.shape[-2:])
+    dx, ddt, dD = combined._chunk_scan_chunk_state_bwd_dx(x, dt_c, dA_cumsum, B, CB, dy, dstates, D=D, seq_idx=seq_idx)
+    dB, ddA_next = state._chunk_state_bwd_db(x, dt_c, dA_cumsum, dstates, seq_idx=seq_idx, B=B, ngroups=G)
+    dC, ddA_prev = scan._chunk_scan_bwd_dC(states_x, dA_cumsum, dy, seq_idx=seq_idx, C=C, ngroups=G)
+    dCB = scan._chunk_scan_bwd_dcb(x, dt_c, dA_cumsum, dy, seq_idx=seq_idx, ngroups=G).to(CB.dtype)
+    dB = bmm._bmm_chunk_bwd(C, dCB, residual=dB)  # + the intra-chunk C·Bᵀ terms
+    dC = bmm._bmm_chunk_bwd(B, dCB.transpose(-1, -2), residual=dC)
+    # d dA_cumsum: the chunk-end term joins the readout term as a reverse cumsum; plus the intra-chunk terms
+    ddA_prev[..., -1] += ddA_chunk_end
+    ddA = scan._chunk_scan_bwd_ddAcs_stable(x, dt_c, dA_cumsum, dy, CB)
+    ddA += ddA_next + ddA_prev.flip([-1]).cumsum(dim=-1).flip([-1])
+    ddt_in, dA, _ = state._chunk_cumsum_bwd(ddA, ddt, dt, A)
+    return dx, ddt_in, dA, dB, dC, dD, dinit
 
 
 def _state_update(ssu):

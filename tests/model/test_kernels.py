@@ -187,22 +187,29 @@ def test_cpu_dispatch_is_the_reference():
     assert not REFERENCE.varlen_for_packing  # CPU masks packed documents densely
 
 
-def test_compiled_layers_equal_eager():
-    """Layers under a real torch.compile (dynamo + AOT autograd; the conv traced as shifted multiply-adds) give the
-    eager loss and gradients (ATen's conv) — what the bench's compiled layers run on a GPU."""
-    model = tiny_model(seed=5)
-    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(0))
+def test_compiled_layers_equal_eager_over_varying_lengths():
+    """`compile_layers` (what `compile_layers: true` in a recipe runs) under a real torch.compile (dynamo + AOT
+    autograd; the conv traced as shifted multiply-adds): a plain row, then a padding-free packed row of another
+    length (documents restarting position_ids, as TRL's collator makes them) through the dynamic recompile. Loss
+    and every gradient equal eager's (ATen's conv, the dense document mask) for both."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randint(1, 97, (1, 40), generator=gen), None)]
+    lengths = (9, 14, 10)
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    batches.append((torch.randint(1, 97, (1, sum(lengths)), generator=gen), pos))
 
-    def loss_and_grads():
-        model.zero_grad()
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    def run(model):
+        out = []
+        for ids, pos in batches:
+            model.zero_grad()
+            loss = model(ids, position_ids=pos, labels=ids).loss
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        return out
 
-    eager = loss_and_grads()
-    for layer in model.model.layers:
-        layer.compile(backend="aot_eager", dynamic=False)
-    compiled = loss_and_grads()
-    assert rel_err(compiled[0], eager[0]) < 1e-6
-    for name, grad in eager[1].items():
-        assert rel_err(compiled[1][name], grad) < 1e-5, name
+    eager = run(tiny_model(seed=6))
+    compiled = run(tiny_model(seed=6).compile_layers(backend="aot_eager"))
+    for (loss_c, grads_c), (loss_e, grads_e) in zip(compiled, eager):
+        assert rel_err(loss_c, loss_e) < 1e-6
+        for name, grad in grads_e.items():
+            assert rel_err(grads_c[name], grad) < 1e-5, name

@@ -87,3 +87,22 @@ def test_model_forward_with_labels_returns_no_logits_by_default():
     ids = torch.randint(0, 97, (1, 12))
     out = model(ids, labels=ids)
     assert out.logits is None and out.loss.requires_grad
+
+
+@pytest.mark.parametrize("vocab", [300, 320])
+def test_chunk_loss_traces_under_torch_compile(vocab):
+    """The CUDA path compiles `chunk_loss_and_grad` (dynamic shapes); traced (aot_eager, CPU) it gives the eager
+    loss and gradient for a padded and an unpadded head, and for a second chunk length without recompiling wrong."""
+    from model.loss import chunk_loss_and_grad
+
+    compiled = torch.compile(chunk_loss_and_grad, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(3)
+    for n in (7, 4):
+        logits = torch.randn(n, 320, generator=gen, dtype=torch.bfloat16)
+        labels = torch.randint(0, vocab, (n,), generator=gen)
+        loss, grad = compiled(logits, labels, 0.37, vocab)
+        ref_loss, ref_grad = chunk_loss_and_grad(logits, labels, 0.37, vocab)
+        full = F.cross_entropy(logits.float()[:, :vocab] * 0.37, labels, reduction="sum")
+        assert abs(loss.item() - full.item()) < 1e-4 and abs(ref_loss.item() - full.item()) < 1e-4
+        torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
+        assert grad[:, vocab:].abs().max() == 0 if vocab < 320 else True

@@ -53,10 +53,14 @@ def test_user_annotations_are_not_counted_as_kernels():
 def test_profile_script_runs_on_cpu(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = tmp_path / "p.json"
-    command = [sys.executable, "bench/profile_step.py", "--tiny", "--seq", "48", "--mode", "eager", "--out", str(out)]
+    trace = tmp_path / "trace.json"
+    # compiled-eager: the layers through compile_layers (aot_eager on CPU), as `compile_layers: true` runs them
+    command = [sys.executable, "bench/profile_step.py", "--tiny", "--seq", "48", "--mode", "compiled-eager"]
+    command += ["--top", "5", "--trace", str(trace), "--out", str(out)]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
+    assert len(record["top_kernels"]) == 5 and json.loads(trace.read_text())["traceEvents"]
     assert record["step_ms"] > 0 and record["busy_ms_per_step"] > 0
     assert abs(sum(f["share"] for f in record["families"]) - 1) < 1e-2
     assert {"GEMM", "attention"} <= {f["family"] for f in record["families"]}

@@ -24,8 +24,9 @@ def chunk_loss_and_grad(logits, labels, multiplier: float, vocab: int, grad: boo
     (summed CE over the scaled logits, fp32 or fp64 scalar; d loss / d (h @ Wᵀ) (n, V') in logits.dtype, or None).
 
     Softmax, log-sum-exp and the gradient are taken in fp32 (fp64 for fp64 inputs: the tests' oracle). Eagerly
-    that is ~6 passes over an (n, V') fp32 tensor; on CUDA it runs compiled (`_fused_chunk_loss_and_grad`), a
-    few kernels that read the bf16 logits once for the log-sum-exp and once for the gradient."""
+    that is ~6 passes over an (n, V') fp32 tensor; a training step on CUDA runs it compiled
+    (`_fused_chunk_loss_and_grad`): kernels that read the bf16 logits once for the log-sum-exp and once for the
+    gradient. Without gradients (evaluation) it runs eagerly."""
     acc = torch.promote_types(logits.dtype, torch.float32)
     z = logits.to(acc) * multiplier  # (n, V')
     if z.size(1) != vocab:

@@ -106,6 +106,10 @@ def _ssd_scan(ssd_combined):
 
 
 _SCAN_OP = None
+# rows this long or longer recompute the chunk states in the backward (mamba-ssm's backward): long rows scan in
+# segments (model/modeling.py SCAN_SEGMENT_TOKENS) under activation checkpointing, and kept states would add up
+# over a layer's segments — ~3 GiB for the 7B at 256K tokens
+KEEP_STATES_BELOW_TOKENS = 32768
 
 
 def _chunked_scan_op(ssd_combined):
@@ -116,14 +120,16 @@ def _chunked_scan_op(ssd_combined):
     between them; an opaque custom op with a fake (shape) implementation keeps the layer one graph. (2) Its
     backward recomputes the chunk cumsum, CB, the chunk states and the state passing; here the forward keeps them
     (the states in the input dtype, as the forward's output kernel reads them) — per layer (l/chunk)·H·P·N
-    elements, 50 MB for 1.5B-Deep at 8K. Set FALCON_ALIGN_SSD_RECOMPUTE=1 for mamba-ssm's own backward.
+    elements, 50 MB for 1.5B-Deep at 8K — for rows under KEEP_STATES_BELOW_TOKENS. The one numerical difference
+    from mamba-ssm's backward: the state-passing backward reads those bf16 states where mamba-ssm recomputes fp32
+    ones (the chunk-end term of dA and ddt). FALCON_ALIGN_SSD_RECOMPUTE=1: mamba-ssm's own backward for every row.
     Kernels only: the reference twin is `ref.ssd_scan_ref`, and the GPU tests hold the two together."""
     global _SCAN_OP
     if _SCAN_OP is not None:
         return _SCAN_OP
     from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
 
-    recompute = os.environ.get("FALCON_ALIGN_SSD_RECOMPUTE", "0") == "1"
+    always_recompute = os.environ.get("FALCON_ALIGN_SSD_RECOMPUTE", "0") == "1"
 
     @torch.library.custom_op("falcon_align::ssd_chunk_scan", mutates_args=())
     def ssd_fwd(
@@ -136,10 +142,11 @@ def _chunked_scan_op(ssd_combined):
         initial_states: Tensor | None,
         seq_idx: Tensor | None,
         chunk_size: int,
+        keep: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """→ y (b, l, H, P), final state (b, H, P, N) fp32, and for the backward: dA_cumsum and the chunked dt
-        (b, H, c, chunk) fp32, the state entering each chunk (b, c, H, P, N) in C's dtype, CB (b, c, G, chunk,
-        chunk) fp32."""
+        """→ y (b, l, H, P), final state (b, H, P, N) fp32, and for the backward (empty unless `keep`): dA_cumsum
+        and the chunked dt (b, H, c, chunk) fp32, the state entering each chunk (b, c, H, P, N) in C's dtype, CB
+        (b, c, G, chunk, chunk) fp32."""
         b, l, H, P = x.shape
         N = B.shape[-1]
         dA_cumsum, dt_c = ssd_chunk_state._chunk_cumsum_fwd(dt, A, chunk_size)
@@ -155,18 +162,23 @@ def _chunked_scan_op(ssd_combined):
         states = states.unflatten(-1, (P, N))  # (b, c, H, P, N)
         CB = ssd_bmm._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         y, _ = ssd_chunk_scan._chunk_scan_fwd(CB, x, dt_c, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
+        if not keep:
+            dA_cumsum = dt_c = states = CB = x.new_empty(0, dtype=torch.float32)
         outs = y, final.unflatten(-1, (P, N)), dA_cumsum, dt_c, states, CB
         return tuple(t.contiguous() for t in outs)  # the layout the fake below promises
 
     @ssd_fwd.register_fake
-    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep):
         b, l, H, P = x.shape
         G, N = B.shape[-2:]
         c = (l + chunk_size - 1) // chunk_size
         f32 = dict(dtype=torch.float32, device=x.device)
+        y, final = x.new_empty(b, l, H, P), x.new_empty(b, H, P, N, dtype=torch.float32)
+        if not keep:
+            return (y, final, *(x.new_empty(0, **f32) for _ in range(4)))
         return (
-            x.new_empty(b, l, H, P),
-            x.new_empty(b, H, P, N, dtype=torch.float32),
+            y,
+            final,
             x.new_empty(b, H, c, chunk_size, **f32),
             x.new_empty(b, H, c, chunk_size, **f32),
             x.new_empty(b, c, H, P, N, dtype=C.dtype),
@@ -192,8 +204,9 @@ def _chunked_scan_op(ssd_combined):
         CB: Tensor,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """→ dx, ddt, dA, dB, dC, dD, d initial states (empty when there are none)."""
-        if recompute:
+        """→ dx, ddt, dA, dB, dC, dD, d initial states (empty when there are none). dfinal None: the final state
+        took no gradient. Without kept chunk states (`states` empty): mamba-ssm's backward, which recomputes them."""
+        if states.numel() == 0:
             grads = ssd_combined._mamba_chunk_scan_combined_bwd(
                 dy, x, dt, A, B, C, y, chunk_size, D=D, initial_states=initial_states, dfinal_states=dfinal,
                 seq_idx=seq_idx,
@@ -204,7 +217,8 @@ def _chunked_scan_op(ssd_combined):
                 ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing, ssd_combined,
                 dy.contiguous(), dfinal, x, dt, A, B, C, D, initial_states, seq_idx, dA_cumsum, dt_c, states, CB,
             )  # fmt: skip
-        dinit = dinit if dinit is not None else x.new_empty(0, dtype=torch.float32)
+        # dinit comes in the input dtype (the kernel's dstates dtype); the custom op promises the state's own
+        dinit = dinit.to(initial_states.dtype) if dinit is not None else x.new_empty(0, dtype=torch.float32)
         grads = dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), dinit
         return tuple(g.contiguous() for g in grads)  # the kernels' outputs follow their inputs' strides at times
 
@@ -215,22 +229,27 @@ def _chunked_scan_op(ssd_combined):
         return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
 
     def setup_context(ctx, inputs, output):
-        x, dt, A, B, C, D, initial_states, seq_idx, chunk_size = inputs
+        x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, _ = inputs
         y, _, dA_cumsum, dt_c, states, CB = output
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB)
+        # the kept chunk quantities take no gradient: no zero-filled gradients for them, nor for an unused final state
+        ctx.mark_non_differentiable(dA_cumsum, dt_c, states, CB)
+        ctx.set_materialize_grads(False)
 
     def backward(ctx, dy, dfinal, *_unused):
         x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB = ctx.saved_tensors
+        dy = torch.zeros_like(y) if dy is None else dy
         dx, ddt, dA, dB, dC, dD, dinit = ssd_bwd(
             dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size
         )
-        return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None
+        return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None, None
 
     ssd_fwd.register_autograd(backward, setup_context=setup_context)
 
     def chunked_scan(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
-        y, final, *_ = ssd_fwd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
+        keep = not always_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS
+        y, final, *_ = ssd_fwd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep)
         return y, final
 
     _SCAN_OP = chunked_scan
@@ -390,8 +409,9 @@ def _causal_conv1d(causal_conv1d_fn):
     def causal_conv1d(
         x, weight, bias=None, seq_idx=None, initial_states=None, return_final_states=False, activation=None
     ):
-        # causal-conv1d cannot combine seq_idx with initial states; that case (packed + cache) never occurs
-        if initial_states is not None or return_final_states:
+        # causal-conv1d cannot combine seq_idx with initial states; that case (packed + cache) never occurs. Under
+        # torch.compile: the reference's shifted multiply-adds, which inductor fuses (causal-conv1d breaks the graph)
+        if initial_states is not None or return_final_states or torch.compiler.is_compiling():
             return causal_conv1d_ref(x, weight, bias, seq_idx, initial_states, return_final_states, activation)
         return causal_conv1d_fn(x, weight, bias, seq_idx=seq_idx, activation=activation)
 

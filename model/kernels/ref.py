@@ -158,8 +158,8 @@ def causal_conv1d_ref(
         else:
             y = F.conv1d(xp, w.unsqueeze(1), bias_x, groups=d)
     else:  # taps over (b, k-1+l, d) memory: the products, the sum and y keep that layout, so y.transpose(1, 2) —
-        # the mixer's x, B, C — is contiguous for the scan (channels-first, mamba-ssm copies B and C and reads x
-        # with strided loads)
+        # the mixer's x, B, C — is contiguous for the scan (channels-first, the scan kernels read x, B and C with
+        # strided loads)
         xp = F.pad(x.transpose(1, 2), (0, 0, k - 1, 0)).transpose(1, 2) if xp is None else xp
         y = _conv_taps(xp, w, l, seq_idx)
         y = y if bias_x is None else y + bias_x[:, None]

@@ -162,8 +162,8 @@ def _chunked_scan_op(ssd_combined):
         states = states.unflatten(-1, (P, N))  # (b, c, H, P, N)
         CB = ssd_bmm._bmm_chunk_fwd(C, B, chunk_size, seq_idx=seq_idx, output_dtype=torch.float32)
         y, _ = ssd_chunk_scan._chunk_scan_fwd(CB, x, dt_c, dA_cumsum, C, states, D=D, seq_idx=seq_idx)
-        if not keep:
-            dA_cumsum = dt_c = states = CB = x.new_empty(0, dtype=torch.float32)
+        if not keep:  # four distinct placeholders: a custom op's outputs may not alias each other
+            dA_cumsum, dt_c, states, CB = (x.new_empty(0, dtype=torch.float32) for _ in range(4))
         outs = y, final.unflatten(-1, (P, N)), dA_cumsum, dt_c, states, CB
         return tuple(t.contiguous() for t in outs)  # the layout the fake below promises
 

@@ -133,6 +133,18 @@ def time_graphed(model, T, steps, packed_docs=0, compile=False):
         cleanup()
 
 
+def time_compiled(model, T, steps, packed_docs=0):
+    """compile_layers without CUDA graphs: what `compile_layers: true` runs in the Trainer (launches stay eager)."""
+    cleanup()
+    model.compile_layers()
+    try:
+        return time_training(model, T, steps, packed_docs=packed_docs, warmup=3)
+    finally:
+        for layer in model.model.layers:  # back to eager for the settings after this one
+            layer.compiled = None
+        cleanup()
+
+
 def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True, compile=False):
     vocab = model.config.vocab_size
     ids = torch.randint(1, vocab, (batch, prompt), device="cuda")
@@ -202,7 +214,12 @@ def main():
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--packed-docs", type=int, default=4, help="also time ours on rows of this many documents")
     ap.add_argument("--graphs", action="store_true", help="also time ours with per-layer CUDA graphs")
-    ap.add_argument("--compile-layers", action="store_true", help="also time graphs of torch.compile'd layers")
+    ap.add_argument(
+        "--compile-layers",
+        action="store_true",
+        help="also time compile_layers (the Trainer's compile_layers: true; packed too with --packed-docs) and "
+        "CUDA graphs of the compiled layers",
+    )
     ap.add_argument("--compile-decode", action="store_true", help="also time the decode step under torch.compile")
     ap.add_argument("--decode", action="store_true")
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
@@ -243,8 +260,11 @@ def main():
             if args.packed_docs:
                 r["ours_graphs_packed"] = time_graphed(ours, T, steps, packed_docs=args.packed_docs)
         if args.compile_layers:
+            r["ours_compiled"] = time_compiled(ours, T, steps)
+            if args.packed_docs:
+                r["ours_compiled_packed"] = time_compiled(ours, T, steps, packed_docs=args.packed_docs)
             r["ours_compiled_graphs"] = time_graphed(ours, T, steps, compile=True)
-        for key in ("ours", "ours_graphs", "ours_compiled_graphs"):
+        for key in ("ours", "ours_graphs", "ours_compiled", "ours_compiled_graphs"):
             if "tokens_per_s" in r.get(key, {}):
                 r[key]["mfu"] = round(step_flops(cfg, n_params, T) / r[key]["step_s"] / PEAK_FLOPS, 4)
         print(json.dumps(r), flush=True)
@@ -297,7 +317,11 @@ def main():
 
     for r in rows:
         o = (
-            max(r[k].get("tokens_per_s") or 0 for k in ("ours", "ours_graphs", "ours_compiled_graphs") if k in r)
+            max(
+                r[k].get("tokens_per_s") or 0
+                for k in ("ours", "ours_graphs", "ours_compiled", "ours_compiled_graphs")
+                if k in r
+            )
             or None
         )
         ref = r.get("reference", {}).get("tokens_per_s")
@@ -309,7 +333,8 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=2))
 
     print(f"\n{result['versions']['card']}  preset {args.preset}  params {n_params / 1e6:.0f}M  kernels {ops.name}")
-    cols = ["ours", "ours_packed", "ours_graphs", "ours_graphs_packed", "ours_compiled_graphs", "reference"]
+    cols = ["ours", "ours_packed", "ours_graphs", "ours_graphs_packed", "ours_compiled", "ours_compiled_packed"]
+    cols += ["ours_compiled_graphs", "reference"]
     print("tokens/s (peak GiB, MFU); speedup = best of ours / reference")
     for r in rows:
         cells = []

@@ -284,6 +284,12 @@ class FalconH1MLP(nn.Module):
         return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_multiplier)) * self.down_multiplier
 
 
+# compile_layers: torch.compile(FalconH1DecoderLayer.block) per (backend, dynamic, options), shared by every layer of
+# every model (dynamo guards on the layer's structure, not its identity); a layer keeps only the key, so copies of a
+# model (deepcopy) run their own weights through it
+_COMPILED_BLOCKS: dict = {}
+
+
 class FalconH1DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: FalconH1Config, layer_idx: int):
         super().__init__()
@@ -295,6 +301,7 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         self.attention_in_multiplier = config.attention_in_multiplier
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
+        self.compiled = None  # FalconH1ForCausalLM.compile_layers: the key of the compiled block in _COMPILED_BLOCKS
 
     def forward(
         self,
@@ -310,6 +317,14 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         cp=None,
         mlp_chunk=None,
     ):
+        # compiled for training forwards only: a cache's Python state and context parallelism's collectives stay eager
+        block = _COMPILED_BLOCKS[self.compiled] if self.compiled and cache is None and cp is None else type(self).block
+        return block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk)
+
+    def block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk):
+        """The layer's arithmetic. `forward` runs it, under HF's activation checkpointing when that is on; a compiled
+        copy of this function (one for all layers) is what `compile_layers` switches to, so a checkpointed layer
+        recomputes through the compiled code too."""
         h = self.input_layernorm(hidden_states)
         m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp) * self.ssm_out_multiplier
         a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed, cp)
@@ -554,16 +569,21 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         return self
 
     def compile_layers(self, backend: str | None = None, dynamic: bool | None = None, **options) -> FalconH1ForCausalLM:
-        """Regional torch.compile: every decoder layer compiled (`nn.Module.compile`), the same code serving all of
-        them. Inductor fuses what eager runs as separate kernels — norms, RoPE, the µP multipliers, the gates and
-        the causal conv (traced as shifted multiply-adds) — while the scan, attention and GEMMs stay the kernels
-        `get_ops` chose. With dynamic=None the first length compiles static and the second recompiles with a
-        symbolic length, so padding-free batches of varying length (TRL's packing) compile twice, not per batch.
-        Embedding, loss and optimizer stay outside (the loss compiles its own chunk on CUDA, model/loss.py).
-        backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor."""
+        """Regional torch.compile: every decoder layer's arithmetic compiled (`FalconH1DecoderLayer.block`), the same
+        code serving all of them, inside HF's activation checkpointing when that is on. Inductor fuses what eager
+        runs as separate kernels — norms, RoPE, the µP multipliers, the gates and the causal conv (traced as shifted
+        multiply-adds) — while the scan (one custom op), attention and GEMMs stay the kernels `get_ops` chose. With
+        dynamic=None the first length compiles static and the second recompiles with a symbolic length, so
+        padding-free batches of varying length (TRL's packing) compile twice, not per batch. Embedding, loss and
+        optimizer stay outside (the loss compiles its own chunk on CUDA, model/loss.py); forwards with a cache or
+        context parallelism run eagerly. backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor."""
         backend = backend or os.environ.get("FALCON_ALIGN_COMPILE_BACKEND", "inductor")
+        key = repr((backend, dynamic, sorted(options.items())))
+        if key not in _COMPILED_BLOCKS:
+            block = FalconH1DecoderLayer.block
+            _COMPILED_BLOCKS[key] = torch.compile(block, backend=backend, dynamic=dynamic, **options)
         for layer in self.model.layers:
-            layer.compile(backend=backend, dynamic=dynamic, **options)
+            layer.compiled = key
         return self
 
     def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:

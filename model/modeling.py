@@ -125,7 +125,9 @@ class FalconH1Attention(nn.Module):
             return self.o_proj(o.reshape(b, l, self.n_heads * self.head_dim))
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
-        causal = mask is None and k.size(2) == l and l > 1
+        # without a cache, keys are the queries' own positions: plain causal (no test on a length, which under
+        # torch.compile with symbolic lengths would break the graph)
+        causal = mask is None and (cache is None or (k.size(2) == l and l > 1))
         o = F.scaled_dot_product_attention(
             q,
             k,
@@ -285,9 +287,23 @@ class FalconH1MLP(nn.Module):
 
 
 # compile_layers: torch.compile(FalconH1DecoderLayer.block) per (backend, dynamic, options), shared by every layer of
-# every model (dynamo guards on the layer's structure, not its identity); a layer keeps only the key, so copies of a
-# model (deepcopy) run their own weights through it
+# every model (dynamo guards on the layer's structure, not its identity); a layer keeps only those settings, so copies
+# of a model (deepcopy, pickling) run their own weights through it
 _COMPILED_BLOCKS: dict = {}
+# one compiled function serves every layer, so its recompiles (grad on or off, packed or not, batch size, LoRA adapters
+# switched off for DPO's reference, a second length) share dynamo's per-function budget: past it, layers silently
+# run eagerly. The default (8) was reached by a LoRA DPO loop.
+RECOMPILE_LIMIT = 64
+
+
+def _compiled_block(settings: tuple):
+    """settings (backend, dynamic, options) → the compiled `FalconH1DecoderLayer.block`, compiled on first use."""
+    key = repr(settings)
+    if key not in _COMPILED_BLOCKS:
+        backend, dynamic, options = settings
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED_BLOCKS[key] = torch.compile(FalconH1DecoderLayer.block, backend=backend, dynamic=dynamic, **options)
+    return _COMPILED_BLOCKS[key]
 
 
 class FalconH1DecoderLayer(GradientCheckpointingLayer):
@@ -301,7 +317,7 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         self.attention_in_multiplier = config.attention_in_multiplier
         self.attention_out_multiplier = config.attention_out_multiplier
         self.ssm_out_multiplier = config.ssm_out_multiplier
-        self.compiled = None  # FalconH1ForCausalLM.compile_layers: the key of the compiled block in _COMPILED_BLOCKS
+        self.compiled = None  # FalconH1ForCausalLM.compile_layers: (backend, dynamic, options) of the compiled block
 
     def forward(
         self,
@@ -318,7 +334,7 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         mlp_chunk=None,
     ):
         # compiled for training forwards only: a cache's Python state and context parallelism's collectives stay eager
-        block = _COMPILED_BLOCKS[self.compiled] if self.compiled and cache is None and cp is None else type(self).block
+        block = _compiled_block(self.compiled) if self.compiled and cache is None and cp is None else type(self).block
         return block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk)
 
     def block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk):
@@ -578,12 +594,10 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         optimizer stay outside (the loss compiles its own chunk on CUDA, model/loss.py); forwards with a cache or
         context parallelism run eagerly. backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor."""
         backend = backend or os.environ.get("FALCON_ALIGN_COMPILE_BACKEND", "inductor")
-        key = repr((backend, dynamic, sorted(options.items())))
-        if key not in _COMPILED_BLOCKS:
-            block = FalconH1DecoderLayer.block
-            _COMPILED_BLOCKS[key] = torch.compile(block, backend=backend, dynamic=dynamic, **options)
+        settings = (backend, dynamic, dict(options))
+        _compiled_block(settings)
         for layer in self.model.layers:
-            layer.compiled = key
+            layer.compiled = settings
         return self
 
     def set_padding_free(self, enabled: bool = True) -> FalconH1ForCausalLM:

@@ -77,13 +77,21 @@ def _stand_ins():
         return dy * D[:, None].to(dy.dtype), torch.ones_like(dt), torch.ones_like(A), torch.zeros_like(B), \
             torch.zeros_like(C), dD, None, None, dinit  # fmt: skip
 
-    comb._mamba_chunk_scan_combined_bwd = recompute_bwd
+    comb.recompute_calls = 0
+
+    def counted_recompute_bwd(*args, **kwargs):
+        comb.recompute_calls += 1
+        return recompute_bwd(*args, **kwargs)
+
+    comb._mamba_chunk_scan_combined_bwd = counted_recompute_bwd
     comb.mamba_chunk_scan_combined = None  # the model's calls never reach mamba-ssm's autograd.Function
     return m
 
 
 @pytest.fixture(scope="module")
 def scan_op():
+    """The op over the stand-ins. It stays registered for the session (torch.library registers a name once); on a
+    CPU machine nothing else builds it."""
     saved = {k: v for k, v in sys.modules.items() if k.startswith("mamba_ssm")}
     mods = _stand_ins()
     package = types.ModuleType("mamba_ssm.ops.triton")
@@ -119,6 +127,8 @@ def test_scan_op_plumbing(scan_op, monkeypatch, compiled, keep):
     if not keep:
         monkeypatch.setattr(cuda, "KEEP_STATES_BELOW_TOKENS", 0)
     call = torch.compile(scan_op, backend="inductor", dynamic=True) if compiled else scan_op
+    combined = sys.modules["mamba_ssm.ops.triton.ssd_combined"]
+    combined.recompute_calls = 0
     for l, packed, init in ((40, False, False), (56, True, True), (72, True, False)):
         x, dt, A, B, C, D, s0, seq_idx = _inputs(l, packed, init)
         y, final = call(x, dt, A, B, C, D, s0, seq_idx, 16)
@@ -131,6 +141,7 @@ def test_scan_op_plumbing(scan_op, monkeypatch, compiled, keep):
         for t, gr in zip(inputs, grads):
             assert gr.shape == t.shape and gr.dtype == t.dtype
         torch.testing.assert_close(grads[0], D.detach()[:, None].expand_as(x).to(x.dtype))  # dy·D through dx
+    assert combined.recompute_calls == (0 if keep else 3)  # which backward ran: the kept states', or mamba-ssm's
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["kept-states", "recompute"])
@@ -143,6 +154,7 @@ def test_scan_ops_pass_opcheck(scan_op, keep):
     torch.library.opcheck(torch.ops.falcon_align.ssd_chunk_scan.default, args)
     with torch.no_grad():
         y, final, *kept = torch.ops.falcon_align.ssd_chunk_scan.default(*args)
+    assert all(t.numel() > 0 for t in kept) == keep and all(t.numel() == 0 for t in kept) != keep
     plain = [t.detach() for t in (x, dt, A, B, C, D, s0)]
     backward_args = (torch.ones_like(y), torch.ones_like(final), *plain, seq_idx, y, *kept, 16)
     torch.library.opcheck(torch.ops.falcon_align.ssd_chunk_scan_backward.default, backward_args)
@@ -156,3 +168,11 @@ def test_the_model_signature_reaches_the_op(scan_op):
                         return_final_states=True)  # fmt: skip
     assert y.shape == x.shape and final.dtype == torch.float32
     assert ssd_scan(x, dt, A, B, C, 16, D=D).shape == x.shape
+
+
+def test_scan_segments_never_keep_states():
+    """Rows over SCAN_SEGMENT_TOKENS scan in segments under activation checkpointing; a full segment must take the
+    recomputing backward, or kept states would add up over a layer's segments (the long-context memory plan)."""
+    from model.modeling import SCAN_SEGMENT_TOKENS
+
+    assert SCAN_SEGMENT_TOKENS >= cuda.KEEP_STATES_BELOW_TOKENS

@@ -9,8 +9,7 @@ Trainer; its kernels keep their CPU ops in a `--trace`). After warm-up (and capt
 torch.profiler; every GPU kernel's time is summed by family (GEMM, attention, the SSD scan, conv, norms,
 fused/eager elementwise, optimizer, copies) and the GPU's busy share of the step is reported: a step much longer
 than its kernels is launch-bound, a busy GPU is kernel-bound, and the families then say which kernels. `--tiny`
-profiles a 2-layer model on CPU (CPU ops
-instead of kernels), a smoke test of this script.
+profiles a 2-layer model on CPU (CPU ops instead of kernels), a smoke test of this script.
 """
 
 from __future__ import annotations

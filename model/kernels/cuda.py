@@ -55,7 +55,7 @@ def _import_mamba_triton():
 
 def _ssd_scan(ssd_combined):
     scan = ssd_combined.mamba_chunk_scan_combined
-    chunked = _chunked_scan_op(ssd_combined)
+    chunked = _chunked_scan_op()
 
     def ssd_scan(
         x,
@@ -112,7 +112,7 @@ _SCAN_OP = None
 KEEP_STATES_BELOW_TOKENS = 32768
 
 
-def _chunked_scan_op(ssd_combined):
+def _chunked_scan_op():
     """mamba-ssm's chunked SSD kernels as one `torch.library` custom op with its own backward (registered once).
 
     Why not `mamba_chunk_scan_combined`: (1) it is a Python autograd.Function that torch.compile cannot trace, so a
@@ -127,7 +127,7 @@ def _chunked_scan_op(ssd_combined):
     global _SCAN_OP
     if _SCAN_OP is not None:
         return _SCAN_OP
-    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
+    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined, ssd_state_passing
 
     always_recompute = os.environ.get("FALCON_ALIGN_SSD_RECOMPUTE", "0") == "1"
 
@@ -147,8 +147,7 @@ def _chunked_scan_op(ssd_combined):
         """→ y (b, l, H, P), final state (b, H, P, N) fp32, and for the backward (empty unless `keep`): dA_cumsum
         and the chunked dt (b, H, c, chunk) fp32, the state entering each chunk (b, c, H, P, N) in C's dtype, CB
         (b, c, G, chunk, chunk) fp32."""
-        b, l, H, P = x.shape
-        N = B.shape[-1]
+        P, N = x.shape[-1], B.shape[-1]
         dA_cumsum, dt_c = ssd_chunk_state._chunk_cumsum_fwd(dt, A, chunk_size)
         states = ssd_chunk_state._chunk_state_fwd(B, x, dt_c, dA_cumsum, seq_idx=seq_idx, states_in_fp32=True)
         states, final = ssd_state_passing._state_passing_fwd(
@@ -214,9 +213,8 @@ def _chunked_scan_op(ssd_combined):
             dx, ddt, dA, dB, dC, dD, _, _, dinit = grads
         else:
             dx, ddt, dA, dB, dC, dD, dinit = _ssd_backward(
-                ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing, ssd_combined,
-                dy.contiguous(), dfinal, x, dt, A, B, C, D, initial_states, seq_idx, dA_cumsum, dt_c, states, CB,
-            )  # fmt: skip
+                dy.contiguous(), dfinal, x, dt, A, B, C, D, initial_states, seq_idx, dA_cumsum, dt_c, states, CB
+            )
         # dinit comes in the input dtype (the kernel's dstates dtype); the custom op promises the state's own
         dinit = dinit.to(initial_states.dtype) if dinit is not None else x.new_empty(0, dtype=torch.float32)
         grads = dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), dinit
@@ -256,13 +254,18 @@ def _chunked_scan_op(ssd_combined):
     return chunked_scan
 
 
-def _ssd_backward(bmm, scan, state, passing, combined, dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c,
-                  states, CB):  # fmt: skip
+def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c, states, CB):
     """The SSD backward from the forward's saved chunk quantities (no recompute). Shapes: x, dy (b, l, H, P); dt
     (b, l, H) fp32; B, C (b, l, G, N); dA_cumsum, dt_c (b, H, c, chunk); states (b, c, H, P, N): the state
     entering each chunk; CB (b, c, G, chunk, chunk). The kernels are mamba-ssm's; the order is the chain rule:
     d states from y, back through the state passing, then dx / dB / dC / dCB and the dA_cumsum terms."""
-    G, N = B.shape[-2:]
+    from mamba_ssm.ops.triton import ssd_bmm as bmm
+    from mamba_ssm.ops.triton import ssd_chunk_scan as scan
+    from mamba_ssm.ops.triton import ssd_chunk_state as state
+    from mamba_ssm.ops.triton import ssd_combined as combined
+    from mamba_ssm.ops.triton import ssd_state_passing as passing
+
+    G = B.shape[-2]
     # d(state entering each chunk) from y = C·state·exp(dA_cumsum) + ... (fp32)
     dstates = scan._chunk_scan_bwd_dstates(C, dA_cumsum, dy, seq_idx=seq_idx, dtype=torch.float32)
     dstates, ddA_chunk_end, dinit, states_x = passing._state_passing_bwd(

@@ -101,7 +101,7 @@ def scan_op():
     sys.modules.update({"mamba_ssm": types.ModuleType("mamba_ssm"), "mamba_ssm.ops": types.ModuleType("mamba_ssm.ops"),
                         "mamba_ssm.ops.triton": package})  # fmt: skip
     try:
-        yield cuda._chunked_scan_op(mods["ssd_combined"])
+        yield cuda._chunked_scan_op()
     finally:
         for k in [k for k in sys.modules if k.startswith("mamba_ssm")]:
             del sys.modules[k]

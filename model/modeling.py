@@ -44,6 +44,11 @@ MLP_CHUNK_TOKENS = 16384
 # longer rows run the SSD scan in segments of this many tokens with exact state passing (FalconH1Mixer._scan)
 SCAN_SEGMENT_TOKENS = 32768
 
+try:  # builds without torch.distributed have no DTensor; nothing is sharded there
+    from torch.distributed.tensor import DTensor
+except ImportError:
+    DTensor = ()
+
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -105,14 +110,16 @@ class FalconH1Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, u, cos, sin, mask, cache, ops, packed=None, cp=None):
+    def forward(self, u, cos, sin, mask, cache, ops, packed=None, cp=None, qkv=None):
         """mask: boolean (b, 1, l, past+l) or None (plain causal); packed: (cu_seqlens, max_len) for
         documents packed in the rows, attended to one by one through varlen attention; cp: this rank's
-        context-parallel step (model/context_parallel.py)."""
-        b, l, _ = u.shape
-        q = self.q_proj(u).view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, l, hd)
-        k = self.k_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2) * self.key_multiplier
-        v = self.v_proj(u).view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
+        context-parallel step (model/context_parallel.py); qkv: the projections of u already made (the layer's
+        fused input GEMM), u then unused."""
+        q, k, v = qkv if qkv is not None else (self.q_proj(u), self.k_proj(u), self.v_proj(u))
+        b, l, _ = q.shape
+        q = q.view(b, l, self.n_heads, self.head_dim).transpose(1, 2)  # (b, H, l, hd)
+        k = k.view(b, l, self.n_kv, self.head_dim).transpose(1, 2) * self.key_multiplier
+        v = v.view(b, l, self.n_kv, self.head_dim).transpose(1, 2)  # (b, kv, l, hd)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin  # keys are cached scaled and rotated
         if cp is not None:
@@ -176,10 +183,12 @@ class FalconH1Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_ssm, config.hidden_size, bias=config.projectors_bias)
         self.register_buffer("mup_vector", mup_vector(config), persistent=False)
 
-    def forward(self, h, ops, seq_idx=None, pad_mask=None, cache=None, cp=None):
+    def forward(self, h, ops, seq_idx=None, pad_mask=None, cache=None, cp=None, zxbcdt=None):
+        """zxbcdt: in_proj's output with its multipliers, already made (the layer's fused input GEMM)."""
         b, l, _ = h.shape
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        zxbcdt = self.in_proj(h * self.ssm_in_multiplier) * self.mup_vector
+        if zxbcdt is None:
+            zxbcdt = self.in_proj(h * self.ssm_in_multiplier) * self.mup_vector
         z, xBC, dt = zxbcdt.split([self.d_ssm, self.conv_dim, H], dim=-1)
         if pad_mask is not None:  # pads enter the conv as zeros, exactly like positions before the start
             xBC = xBC * pad_mask[..., None]
@@ -282,8 +291,29 @@ class FalconH1MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.gate_multiplier, self.down_multiplier = config.mlp_multipliers
 
-    def forward(self, x):
-        return self.down_proj(self.up_proj(x) * F.silu(self.gate_proj(x) * self.gate_multiplier)) * self.down_multiplier
+    def forward(self, x, fused: bool = False):
+        """fused: gate and up as one GEMM (Ops.fused_projections)."""
+        gate_up = one_gemm(x, [self.gate_proj, self.up_proj]) if fused else None
+        gate, up = gate_up or (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(up * F.silu(gate * self.gate_multiplier)) * self.down_multiplier
+
+
+def one_gemm(x, linears: list[nn.Linear]) -> tuple[torch.Tensor, ...] | None:
+    """[linear(x) for linear in linears] as one GEMM over their concatenated weights (the copy is a few MB a
+    layer; the input's gradient then comes out of one GEMM, not a sum of several). None where that would not be
+    the same function: a module that is not a plain nn.Linear (a PEFT adapter, a quantized layer), weights of
+    different dtypes or sharded as DTensors (tensor parallelism), biases on some but not all."""
+    weights = [m.weight for m in linears]
+    if any(type(m) is not nn.Linear for m in linears) or len({w.dtype for w in weights}) != 1:
+        return None
+    if any(isinstance(w, DTensor) for w in weights):
+        return None
+    biased = {m.bias is not None for m in linears}
+    if len(biased) != 1:
+        return None
+    bias = torch.cat([m.bias for m in linears]) if biased.pop() else None
+    out = F.linear(x, torch.cat(weights), bias)
+    return out.split([w.size(0) for w in weights], dim=-1)
 
 
 # compile_layers: torch.compile(FalconH1DecoderLayer.block) per (backend, dynamic, options), shared by every layer of
@@ -342,20 +372,35 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         copy of this function (one for all layers) is what `compile_layers` switches to, so a checkpointed layer
         recomputes through the compiled code too."""
         h = self.input_layernorm(hidden_states)
-        m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp) * self.ssm_out_multiplier
-        a = self.self_attn(h * self.attention_in_multiplier, cos, sin, attn_mask, cache, ops, packed, cp)
-        a = a * self.attention_out_multiplier
+        zxbcdt, qkv = self._fused_input_projections(h) if ops.fused_projections else (None, None)
+        m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp, zxbcdt=zxbcdt)
+        m = m * self.ssm_out_multiplier
+        u = h * self.attention_in_multiplier if qkv is None else None
+        a = self.self_attn(u, cos, sin, attn_mask, cache, ops, packed, cp, qkv=qkv) * self.attention_out_multiplier
         hidden_states = hidden_states + (m + a)
-        return hidden_states + self._feed_forward(self.pre_ff_layernorm(hidden_states), mlp_chunk)
+        return hidden_states + self._feed_forward(self.pre_ff_layernorm(hidden_states), mlp_chunk, ops)
 
-    def _feed_forward(self, x, chunk):
+    def _fused_input_projections(self, h):
+        """h (b, l, d) → (zxbcdt, (q, k, v)) from one GEMM of h against [in_proj; q; k; v], or (None, None) where
+        `one_gemm` declines. The input multipliers move to the outputs (a scalar commutes with the GEMM)."""
+        mix, att = self.mamba, self.self_attn
+        out = one_gemm(h, [mix.in_proj, att.q_proj, att.k_proj, att.v_proj])
+        if out is None:
+            return None, None
+        zxbcdt, *qkv = out
+        if self.attention_in_multiplier != 1.0:
+            qkv = [t * self.attention_in_multiplier for t in qkv]
+        return zxbcdt * mix.ssm_in_multiplier * mix.mup_vector, tuple(qkv)
+
+    def _feed_forward(self, x, chunk, ops):
         """x (b, l, d). With `chunk` and autograd recording (a checkpointed layer's recompute, or a training forward),
         rows longer than `chunk` run the MLP chunk by chunk, each under its own checkpoint: what the
         layer's backward holds of the MLP is one chunk's activations, not the row's. The MLP is per token, so the
         result and every gradient are unchanged; the cost is one more MLP forward."""
+        fused = ops.fused_projections
         if not chunk or x.size(1) <= chunk or not torch.is_grad_enabled():
-            return self.feed_forward(x)
-        parts = [checkpoint(self.feed_forward, part, use_reentrant=False) for part in x.split(chunk, dim=1)]
+            return self.feed_forward(x, fused)
+        parts = [checkpoint(self.feed_forward, part, fused, use_reentrant=False) for part in x.split(chunk, dim=1)]
         return torch.cat(parts, dim=1)
 
 

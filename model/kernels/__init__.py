@@ -32,6 +32,10 @@ class Ops:
     # how packed documents are attended: True → `varlen_attention` over the flattened rows (a fast kernel);
     # False → one dense per-row mask (cheaper than a Python loop over documents when no kernel exists)
     varlen_for_packing: bool = False
+    # True → a layer's projections of one input run as one GEMM over concatenated weights (q, k, v with in_proj;
+    # gate with up): fewer, larger GEMMs and one input gradient instead of a sum of several. The reference keeps
+    # transformers' op order; FALCON_ALIGN_FUSE_PROJECTIONS=0 turns it off on CUDA.
+    fused_projections: bool = False
 
 
 REFERENCE = Ops(
@@ -60,6 +64,7 @@ def _fast_ops() -> Ops | None:
         REFERENCE,
         name="cuda[" + ",".join(sorted(overrides)) + "]",
         varlen_for_packing="varlen_attention" in overrides,
+        fused_projections=os.environ.get("FALCON_ALIGN_FUSE_PROJECTIONS", "1") != "0",
         **overrides,
     )
 

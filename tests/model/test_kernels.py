@@ -1,9 +1,12 @@
 """Reference ops against a naive per-token recurrence in fp64 (fresh random inputs per case)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+import model.modeling as modeling
 from model.kernels import REFERENCE, get_ops
 from model.kernels.ref import (
     causal_conv1d_ref,
@@ -217,9 +220,13 @@ def test_compiled_layers_equal_eager_over_varying_lengths():
             assert rel_err(grads_c[name], grad) < 1e-5, name
 
 
-def test_compiled_layers_take_new_lengths_without_graph_breaks():
+@pytest.mark.parametrize("fused", [False, True], ids=["unfused", "fused-projections"])
+def test_compiled_layers_take_new_lengths_without_graph_breaks(monkeypatch, fused):
     """Plain rows of three lengths (SFT without packing): one static compile, one with a symbolic length, then
-    none — and no graph break (SDPA's is_causal once read a comparison of symbolic lengths and broke every layer)."""
+    none — and no graph break (SDPA's is_causal once read a comparison of symbolic lengths and broke every layer),
+    also with the CUDA default of fused projections (their eligibility checks run at trace time)."""
+    if fused:
+        monkeypatch.setattr(modeling, "get_ops", lambda device: replace(REFERENCE, fused_projections=True))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = tiny_model(seed=7).train().compile_layers(backend="aot_eager")

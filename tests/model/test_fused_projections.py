@@ -1,0 +1,106 @@
+"""Ops.fused_projections (the CUDA default): a layer's q, k, v and in_proj as one GEMM, gate and up as another.
+
+Checked on CPU by switching it on over the reference kernels: the same function as transformers' model (fp64,
+every multiplier ≠ 1, so the input multipliers really move to the outputs), packed rows and cached decoding equal
+the unfused path, the GEMMs are really merged (counted), and modules that are not plain nn.Linear (PEFT adapters)
+take the unfused path.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import model.modeling as modeling
+from model.kernels import REFERENCE
+from tests.conftest import hf_twin, rel_err, tiny_model
+
+FUSED = replace(REFERENCE, name="reference+fused", fused_projections=True)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setattr(modeling, "get_ops", lambda device: FUSED)
+
+
+class CountGemms(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def test_fused_model_matches_unfused_and_transformers(monkeypatch):
+    """fp64: fused and unfused are the same function (1e-12: only summation order differs); both within 1e-6 of
+    transformers, whose fp64 run keeps some fp32 steps (the unfused path's own distance is 3e-7)."""
+    ours = tiny_model(seed=4, dtype=torch.float64, mamba_n_groups=2).train()
+    hf = hf_twin(ours).train()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for ops in (REFERENCE, FUSED):
+        monkeypatch.setattr(modeling, "get_ops", lambda device, ops=ops: ops)
+        ours.zero_grad()
+        out = ours(ids, labels=ids, return_logits=True)
+        out.loss.backward()
+        runs[ops.name] = out.logits.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+    (logits_ref, grads_ref), (logits, grads) = runs.values()
+    assert rel_err(logits, logits_ref) < 1e-12
+    for name, g in grads.items():
+        assert rel_err(g, grads_ref[name]) < 1e-12, name
+    ref = hf(ids, labels=ids)
+    ref.loss.backward()
+    assert rel_err(logits, ref.logits) < 1e-6
+    for name, p in hf.named_parameters():
+        assert rel_err(grads[name], p.grad) < 1e-5, name
+
+
+def test_fused_forward_runs_fewer_gemms(monkeypatch):
+    """Per layer 9 GEMMs unfused (q, k, v, in_proj, o, out_proj, gate, up, down), 5 fused; plus the head."""
+    ours = tiny_model(seed=5)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    counts = {}
+    for ops in (REFERENCE, FUSED):
+        monkeypatch.setattr(modeling, "get_ops", lambda device, ops=ops: ops)
+        with torch.no_grad(), CountGemms() as mode:
+            ours(ids, use_cache=False)
+        counts[ops.name] = mode.n
+    layers = ours.config.num_hidden_layers
+    assert counts["reference"] - counts["reference+fused"] == 4 * layers, counts
+
+
+def test_fused_packed_rows_and_cached_decoding_equal_unfused(monkeypatch):
+    ours = tiny_model(seed=6)
+    ids = torch.randint(1, ours.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(2))
+    pos = torch.cat([torch.arange(7), torch.arange(13)])[None]  # two documents in one row
+    results = {}
+    for ops in (REFERENCE, FUSED):
+        monkeypatch.setattr(modeling, "get_ops", lambda device, ops=ops: ops)
+        with torch.no_grad():
+            packed = ours(ids, position_ids=pos).logits
+            generated = ours.generate(ids[:, :9], max_new_tokens=6, do_sample=False, min_new_tokens=6)
+        results[ops.name] = packed, generated
+    (packed_ref, gen_ref), (packed_fused, gen_fused) = results.values()
+    assert rel_err(packed_fused, packed_ref) < 1e-5
+    assert torch.equal(gen_fused, gen_ref)
+
+
+def test_peft_adapters_take_the_unfused_path(fused):
+    peft = pytest.importorskip("peft")
+    ours = tiny_model(seed=7)
+    lora = peft.get_peft_model(ours, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], lora_dropout=0.0))
+    layer = lora.base_model.model.model.layers[0]
+    assert modeling.one_gemm(torch.zeros(1, 48), [layer.self_attn.q_proj, layer.self_attn.k_proj]) is None
+    with torch.no_grad():  # adapters with non-zero B, so they change the output
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, ours.config.vocab_size, (1, 11), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused_out = lora(ids).logits
+        modeling.get_ops = lambda device: REFERENCE  # restored by the fixture's monkeypatch
+        unfused_out = lora(ids).logits
+    assert rel_err(fused_out, unfused_out) < 1e-6

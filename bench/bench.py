@@ -212,7 +212,7 @@ def main():
     ap.add_argument("--seqs", default="2048,8192,32768")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--no-eager", action="store_true", help="skip ours without graphs or compile (A/B runs)")
+    ap.add_argument("--settings", default=None, help="only these columns of ours, comma-separated (A/B runs)")
     ap.add_argument("--packed-docs", type=int, default=4, help="also time ours on rows of this many documents")
     ap.add_argument("--graphs", action="store_true", help="also time ours with per-layer CUDA graphs")
     ap.add_argument(
@@ -255,9 +255,8 @@ def main():
         steps = args.steps if T <= 8192 else max(2, args.steps // 2)
         r = dict(seq=T)
         packed = [dict(packed_docs=args.packed_docs)] if args.packed_docs else []
-        settings = []  # (column, timing function, its keyword arguments)
-        if not args.no_eager:
-            settings += [("ours", time_training, {})] + [("ours_packed", time_training, kw) for kw in packed]
+        # (column, timing function, its keyword arguments)
+        settings = [("ours", time_training, {})] + [("ours_packed", time_training, kw) for kw in packed]
         if args.graphs:
             settings += [("ours_graphs", time_graphed, {})] + [
                 ("ours_graphs_packed", time_graphed, kw) for kw in packed
@@ -266,6 +265,8 @@ def main():
             settings += [("ours_compiled", time_compiled, {})]
             settings += [("ours_compiled_packed", time_compiled, kw) for kw in packed]
             settings += [("ours_compiled_graphs", time_graphed, dict(compile=True))]
+        if args.settings:
+            settings = [setting for setting in settings if setting[0] in args.settings.split(",")]
         for key, timed, kw in settings:  # each result printed as it comes: a killed run keeps those before
             r[key] = timed(ours, T, steps, **kw)
             if "tokens_per_s" in r[key] and not kw.get("packed_docs"):  # MFU's FLOPs are one document's

@@ -237,3 +237,19 @@ def test_compiled_layers_take_new_lengths_without_graph_breaks(monkeypatch, fuse
     counters = torch._dynamo.utils.counters
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
+def test_compiled_layers_take_inductor_options_unless_a_mode_is_given(monkeypatch):
+    """compile_layers hands inductor its concat (not pointwise) cat; a caller's mode or options are kept."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(modeling, "_COMPILED_BLOCKS", {})
+    for options in ({}, {"options": {"max_pointwise_cat_inputs": 4}}, {"mode": "max-autotune"}):
+        modeling._compiled_block(("inductor", None, options))
+    modeling._compiled_block(("aot_eager", None, {}))
+    assert modeling.inductor_options() == {k: 0 for k in modeling.inductor_options()}
+    assert "max_pointwise_cat_inputs" in modeling.inductor_options()
+    assert calls[0]["options"] == modeling.inductor_options()
+    assert calls[1]["options"]["max_pointwise_cat_inputs"] == 4
+    assert "options" not in calls[2] and calls[2]["mode"] == "max-autotune"
+    assert "options" not in calls[3]

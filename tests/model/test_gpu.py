@@ -1,14 +1,18 @@
 """GPU fast path against the reference path (marker `gpu`; skipped without CUDA).
 
-Tolerances (relative error ‖fast − ref‖∞ / ‖ref‖∞): fp32 ≤ 5e-3 (Triton runs fp32 dots in tf32), bf16 ≤ 3e-2.
+Tolerances (relative error ‖fast − ref‖∞ / ‖ref‖∞): fp32 ≤ 5e-3 (Triton runs fp32 dots in tf32), bf16 ≤ 3e-2 for
+single ops. Whole models in bf16 are held to the reference's own bf16 accuracy against fp32 (`assert_as_accurate`):
+two bf16 runs of a model differ by as much as either differs from fp32.
 """
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model.kernels import REFERENCE, get_ops
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import assert_as_accurate, rel_err, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
@@ -120,19 +124,26 @@ def _both_paths(monkeypatch, fn):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
+    """Fast path (Triton scan, fused projections, the CUDA attention) against the reference path: fp32 within the
+    stated tolerances; bf16 at least half as accurate as the reference's bf16 run, both against the reference path
+    in fp32 on the same (bf16-rounded) weights."""
     model = tiny_model(seed=1, mamba_n_groups=2, mamba_chunk_size=16, mamba_d_state=16).to("cuda", dtype)
     ids = torch.randint(0, 97, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
-    def run():
-        model.zero_grad()
-        out = model(ids, labels=ids, return_logits=True)
+    def run(m):
+        m.zero_grad()
+        out = m(ids, labels=ids, return_logits=True)
         out.loss.backward()
-        return out.logits.float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        return out.logits.float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}
 
-    (l_ref, g_ref), (l_fast, g_fast) = _both_paths(monkeypatch, run)
-    assert rel_err(l_fast, l_ref) < TOL[dtype]
-    for name in g_ref:
-        assert rel_err(g_fast[name], g_ref[name]) < 5 * TOL[dtype], name
+    (l_ref, g_ref), (l_fast, g_fast) = _both_paths(monkeypatch, lambda: run(model))
+    if dtype == torch.float32:
+        assert rel_err(l_fast, l_ref) < TOL[dtype]
+        for name in g_ref:
+            assert rel_err(g_fast[name], g_ref[name]) < 5 * TOL[dtype], name
+    else:
+        truth, _ = _both_paths(monkeypatch, lambda: run(copy.deepcopy(model).float()))
+        assert_as_accurate((l_fast, g_fast), (l_ref, g_ref), truth)
 
 
 def test_segmented_scan_on_gpu(monkeypatch):
@@ -237,9 +248,11 @@ def test_training_graphs_match_eager(packed, compile):
 @pytest.mark.parametrize("packed", [False, True])
 def test_compile_layers_match_eager_on_gpu(packed):
     """`compile_layers` (inductor) on the fast ops: the scan as one custom op, the conv as taps, the gated norm
-    traced; two lengths (the second through the dynamic recompile); loss and gradients equal eager's (bf16)."""
+    traced; two lengths (the second through the dynamic recompile). bf16 loss and gradients at least half as
+    accurate as eager's, both against eager fp32 on the same weights (inductor rounds less often than eager)."""
     eager_model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
-    compiled_model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train().compile_layers()
+    truth_model = copy.deepcopy(eager_model).float()
+    compiled_model = copy.deepcopy(eager_model).compile_layers()
     gen = torch.Generator("cuda").manual_seed(3)
     for length in (128, 100):
         ids = torch.randint(1, 97, (1, length), device="cuda", generator=gen)
@@ -247,12 +260,9 @@ def test_compile_layers_match_eager_on_gpu(packed):
         if packed:
             kw["position_ids"] = torch.cat([torch.arange(n, device="cuda") for n in (40, 3, length - 43)])[None]
         results = []
-        for model in (eager_model, compiled_model):
+        for model in (compiled_model, eager_model, truth_model):
             model.zero_grad()
             loss = model(ids, labels=ids, **kw).loss
             loss.backward()
             results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
-        (l_e, g_e), (l_c, g_c) = results
-        assert rel_err(l_c, l_e) < 1e-3
-        for name in g_e:
-            assert rel_err(g_c[name], g_e[name]) < 3e-2, name
+        assert_as_accurate(*results)

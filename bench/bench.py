@@ -266,7 +266,11 @@ def main():
             settings += [("ours_compiled_packed", time_compiled, kw) for kw in packed]
             settings += [("ours_compiled_graphs", time_graphed, dict(compile=True))]
         if args.settings:
-            settings = [setting for setting in settings if setting[0] in args.settings.split(",")]
+            wanted = args.settings.split(",")
+            unknown = set(wanted) - {setting[0] for setting in settings}
+            if unknown:
+                raise SystemExit(f"--settings: {sorted(unknown)} not among this run's columns (check --graphs etc.)")
+            settings = [setting for setting in settings if setting[0] in wanted]
         for key, timed, kw in settings:  # each result printed as it comes: a killed run keeps those before
             r[key] = timed(ours, T, steps, **kw)
             if "tokens_per_s" in r[key] and not kw.get("packed_docs"):  # MFU's FLOPs are one document's

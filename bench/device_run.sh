@@ -10,13 +10,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
 # autotune results on disk too (Triton ≥ 3.2): mamba-ssm autotunes every kernel per shape, minutes per process
 export PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/.triton/cache TRITON_CACHE_AUTOTUNING=1
-ls .carry/triton_cache.tgz* >/dev/null 2>&1 && cat .carry/triton_cache.tgz* | tar xz -C "$PWD"
+ls .carry/triton_cache.tgz.* >/dev/null 2>&1 && cat .carry/triton_cache.tgz.* | tar xz -C "$PWD"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 n=0
 for args in "$@"; do  # one bench.py run per argument string, each under its own timeout; leading KEY=VALUE words
   n=$((n + 1))       # are its environment (an A/B switch such as FALCON_ALIGN_FUSE_PROJECTIONS=0)
   read -ra words <<< "$args"; envs=()
-  while [[ ${words[0]:-} == *=* ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
+  while [[ ${words[0]:-} =~ ^[A-Za-z_][A-Za-z0-9_]*= ]]; do envs+=("${words[0]}"); words=("${words[@]:1}"); done
   timeout "${BENCH_TIMEOUT:-400}" env "${envs[@]}" python3 bench/bench.py "${words[@]}" > "$OUT/bench$n.log" 2>&1
   grep -E '^\{"seq"' "$OUT/bench$n.log" | cut -c1-200; tail -6 "$OUT/bench$n.log"
 done

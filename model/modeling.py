@@ -44,11 +44,6 @@ MLP_CHUNK_TOKENS = 16384
 # longer rows run the SSD scan in segments of this many tokens with exact state passing (FalconH1Mixer._scan)
 SCAN_SEGMENT_TOKENS = 32768
 
-try:  # builds without torch.distributed have no DTensor; nothing is sharded there
-    from torch.distributed.tensor import DTensor
-except ImportError:
-    DTensor = ()
-
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -299,21 +294,47 @@ class FalconH1MLP(nn.Module):
 
 
 def one_gemm(x, linears: list[nn.Linear]) -> tuple[torch.Tensor, ...] | None:
-    """[linear(x) for linear in linears] as one GEMM over their concatenated weights (the copy is a few MB a
-    layer; the input's gradient then comes out of one GEMM, not a sum of several). None where that would not be
-    the same function: a module that is not a plain nn.Linear (a PEFT adapter, a quantized layer), weights of
-    different dtypes or sharded as DTensors (tensor parallelism), biases on some but not all."""
+    """[linear(x) for linear in linears] as one GEMM over their concatenated weights (the input's gradient then
+    comes out of one GEMM, not a sum of several). None where that would not be the same function or would bypass
+    what runs the module: a module that is not a plain nn.Linear (a PEFT adapter, a quantized layer) or that has
+    forward hooks (DeepSpeed ZeRO-3 gathers a module's weights in its pre-hook, accelerate's offload moves them in),
+    weights that are not plain Parameters on a device (DTensor shards, tensor subclasses, meta), of mixed dtypes or
+    mixed requires_grad, or biases on some but not all."""
     weights = [m.weight for m in linears]
-    if any(type(m) is not nn.Linear for m in linears) or len({w.dtype for w in weights}) != 1:
+    if any(type(m) is not nn.Linear or m._forward_pre_hooks or m._forward_hooks for m in linears):
         return None
-    if any(isinstance(w, DTensor) for w in weights):
+    if any(hasattr(m, "_hf_hook") or type(w) is not nn.Parameter or w.is_meta for m, w in zip(linears, weights)):
+        return None
+    if len({w.dtype for w in weights}) != 1 or len({w.requires_grad for w in weights}) != 1:
         return None
     biased = {m.bias is not None for m in linears}
     if len(biased) != 1:
         return None
-    bias = torch.cat([m.bias for m in linears]) if biased.pop() else None
-    out = F.linear(x, torch.cat(weights), bias)
+    # without autograd nothing is saved (and dynamo misbinds the Function's varargs under no_grad)
+    out = _ConcatLinear.apply(x, *weights) if torch.is_grad_enabled() else F.linear(x, torch.cat(weights))
+    if biased.pop():
+        out = out + torch.cat([m.bias for m in linears])
     return out.split([w.size(0) for w in weights], dim=-1)
+
+
+class _ConcatLinear(torch.autograd.Function):
+    """x @ cat(weights)ᵀ that saves the weights themselves for the backward, not their concatenation: the copy is
+    rebuilt there, so fusing holds no extra memory between forward and backward (else a second copy of most of the
+    model's weights, ~8 GB for the 7B without activation checkpointing)."""
+
+    @staticmethod
+    def forward(ctx, x, *weights):
+        ctx.save_for_backward(x, *weights)
+        return F.linear(x, torch.cat(weights))  # (..., Σ out_features)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, *weights = ctx.saved_tensors
+        grad_x = grad @ torch.cat(weights) if ctx.needs_input_grad[0] else None
+        grad_w = [None] * len(weights)
+        if any(ctx.needs_input_grad[1:]):  # all or none (one_gemm): (Σ out, in) split per weight
+            grad_w = (grad.flatten(0, -2).t() @ x.flatten(0, -2)).split([w.size(0) for w in weights])
+        return grad_x, *grad_w
 
 
 # compile_layers: torch.compile(FalconH1DecoderLayer.block) per (backend, dynamic, options), shared by every layer of
@@ -385,19 +406,23 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         copy of this function (one for all layers) is what `compile_layers` switches to, so a checkpointed layer
         recomputes through the compiled code too."""
         h = self.input_layernorm(hidden_states)
-        zxbcdt, qkv = self._fused_input_projections(h) if ops.fused_projections else (None, None)
+        # fused where launches count; not with a cache (decoding is bandwidth-bound: the weights' copy would cost more)
+        fused = ops.fused_projections and cache is None
+        zxbcdt, qkv = self._fused_input_projections(h) if fused else (None, None)
         m = self.mamba(h, ops, seq_idx=seq_idx, pad_mask=pad_mask, cache=cache, cp=cp, zxbcdt=zxbcdt)
         m = m * self.ssm_out_multiplier
         u = h * self.attention_in_multiplier if qkv is None else None
         a = self.self_attn(u, cos, sin, attn_mask, cache, ops, packed, cp, qkv=qkv) * self.attention_out_multiplier
         hidden_states = hidden_states + (m + a)
-        return hidden_states + self._feed_forward(self.pre_ff_layernorm(hidden_states), mlp_chunk, ops)
+        return hidden_states + self._feed_forward(self.pre_ff_layernorm(hidden_states), mlp_chunk, fused)
 
     def _fused_input_projections(self, h):
         """h (b, l, d) → (zxbcdt, (q, k, v)) from one GEMM of h against [in_proj; q; k; v], or (None, None) where
-        `one_gemm` declines. The input multipliers move to the outputs (a scalar commutes with the GEMM)."""
+        `one_gemm` declines. The input multipliers move to the outputs (a scalar commutes with the GEMM, not with a
+        bias: projections with biases stay unfused; the released models have none)."""
         mix, att = self.mamba, self.self_attn
-        out = one_gemm(h, [mix.in_proj, att.q_proj, att.k_proj, att.v_proj])
+        linears = [mix.in_proj, att.q_proj, att.k_proj, att.v_proj]
+        out = None if any(m.bias is not None for m in linears) else one_gemm(h, linears)
         if out is None:
             return None, None
         zxbcdt, *qkv = out
@@ -405,12 +430,11 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
             qkv = [t * self.attention_in_multiplier for t in qkv]
         return zxbcdt * mix.ssm_in_multiplier * mix.mup_vector, tuple(qkv)
 
-    def _feed_forward(self, x, chunk, ops):
+    def _feed_forward(self, x, chunk, fused):
         """x (b, l, d). With `chunk` and autograd recording (a checkpointed layer's recompute, or a training forward),
         rows longer than `chunk` run the MLP chunk by chunk, each under its own checkpoint: what the
         layer's backward holds of the MLP is one chunk's activations, not the row's. The MLP is per token, so the
         result and every gradient are unchanged; the cost is one more MLP forward."""
-        fused = ops.fused_projections
         if not chunk or x.size(1) <= chunk or not torch.is_grad_enabled():
             return self.feed_forward(x, fused)
         parts = [checkpoint(self.feed_forward, part, fused, use_reentrant=False) for part in x.split(chunk, dim=1)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 import torch
 
@@ -119,17 +121,17 @@ def assert_as_accurate(got, base, truth, factor: float = 2.0):
     models 3–4% of the largest logit and 5–8% of the largest entry of some gradient (A_log, dt_bias, the conv),
     measured on CPU; so comparing them directly at a bf16 tolerance is noise. Each of got, base, truth is
     (logits or loss, {name: gradient}); `got` (a fast or compiled path) is held to the accuracy that `base` (the
-    path it replaces) reaches against the fp32 `truth` on the same weights: its logits error and its worst gradient
-    error at most `factor` times base's. A wrong gradient anywhere is off by O(1) and fails."""
+    path it replaces) reaches against the fp32 `truth` on the same weights, the output and every gradient on its own:
+    error ≤ factor · base's error + base's median gradient error (one parameter's error varies by chance: over eight
+    seeds on CPU the fused projections needed at most 0.35 of that median beyond twice the unfused error). A wrong
+    gradient is off by O(1)."""
     (out_g, grads_g), (out_b, grads_b), (out_t, grads_t) = got, base, truth
-    assert rel_err(out_g, out_t) <= factor * rel_err(out_b, out_t) + 1e-3, (
-        rel_err(out_g, out_t),
-        rel_err(out_b, out_t),
-    )
-    worst = {}
-    for label, grads in (("got", grads_g), ("base", grads_b)):
-        worst[label] = max((rel_err(grads[n], g) for n, g in grads_t.items()), default=0.0)
-    assert worst["got"] <= factor * worst["base"] + 1e-3, worst
+    errors = {name: (rel_err(grads_g[name], g), rel_err(grads_b[name], g)) for name, g in grads_t.items()}
+    floor = statistics.median(e[1] for e in errors.values()) if errors else 1e-3
+    out_err = rel_err(out_g, out_t), rel_err(out_b, out_t)
+    assert out_err[0] <= factor * out_err[1] + 1e-3, ("output", out_err)
+    for name, (err_got, err_base) in errors.items():
+        assert err_got <= factor * err_base + floor, (name, err_got, err_base, floor)
 
 
 @pytest.fixture

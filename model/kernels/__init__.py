@@ -60,11 +60,12 @@ def _fast_ops() -> Ops | None:
     overrides = cuda.available_ops()
     if not overrides:
         return None
+    fused = os.environ.get("FALCON_ALIGN_FUSE_PROJECTIONS", "1") != "0"
     return replace(
         REFERENCE,
-        name="cuda[" + ",".join(sorted(overrides)) + "]",
+        name="cuda[" + ",".join(sorted(overrides)) + "]" + ("+fused-projections" if fused else ""),
         varlen_for_packing="varlen_attention" in overrides,
-        fused_projections=os.environ.get("FALCON_ALIGN_FUSE_PROJECTIONS", "1") != "0",
+        fused_projections=fused,
         **overrides,
     )
 

@@ -62,7 +62,7 @@ def test_fused_model_matches_unfused_and_transformers(monkeypatch):
 def test_fused_bf16_is_as_accurate_as_unfused(monkeypatch):
     """bf16: the multipliers applied after the GEMM round differently from transformers' order; against fp32 on the
     same weights the fused path stays as accurate as the unfused one."""
-    base = tiny_model(seed=1, mamba_n_groups=2, mamba_chunk_size=16, mamba_d_state=16).to(torch.bfloat16)
+    base = tiny_model(seed=1, mamba_n_groups=2, mamba_chunk_size=16, mamba_d_state=16).to(torch.bfloat16).train()
     ids = torch.randint(0, 97, (2, 100), generator=torch.Generator().manual_seed(0))
 
     def run(ops, model):
@@ -125,3 +125,49 @@ def test_peft_adapters_take_the_unfused_path(fused):
         modeling.get_ops = lambda device: REFERENCE  # restored by the fixture's monkeypatch
         unfused_out = lora(ids).logits
     assert rel_err(fused_out, unfused_out) < 1e-6
+
+
+def test_concat_linear_gradients_and_saved_tensors():
+    """The fused GEMM's backward (gradcheck, fp64, frozen weights too) saves the weights themselves, never their
+    concatenation: no extra copy of the weights lives between forward and backward."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weights = [torch.randn(n, 6, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2, 3)]
+    assert torch.autograd.gradcheck(modeling._ConcatLinear.apply, (x, *weights))
+    frozen = [w.detach() for w in weights]
+    assert torch.autograd.gradcheck(modeling._ConcatLinear.apply, (x, *frozen))
+
+    layer = tiny_model(seed=8).model.layers[0].train()
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        h = torch.randn(1, 10, 48, requires_grad=True)
+        out = layer(h, *modeling._rope_cos_sin(torch.arange(10)[None], 16, 1e11, h.dtype), ops=FUSED)
+    mix, att, mlp = layer.mamba, layer.self_attn, layer.feed_forward
+    fused_rows = sum(m.out_features for m in (mix.in_proj, att.q_proj, att.k_proj, att.v_proj))
+    assert (mix.in_proj.out_features, 48) in shapes  # the weights are saved as themselves
+    assert (fused_rows, 48) not in shapes and (2 * mlp.gate_proj.out_features, 48) not in shapes
+    out.sum().backward()
+    assert all(p.grad is not None for p in layer.parameters())
+
+
+def test_biases_hooks_and_caches_take_the_unfused_path(monkeypatch):
+    """Biases do not commute with the moved multipliers (the input projections stay unfused with biases; the MLP
+    fuses them); a module with forward hooks (DeepSpeed ZeRO-3 gathers weights in them) is run as itself; with a
+    cache (decoding) nothing fuses. fp64, fused == unfused wherever it runs."""
+    ours = tiny_model(seed=9, dtype=torch.float64, attention_bias=True, mamba_proj_bias=True, mlp_bias=True)
+    ids = torch.randint(0, 97, (1, 15), generator=torch.Generator().manual_seed(6))
+    calls = []
+    ours.model.layers[1].feed_forward.up_proj.register_forward_pre_hook(lambda m, args: calls.append(1))
+    results, counts = {}, {}
+    for ops in (REFERENCE, FUSED):
+        monkeypatch.setattr(modeling, "get_ops", lambda device, ops=ops: ops)
+        with torch.no_grad(), CountGemms() as mode:
+            results[ops.name] = ours(ids, use_cache=False).logits
+        counts[ops.name] = mode.n
+        with torch.no_grad(), CountGemms() as cached:
+            ours(ids, use_cache=True)
+        counts[ops.name + "+cache"] = cached.n
+    assert rel_err(results["reference+fused"], results["reference"]) < 1e-12
+    assert counts["reference"] - counts["reference+fused"] == 1  # layer 0's MLP only (biases fuse there)
+    assert counts["reference+cache"] == counts["reference+fused+cache"] == counts["reference"]
+    assert len(calls) == 4  # the hooked module ran itself every time

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model import kernels
 from model.kernels import REFERENCE, get_ops
 from tests.conftest import assert_as_accurate, rel_err, tiny_model
 
@@ -111,8 +112,6 @@ def test_varlen_attention_matches_reference(fast, dtype):
 
 
 def _both_paths(monkeypatch, fn):
-    from model import kernels
-
     out = {}
     for mode in ("ref", "auto"):
         monkeypatch.setenv("FALCON_ALIGN_KERNELS", mode)
@@ -125,8 +124,8 @@ def _both_paths(monkeypatch, fn):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
     """Fast path (Triton scan, fused projections, the CUDA attention) against the reference path: fp32 within the
-    stated tolerances; bf16 at least half as accurate as the reference's bf16 run, both against the reference path
-    in fp32 on the same (bf16-rounded) weights."""
+    stated tolerances; bf16 within twice the reference's bf16 error on the logits and on every gradient, both against
+    the reference path in fp32 on the same (bf16-rounded) weights."""
     model = tiny_model(seed=1, mamba_n_groups=2, mamba_chunk_size=16, mamba_d_state=16).to("cuda", dtype)
     ids = torch.randint(0, 97, (2, 100), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
 
@@ -142,7 +141,10 @@ def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
         for name in g_ref:
             assert rel_err(g_fast[name], g_ref[name]) < 5 * TOL[dtype], name
     else:
-        truth, _ = _both_paths(monkeypatch, lambda: run(copy.deepcopy(model).float()))
+        monkeypatch.setenv("FALCON_ALIGN_KERNELS", "ref")
+        kernels.reset_choice()
+        truth = run(copy.deepcopy(model).float())  # the reference path in fp32
+        kernels.reset_choice()
         assert_as_accurate((l_fast, g_fast), (l_ref, g_ref), truth)
 
 
@@ -248,8 +250,8 @@ def test_training_graphs_match_eager(packed, compile):
 @pytest.mark.parametrize("packed", [False, True])
 def test_compile_layers_match_eager_on_gpu(packed):
     """`compile_layers` (inductor) on the fast ops: the scan as one custom op, the conv as taps, the gated norm
-    traced; two lengths (the second through the dynamic recompile). bf16 loss and gradients at least half as
-    accurate as eager's, both against eager fp32 on the same weights (inductor rounds less often than eager)."""
+    traced; two lengths (the second through the dynamic recompile). bf16 loss and every gradient within twice
+    eager's bf16 error, both against eager fp32 on the same weights (inductor rounds less often than eager)."""
     eager_model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(eager_model).float()
     compiled_model = copy.deepcopy(eager_model).compile_layers()

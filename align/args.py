@@ -71,7 +71,8 @@ class AlignArguments:
         metadata={
             "help": "torch.compile every decoder layer (regional; FalconH1ForCausalLM.compile_layers): inductor fuses "
             "norms, RoPE, µP multipliers, gates and the conv around the scan, attention and GEMM kernels. Padding-free "
-            "batches vary in length: layers compile twice (the second time with a symbolic length), not per batch."
+            "batches vary in length: layers compile twice (the second time with a symbolic length), not per batch. "
+            "On CPU the layers compile with aot_eager (no code generation)."
         },
     )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})

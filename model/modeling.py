@@ -358,11 +358,15 @@ def inductor_options() -> dict:
     return {key: 0 for key in ("max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs") if hasattr(config, key)}
 
 
-def _compiled_block(settings: tuple):
-    """settings (backend, dynamic, options) → the compiled `FalconH1DecoderLayer.block`, compiled on first use."""
-    key = repr(settings)
+def _compiled_block(settings: tuple, device_type: str):
+    """settings (backend, dynamic, options) → the compiled `FalconH1DecoderLayer.block`, compiled on first use.
+    backend None: inductor on CUDA; elsewhere aot_eager (the same graphs, no code generation): CPU training gains
+    little from inductor, and torch 2.13's inductor fails on packed rows at the dynamic recompile there (a
+    ValueRangeError in the reference scan's chunk-decay matrix; the CUDA path runs the scan as an opaque op)."""
+    backend, dynamic, options = settings
+    backend = backend or ("inductor" if device_type == "cuda" else "aot_eager")
+    key = repr((backend, dynamic, options))
     if key not in _COMPILED_BLOCKS:
-        backend, dynamic, options = settings
         if backend == "inductor" and "mode" not in options:  # torch.compile takes a mode or options, not both
             options = {**options, "options": {**inductor_options(), **options.get("options", {})}}
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
@@ -398,7 +402,8 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         mlp_chunk=None,
     ):
         # compiled for training forwards only: a cache's Python state and context parallelism's collectives stay eager
-        block = _compiled_block(self.compiled) if self.compiled and cache is None and cp is None else type(self).block
+        eager = not self.compiled or cache is not None or cp is not None
+        block = type(self).block if eager else _compiled_block(self.compiled, hidden_states.device.type)
         return block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk)
 
     def block(self, hidden_states, cos, sin, attn_mask, seq_idx, packed, pad_mask, cache, ops, cp, mlp_chunk):
@@ -674,10 +679,9 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         dynamic=None the first length compiles static and the second recompiles with a symbolic length, so
         padding-free batches of varying length (TRL's packing) compile twice, not per batch. Embedding, loss and
         optimizer stay outside (the loss compiles its own chunk on CUDA, model/loss.py); forwards with a cache or
-        context parallelism run eagerly. backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor."""
-        backend = backend or os.environ.get("FALCON_ALIGN_COMPILE_BACKEND", "inductor")
-        settings = (backend, dynamic, dict(options))
-        _compiled_block(settings)
+        context parallelism run eagerly. backend: default $FALCON_ALIGN_COMPILE_BACKEND, else inductor on CUDA and
+        aot_eager elsewhere, decided by the device the layers run on (`_compiled_block`)."""
+        settings = (backend or os.environ.get("FALCON_ALIGN_COMPILE_BACKEND"), dynamic, dict(options))
         for layer in self.model.layers:
             layer.compiled = settings
         return self

@@ -240,17 +240,21 @@ def test_compiled_layers_take_new_lengths_without_graph_breaks(monkeypatch, fuse
 
 
 def test_compiled_layers_take_inductor_options_unless_a_mode_is_given(monkeypatch):
-    """compile_layers hands inductor its concat (not pointwise) cat; a caller's mode or options are kept."""
+    """compile_layers hands inductor its concat (not pointwise) cat; a caller's mode or options are kept; without a
+    backend, inductor on CUDA and aot_eager on CPU."""
     calls = []
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or object())  # one token per compile
     monkeypatch.setattr(modeling, "_COMPILED_BLOCKS", {})
     for options in ({}, {"options": {"max_pointwise_cat_inputs": 4}}, {"mode": "max-autotune"}):
-        modeling._compiled_block(("inductor", None, options))
-    modeling._compiled_block(("aot_eager", None, {}))
+        modeling._compiled_block(("inductor", None, options), "cuda")
+    aot_eager = modeling._compiled_block(("aot_eager", None, {}), "cuda")
+    # the default: inductor on CUDA, aot_eager elsewhere (the same compiled functions as named ones)
+    assert modeling._compiled_block((None, None, {}), "cuda") is modeling._compiled_block(("inductor", None, {}), "x")
+    assert modeling._compiled_block((None, None, {}), "cpu") is aot_eager
     keys = {"max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs"}
     assert "max_pointwise_cat_inputs" in modeling.inductor_options() and set(modeling.inductor_options()) <= keys
     assert set(modeling.inductor_options().values()) == {0}
     assert calls[0]["options"] == modeling.inductor_options()
     assert calls[1]["options"]["max_pointwise_cat_inputs"] == 4
     assert "options" not in calls[2] and calls[2]["mode"] == "max-autotune"
-    assert "options" not in calls[3]
+    assert "options" not in calls[3] and len(calls) == 4

@@ -113,7 +113,7 @@ def main(argv=None):
     device = torch.device("cuda" if on_gpu else "cpu")
     cfg, model = build(args, device)
     if args.mode == "compiled-eager":  # compiled layers launched one by one: kernels keep their CPU ops
-        model.compile_layers(backend=None if on_gpu else "aot_eager")
+        model.compile_layers()  # inductor on CUDA, aot_eager on CPU (--tiny)
     elif on_gpu and args.mode != "eager":
         from model.graphs import enable_training_graphs
 

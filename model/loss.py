@@ -60,8 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         ctx.weight_dtype = weight.dtype
         vocab = weight.size(0)
-        padded = vocab % 8 != 0
-        if padded:
+        if vocab % 8:
             weight = F.pad(weight, (0, 0, 0, -vocab % VOCAB_ALIGN))  # (V', d), zero rows past the vocabulary
         acc = torch.promote_types(hidden.dtype, torch.float32)
         want_grad = want_h or want_w

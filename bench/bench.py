@@ -122,12 +122,12 @@ def build(cfg, which, state_dict=None):
 def time_graphed(model, T, steps, packed_docs=0, compile=False):
     cleanup()
     try:
-        enable_training_graphs(model, 1, T, max_docs=packed_docs or None, compile=compile)
+        graphs = enable_training_graphs(model, 1, T, max_docs=packed_docs or None, compile=compile)
     except Exception as err:
         cleanup()
         return dict(error=f"capture failed: {err!r}"[:300])
     try:
-        return time_training(model, T, steps, packed_docs=packed_docs, reset_peak=False)
+        return dict(**time_training(model, T, steps, packed_docs=packed_docs, reset_peak=False), **graphs.settings)
     finally:
         disable_training_graphs(model)
         cleanup()

@@ -4,6 +4,8 @@ A Falcon-H1 layer runs ~60 small kernels forward and ~120 backward; at 2K–8K t
 launches, not on arithmetic (`../docs/performance.md`). `enable_training_graphs` captures each layer with
 `torch.cuda.make_graphed_callables` for one static shape (batch, seqlen) — packed or not — so a step replays
 72 graphs instead of launching ~6,500 kernels. Embedding, loss and optimizer stay eager (a few dozen launches).
+Inside the graphs each layer's attention runs on a side stream beside its SSM branch (`mixer_streams`), which
+costs nothing to launch there.
 
 Static-shape rules: packed rows keep up to `max_docs` documents per micro-batch (`cu_seqlens` is padded with
 empty documents to a fixed length; the varlen kernel skips them). A forward whose shape or layout does not
@@ -31,7 +33,7 @@ class _LayerCall(nn.Module):
 
 
 class TrainingGraphs:
-    def __init__(self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool = False):
+    def __init__(self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool, mixer_streams: bool):
         from .kernels import get_ops
         from .modeling import inductor_options
 
@@ -41,7 +43,9 @@ class TrainingGraphs:
         self.batch, self.seqlen, self.max_docs, self.dtype = batch, seqlen, max_docs, p.dtype
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
         # more GPU time than they save (H200, 1.5B-Deep at 8K: 28,829 unfused vs 27,322 fused tokens/s)
-        ops = replace(get_ops(p.device), fused_projections=False)
+        # and the attention branch on a side stream, where the SSD scan's kernels leave room (mixer_streams_default)
+        ops = replace(get_ops(p.device), fused_projections=False, mixer_streams=mixer_streams)
+        self.settings = dict(fused_projections=False, mixer_streams=mixer_streams, compiled=compile)  # for reports
         hidden = torch.randn(batch, seqlen, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
         cos = torch.ones(batch, 1, seqlen, cfg.head_dim, device=p.device, dtype=p.dtype)
         sin = torch.zeros_like(cos)
@@ -78,18 +82,28 @@ class TrainingGraphs:
 
 
 def enable_training_graphs(
-    model, batch: int, seqlen: int, max_docs: int | None = None, compile: bool = False
+    model,
+    batch: int,
+    seqlen: int,
+    max_docs: int | None = None,
+    compile: bool = False,
+    mixer_streams: bool | None = None,
 ) -> TrainingGraphs:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
-    tokens — rows of up to `max_docs` packed documents when given. Returns the graphs (also kept on the
-    model); `disable_training_graphs` drops them."""
+    tokens — rows of up to `max_docs` packed documents when given. mixer_streams: attention on a side stream beside
+    the SSM branch (None: `kernels.mixer_streams_default`, on unless FALCON_ALIGN_MIXER_STREAMS=0 or under
+    torch.distributed). Returns the graphs (also kept on the model); `disable_training_graphs` drops them."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise RuntimeError("training graphs need the model on a CUDA device")
     if getattr(model.model, "gradient_checkpointing", False) or any(
         getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers
     ):
         raise RuntimeError("training graphs and activation checkpointing do not combine; disable one")
-    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile)
+    if mixer_streams is None:
+        from .kernels import mixer_streams_default
+
+        mixer_streams = mixer_streams_default(graphs=True)
+    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile, mixer_streams=mixer_streams)
     model.model._training_graphs = graphs
     return graphs
 

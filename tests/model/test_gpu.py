@@ -268,3 +268,59 @@ def test_compile_layers_match_eager_on_gpu(packed):
             loss.backward()
             results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
         assert_as_accurate(*results)
+
+
+@pytest.mark.parametrize(
+    "mode, dtype, packed",
+    [
+        ("eager", torch.float32, False),
+        ("compiled", torch.float32, True),
+        ("graphs", torch.float32, False),
+        ("graphs", torch.bfloat16, True),
+    ],
+)
+def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
+    """Attention on a side stream beside the SSM branch (`Ops.mixer_streams`), forward and backward: eagerly,
+    through `compile_layers` (each branch its own graph) and captured in compiled training graphs, the loss and every
+    gradient equal one stream's, and the side stream really ran. fp32: same kernels either way, only the split of the
+    compiled layer into per-branch graphs (and mamba-ssm's atomic adds) moves roundings, hence 1e-4. bf16: that split
+    rounds at the graph boundaries (H200: 2.7% of the largest embedding gradient entry between the two), so the
+    two-stream run is held to one stream's accuracy against fp32 (`assert_as_accurate`)."""
+    import dataclasses
+
+    import model.modeling as modeling
+    from model.graphs import disable_training_graphs, enable_training_graphs
+
+    base = get_ops("cuda")
+    calls = []
+    two_streams = modeling._on_two_streams
+    monkeypatch.setattr(modeling, "_on_two_streams", lambda s, a: calls.append(1) or two_streams(s, a))
+    model = tiny_model(seed=5, mamba_chunk_size=16).to("cuda", dtype).train()
+    truth_model = copy.deepcopy(model).float()
+    if mode == "compiled":
+        model.compile_layers()
+    gen = torch.Generator("cuda").manual_seed(4)
+    ids = torch.randint(1, 97, (1, 128), device="cuda", generator=gen)
+    kw = {"position_ids": torch.cat([torch.arange(n, device="cuda") for n in (50, 3, 75)])[None]} if packed else {}
+
+    def loss_and_grads(model, streams, graphs):
+        monkeypatch.setitem(kernels._chosen, "cuda", dataclasses.replace(base, mixer_streams=streams))
+        if graphs:
+            docs = 4 if packed else None
+            enable_training_graphs(model, batch=1, seqlen=128, max_docs=docs, compile=True, mixer_streams=streams)
+        model.zero_grad()
+        loss = model(ids, labels=ids, **kw).loss
+        loss.backward()
+        disable_training_graphs(model)
+        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+    graphs = mode == "graphs"
+    one, two = loss_and_grads(model, False, graphs), loss_and_grads(model, True, graphs)
+    assert calls, "the two-stream path never ran"
+    if dtype == torch.bfloat16:
+        assert_as_accurate(two, one, loss_and_grads(truth_model, False, graphs=False))
+        return
+    (l_one, g_one), (l_two, g_two) = one, two
+    assert rel_err(l_two, l_one) < 1e-4
+    for name in g_one:
+        assert rel_err(g_two[name], g_one[name]) < 1e-4, name

@@ -258,3 +258,45 @@ def test_compiled_layers_take_inductor_options_unless_a_mode_is_given(monkeypatc
     assert calls[1]["options"]["max_pointwise_cat_inputs"] == 4
     assert "options" not in calls[2] and calls[2]["mode"] == "max-autotune"
     assert "options" not in calls[3] and len(calls) == 4
+
+
+def test_mixer_streams_only_where_they_are_safe_and_pay(tmp_path):
+    """The side stream for attention (`Ops.mixer_streams`): on by default only in training graphs, switched by
+    FALCON_ALIGN_MIXER_STREAMS, off under torch.distributed (gradient hooks), and per layer never with a cache,
+    context parallelism, a checkpointed training layer or a CPU tensor."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from model import kernels
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.delenv("FALCON_ALIGN_MIXER_STREAMS", raising=False)
+        assert kernels.mixer_streams_default(graphs=True) and not kernels.mixer_streams_default(graphs=False)
+        for setting, expected in (("0", False), ("1", True)):
+            mp.setenv("FALCON_ALIGN_MIXER_STREAMS", setting)
+            assert kernels.mixer_streams_default(graphs=True) == kernels.mixer_streams_default(graphs=False) == expected
+        streams = replace(REFERENCE, name="x+mixer-streams", mixer_streams=True)
+        mp.setitem(kernels._chosen, "cpu", streams)
+        assert get_ops("cpu") is streams
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", world_size=1, rank=0)
+        try:
+            one = get_ops("cpu")
+            assert (one.mixer_streams, one.name) == (False, "x")
+            assert not kernels.mixer_streams_default(graphs=True)
+        finally:
+            dist.destroy_process_group()
+    finally:
+        mp.undo()
+
+    layer = tiny_model().model.layers[0].train()
+    on_cuda = SimpleNamespace(is_cuda=True)
+    assert layer._two_streams(streams, None, None, on_cuda)
+    assert not layer._two_streams(REFERENCE, None, None, on_cuda)
+    assert not layer._two_streams(streams, object(), None, on_cuda)  # a cache
+    assert not layer._two_streams(streams, None, object(), on_cuda)  # context parallelism
+    assert not layer._two_streams(streams, None, None, torch.zeros(1))
+    layer.gradient_checkpointing = True
+    assert not layer._two_streams(streams, None, None, on_cuda)
+    assert layer.eval()._two_streams(streams, None, None, on_cuda)  # no recompute without training

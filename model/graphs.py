@@ -5,7 +5,7 @@ launches, not on arithmetic (`../docs/performance.md`). `enable_training_graphs`
 `torch.cuda.make_graphed_callables` for one static shape (batch, seqlen) — packed or not — so a step replays
 72 graphs instead of launching ~6,500 kernels. Embedding, loss and optimizer stay eager (a few dozen launches).
 Inside the graphs each layer's attention runs on a side stream beside its SSM branch (`mixer_streams`), which
-costs nothing to launch there.
+costs nothing to launch there; off with FALCON_ALIGN_MIXER_STREAMS=0 and under torch.distributed.
 
 Static-shape rules: packed rows keep up to `max_docs` documents per micro-batch (`cu_seqlens` is padded with
 empty documents to a fixed length; the varlen kernel skips them). A forward whose shape or layout does not
@@ -91,18 +91,18 @@ def enable_training_graphs(
 ) -> TrainingGraphs:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
     tokens — rows of up to `max_docs` packed documents when given. mixer_streams: attention on a side stream beside
-    the SSM branch (None: `kernels.mixer_streams_default`, on unless FALCON_ALIGN_MIXER_STREAMS=0 or under
-    torch.distributed). Returns the graphs (also kept on the model); `disable_training_graphs` drops them."""
+    the SSM branch (None: `kernels.mixer_streams_default`, on unless FALCON_ALIGN_MIXER_STREAMS=0; never under
+    torch.distributed, which must be set up before the capture). Returns the graphs (also kept on the model);
+    `disable_training_graphs` drops them."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise RuntimeError("training graphs need the model on a CUDA device")
     if getattr(model.model, "gradient_checkpointing", False) or any(
         getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers
     ):
         raise RuntimeError("training graphs and activation checkpointing do not combine; disable one")
-    if mixer_streams is None:
-        from .kernels import mixer_streams_default
+    from .kernels import mixer_streams_default, streams_allowed
 
-        mixer_streams = mixer_streams_default(graphs=True)
+    mixer_streams = mixer_streams_default(graphs=True) if mixer_streams is None else mixer_streams and streams_allowed()
     graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile, mixer_streams=mixer_streams)
     model.model._training_graphs = graphs
     return graphs

@@ -378,24 +378,31 @@ _SIDE_STREAMS: dict = {}  # device → the CUDA stream every layer's attention b
 
 
 @torch.compiler.disable(recursive=False)
-def _on_two_streams(ssm, attention):
-    """→ (ssm(), attention()), attention on a side stream while the SSM branch runs on the current one.
+def _on_two_streams(ssm, attention: partial, device: torch.device):
+    """→ (ssm(), attention()), attention on a side stream while the SSM branch runs on `device`'s current stream.
 
     The two mixers read the same normed input and meet only in the residual sum, and their kernels leave each other
     room: flash attention is compute-bound, the SSD scan's Triton kernels are short or memory-bound. H200,
     1.5B-Deep at 8K tokens, forward + backward in CUDA graphs: one layer's two mixers 1,552 → 1,318 µs, 2,599 →
     2,379 µs with their projections (bench/stream_probe.py); the training step with compiled layers in graphs
-    281.6 → 270.3 ms. The backward follows: autograd runs each op's backward on its forward's stream.
+    281.6 → 270.3 ms. The backward follows: autograd runs each op's backward on its forward's stream, and makes
+    the gradients that cross streams wait and record their use (its input buffers).
 
-    Memory needs no record_stream: the side stream waits for the current one before its branch and the current one
-    for the side before the sum, so a block freed on either stream is reused only by work queued after every use
-    of it. Captures into CUDA graphs: both streams join the capture through the waits. Dynamo runs this frame
-    eagerly (it does not trace streams) and compiles each branch as a graph of its own."""
-    main = torch.cuda.current_stream()
+    Memory: the side stream waits for the current one before its branch and the current one for the side before
+    the sum, so in the forward a block is reused only by work queued after every use of it. The backward has no such
+    joins, so the current stream's tensors that the attention branch reads (its partial's arguments: the normed
+    input, RoPE's tables, masks, document offsets), which its backward may read on the side stream after their last
+    owner lets go, are recorded on the side stream. Captures into CUDA graphs: both streams join the capture through
+    the waits. Dynamo runs this frame eagerly (it does not trace streams) and compiles each branch as a graph."""
+    main = torch.cuda.current_stream(device)
     side = _SIDE_STREAMS.get(main.device)
     if side is None:
         side = _SIDE_STREAMS[main.device] = torch.cuda.Stream(main.device)
     side.wait_stream(main)
+    for arg in attention.args:
+        for t in arg if isinstance(arg, tuple) else (arg,):
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(side)
     with torch.cuda.stream(side):
         a = attention()
     m = ssm()
@@ -446,7 +453,7 @@ class FalconH1DecoderLayer(GradientCheckpointingLayer):
         ssm = partial(self._ssm_branch, h, zxbcdt, ops, seq_idx, pad_mask, cache, cp)
         attention = partial(self._attention_branch, h, qkv, ops, cos, sin, attn_mask, packed, cache, cp)
         if self._two_streams(ops, cache, cp, h):
-            m, a = _on_two_streams(ssm, attention)
+            m, a = _on_two_streams(ssm, attention, h.device)
         else:
             m, a = ssm(), attention()
         hidden_states = hidden_states + (m + a)

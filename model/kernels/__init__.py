@@ -38,8 +38,9 @@ class Ops:
     # transformers' op order; FALCON_ALIGN_FUSE_PROJECTIONS=0 turns it off on CUDA.
     fused_projections: bool = False
     # True → a layer's attention runs on a side CUDA stream beside its SSM branch (model.modeling._on_two_streams).
-    # On where launches are free, i.e. in training graphs (model/graphs.py); not otherwise: the branches' graph
-    # breaks and stream switches cost more launches than the overlap saves (`mixer_streams_default`)
+    # On where launches are free, i.e. in training graphs (model/graphs.py); not otherwise: under compile_layers the
+    # branches' graph breaks and stream switches cost more than the overlap saved (`mixer_streams_default`; eager
+    # layers not measured)
     mixer_streams: bool = False
 
 
@@ -91,9 +92,11 @@ def get_ops(device: torch.device | str) -> Ops:
 
 
 def mixer_streams_default(graphs: bool) -> bool:
-    """Whether the mixers take two streams by default: FALCON_ALIGN_MIXER_STREAMS=1 everywhere on CUDA, 0 nowhere,
-    unset only in training graphs. H200, 1.5B-Deep at 8K tokens: compiled + graphs 29,094 → 30,302 tokens/s;
-    `compile_layers` without graphs 19,441 → 16,279 (launch-bound: the streams add graph breaks and launches)."""
+    """Whether the mixers take two streams by default: FALCON_ALIGN_MIXER_STREAMS=1 wherever the CUDA ops run, 0
+    nowhere, unset only in training graphs. Read when the ops are chosen (the first `get_ops`, or after
+    `reset_choice`) and when graphs are captured. H200, 1.5B-Deep at 8K tokens: compiled + graphs 29,094 → 30,302
+    tokens/s; `compile_layers` without graphs 19,441 → 16,279 (launch-bound: the streams add graph breaks and
+    launches)."""
     setting = os.environ.get("FALCON_ALIGN_MIXER_STREAMS")
     return (setting == "1" or (graphs and setting != "0")) and streams_allowed()
 

@@ -294,7 +294,7 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
     base = get_ops("cuda")
     calls = []
     two_streams = modeling._on_two_streams
-    monkeypatch.setattr(modeling, "_on_two_streams", lambda s, a: calls.append(1) or two_streams(s, a))
+    monkeypatch.setattr(modeling, "_on_two_streams", lambda *args: calls.append(1) or two_streams(*args))
     model = tiny_model(seed=5, mamba_chunk_size=16).to("cuda", dtype).train()
     truth_model = copy.deepcopy(model).float()
     if mode == "compiled":
@@ -305,13 +305,17 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
 
     def loss_and_grads(model, streams, graphs):
         monkeypatch.setitem(kernels._chosen, "cuda", dataclasses.replace(base, mixer_streams=streams))
+        replays = []
         if graphs:
             docs = 4 if packed else None
-            enable_training_graphs(model, batch=1, seqlen=128, max_docs=docs, compile=True, mixer_streams=streams)
+            captured = enable_training_graphs(model, 1, 128, max_docs=docs, compile=True, mixer_streams=streams)
+            run = captured.run
+            captured.run = lambda *args: replays.append(1) or run(*args)
         model.zero_grad()
         loss = model(ids, labels=ids, **kw).loss
         loss.backward()
         disable_training_graphs(model)
+        assert len(replays) == int(graphs), "the captured graphs did not run"
         return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
     graphs = mode == "graphs"

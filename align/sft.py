@@ -69,4 +69,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # trackers closed and the process group destroyed before exit: left to the interpreter's teardown, gloo's threads
+    # at times abort a finished run (SIGABRT, "terminate called without an active exception")
+    main().accelerator.end_training()

@@ -260,7 +260,7 @@ def test_compiled_layers_take_inductor_options_unless_a_mode_is_given(monkeypatc
     assert "options" not in calls[3] and len(calls) == 4
 
 
-def test_mixer_streams_only_where_they_are_safe_and_pay():
+def test_mixer_streams_only_where_they_are_safe_and_pay(monkeypatch):
     """The side stream for attention (`Ops.mixer_streams`): on by default only in training graphs, switched by
     FALCON_ALIGN_MIXER_STREAMS, off under torch.distributed (gradient hooks), and per layer never with a cache,
     context parallelism, a checkpointed training layer or a CPU tensor."""
@@ -270,23 +270,12 @@ def test_mixer_streams_only_where_they_are_safe_and_pay():
 
     from model import kernels
 
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.delenv("FALCON_ALIGN_MIXER_STREAMS", raising=False)
-        assert kernels.mixer_streams_default(graphs=True) and not kernels.mixer_streams_default(graphs=False)
-        for setting, expected in (("0", False), ("1", True)):
-            mp.setenv("FALCON_ALIGN_MIXER_STREAMS", setting)
-            assert kernels.mixer_streams_default(graphs=True) == kernels.mixer_streams_default(graphs=False) == expected
-        streams = replace(REFERENCE, name="x+mixer-streams", mixer_streams=True)
-        mp.setitem(kernels._chosen, "cpu", streams)
-        assert get_ops("cpu") is streams
-        mp.setattr(dist, "is_initialized", lambda: True)
-        one = get_ops("cpu")
-        assert (one.mixer_streams, one.name) == (False, "x")
-        assert not kernels.mixer_streams_default(graphs=True)
-    finally:
-        mp.undo()
-
+    monkeypatch.delenv("FALCON_ALIGN_MIXER_STREAMS", raising=False)
+    assert kernels.mixer_streams_default(graphs=True) and not kernels.mixer_streams_default(graphs=False)
+    for setting, expected in (("0", False), ("1", True)):
+        monkeypatch.setenv("FALCON_ALIGN_MIXER_STREAMS", setting)
+        assert kernels.mixer_streams_default(graphs=True) == kernels.mixer_streams_default(graphs=False) == expected
+    streams = replace(REFERENCE, name="x+mixer-streams", mixer_streams=True)
     layer = tiny_model().model.layers[0].train()
     on_cuda = SimpleNamespace(is_cuda=True)
     assert layer._two_streams(streams, None, None, on_cuda)
@@ -297,3 +286,10 @@ def test_mixer_streams_only_where_they_are_safe_and_pay():
     layer.gradient_checkpointing = True
     assert not layer._two_streams(streams, None, None, on_cuda)
     assert layer.eval()._two_streams(streams, None, None, on_cuda)  # no recompute without training
+
+    monkeypatch.setitem(kernels._chosen, "cpu", streams)
+    assert get_ops("cpu") is streams
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    one = get_ops("cpu")
+    assert (one.mixer_streams, one.name) == (False, "x")
+    assert not kernels.mixer_streams_default(graphs=True)

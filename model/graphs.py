@@ -45,7 +45,7 @@ class TrainingGraphs:
         # more GPU time than they save (H200, 1.5B-Deep at 8K: 28,829 unfused vs 27,322 fused tokens/s)
         # and the attention branch on a side stream, where the SSD scan's kernels leave room (mixer_streams_default)
         ops = replace(get_ops(p.device), fused_projections=False, mixer_streams=mixer_streams)
-        self.settings = dict(fused_projections=False, mixer_streams=mixer_streams, compiled=compile)  # for reports
+        self.settings = dict(fused_projections=ops.fused_projections, mixer_streams=ops.mixer_streams, compiled=compile)
         hidden = torch.randn(batch, seqlen, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
         cos = torch.ones(batch, 1, seqlen, cfg.head_dim, device=p.device, dtype=p.dtype)
         sin = torch.zeros_like(cos)

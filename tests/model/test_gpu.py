@@ -27,6 +27,14 @@ def fast():
     return ops
 
 
+def _loss_and_grads(model, ids, **kw):
+    """One training forward and backward → (loss, {name: gradient}), both fp32."""
+    model.zero_grad()
+    loss = model(ids, labels=ids, **kw).loss
+    loss.backward()
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+
+
 def _scan_args(dtype, b=2, l=300, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device="cuda", dtype=dt)
@@ -231,15 +239,9 @@ def test_training_graphs_match_eager(packed, compile):
     if packed:
         kw["position_ids"] = torch.cat([torch.arange(n, device="cuda") for n in (50, 3, 75)])[None].expand(2, -1)
 
-    def loss_and_grads(ids):
-        model.zero_grad()
-        loss = model(ids, labels=ids, **kw).loss
-        loss.backward()
-        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
-
-    eager = [loss_and_grads(ids) for ids in batches]
+    eager = [_loss_and_grads(model, ids, **kw) for ids in batches]
     enable_training_graphs(model, batch=2, seqlen=128, max_docs=4 if packed else None, compile=compile)
-    graphed = [loss_and_grads(ids) for ids in batches]  # two different batches: inputs really flow in
+    graphed = [_loss_and_grads(model, ids, **kw) for ids in batches]  # two different batches: inputs really flow in
     disable_training_graphs(model)
     for (l_e, g_e), (l_g, g_g) in zip(eager, graphed):
         assert rel_err(l_g, l_e) < 1e-3
@@ -261,13 +263,7 @@ def test_compile_layers_match_eager_on_gpu(packed):
         kw = {}
         if packed:
             kw["position_ids"] = torch.cat([torch.arange(n, device="cuda") for n in (40, 3, length - 43)])[None]
-        results = []
-        for model in (compiled_model, eager_model, truth_model):
-            model.zero_grad()
-            loss = model(ids, labels=ids, **kw).loss
-            loss.backward()
-            results.append((loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}))
-        assert_as_accurate(*results)
+        assert_as_accurate(*(_loss_and_grads(model, ids, **kw) for model in (compiled_model, eager_model, truth_model)))
 
 
 @pytest.mark.parametrize(
@@ -311,12 +307,10 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
             captured = enable_training_graphs(model, 1, 128, max_docs=docs, compile=True, mixer_streams=streams)
             run = captured.run
             captured.run = lambda *args: replays.append(1) or run(*args)
-        model.zero_grad()
-        loss = model(ids, labels=ids, **kw).loss
-        loss.backward()
+        out = _loss_and_grads(model, ids, **kw)
         disable_training_graphs(model)
         assert len(replays) == int(graphs), "the captured graphs did not run"
-        return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
+        return out
 
     graphs = mode == "graphs"
     one, two = loss_and_grads(model, False, graphs), loss_and_grads(model, True, graphs)

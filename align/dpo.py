@@ -86,6 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # trackers closed and the process group destroyed before exit: left to the interpreter's teardown, gloo's threads
-    # at times abort a finished run (SIGABRT, "terminate called without an active exception")
-    main().accelerator.end_training()
+    main()

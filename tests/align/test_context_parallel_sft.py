@@ -50,7 +50,6 @@ def _worker(rank, world, port, argv, result_path):
         if not result["cp"]:
             result["slices"] = []
         result_path.write_text(json.dumps(result))
-    trainer.accelerator.end_training()  # as align/sft.py's __main__ does: no process group left to the teardown
 
 
 def _free_port():

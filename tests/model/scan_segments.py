@@ -5,16 +5,18 @@ import torch
 from tests.conftest import rel_err, tiny_model
 
 
-def check_segmented_scan(device, monkeypatch, tol):
+def check_segmented_scan(device, monkeypatch, tol, chunk: int = 8):
     """Long rows run the SSD scan in segments with state passing (FalconH1Mixer._scan). With the segment made
     tiny: logits and every gradient equal the one-piece scan, for one document and for packed documents that
-    start exactly at a seam (16), inside a segment and cross a seam; a cached prefill continues exactly."""
+    start exactly at a seam (2 chunks), inside a segment and cross a seam; a cached prefill continues exactly.
+    Lengths scale with `chunk` (the GPU twin takes the chunk size whose Triton configs are already tuned)."""
     import model.modeling as modeling
 
-    model = tiny_model(seed=6, mamba_chunk_size=8).to(device)
+    k = chunk // 8
+    model = tiny_model(seed=6, mamba_chunk_size=chunk).to(device)
     gen = torch.Generator(device).manual_seed(3)
-    ids = torch.randint(1, 97, (1, 52), device=device, generator=gen)
-    packed = torch.cat([torch.arange(n, device=device) for n in (16, 11, 25)])[None]  # starts at 0, 16, 27
+    ids = torch.randint(1, 97, (1, 52 * k), device=device, generator=gen)
+    packed = torch.cat([torch.arange(n * k, device=device) for n in (16, 11, 25)])[None]  # starts at 0, 16k, 27k
 
     def run(position_ids):
         model.zero_grad()
@@ -24,7 +26,7 @@ def check_segmented_scan(device, monkeypatch, tol):
 
     for position_ids in (None, packed):
         whole, whole_grads = run(position_ids)
-        for segment in (16, 20):  # a multiple of the chunk size and not
+        for segment in (16 * k, 20 * k):  # a multiple of the chunk size and not
             monkeypatch.setattr(modeling, "SCAN_SEGMENT_TOKENS", segment)
             seg, seg_grads = run(position_ids)
             monkeypatch.setattr(modeling, "SCAN_SEGMENT_TOKENS", 1 << 30)
@@ -32,9 +34,9 @@ def check_segmented_scan(device, monkeypatch, tol):
             for name in whole_grads:
                 assert rel_err(seg_grads[name], whole_grads[name]) < 10 * tol, name
     with torch.no_grad():
-        monkeypatch.setattr(modeling, "SCAN_SEGMENT_TOKENS", 16)
-        cache = model(ids[:, :40], use_cache=True).past_key_values  # prefill in 3 segments
-        step = model(ids[:, 40:41], past_key_values=cache).logits[:, -1]
+        monkeypatch.setattr(modeling, "SCAN_SEGMENT_TOKENS", 16 * k)
+        cache = model(ids[:, : 40 * k], use_cache=True).past_key_values  # prefill in 3 segments
+        step = model(ids[:, 40 * k : 40 * k + 1], past_key_values=cache).logits[:, -1]
         monkeypatch.setattr(modeling, "SCAN_SEGMENT_TOKENS", 1 << 30)
-        full = model(ids[:, :41]).logits[:, -1]
+        full = model(ids[:, : 40 * k + 1]).logits[:, -1]
     assert rel_err(step, full) < tol

@@ -157,10 +157,11 @@ def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
 
 
 def test_segmented_scan_on_gpu(monkeypatch):
-    """The long-row scan segments through the Triton kernels (initial and final states, their gradients)."""
+    """The long-row scan segments through the Triton kernels (initial and final states, their gradients). Chunk 16
+    as in the other GPU tests: mamba-ssm autotunes each kernel per chunk size, minutes for a new one."""
     from tests.model.scan_segments import check_segmented_scan
 
-    check_segmented_scan("cuda", monkeypatch, TOL[torch.float32])
+    check_segmented_scan("cuda", monkeypatch, TOL[torch.float32], chunk=16)
 
 
 def test_packed_isolation_and_cache_on_gpu():
@@ -229,24 +230,38 @@ def test_cuda_graph_decoder_equals_eager_generate(batch):
 
 @pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])  # compiled: the conv as taps
 @pytest.mark.parametrize("packed", [False, True])
-def test_training_graphs_match_eager(packed, compile):
+def test_training_graphs_match_eager(monkeypatch, packed, compile):
+    """Every layer captured against the same ops run eagerly (unfused projections, attention on a side stream, as
+    the graphs run them), for two different batches (inputs really flow into the static buffers): bf16 loss and every
+    gradient as accurate as eager's against fp32 on the same weights. Two bf16 paths compared directly differ by
+    rounding alone: against the default eager step (fused projections, one stream) the unpacked graphs differ by 3.9%
+    of the largest embedding gradient entry (H200), and in fp32 by 7.8e-5."""
+    import dataclasses
+
     from model.graphs import disable_training_graphs, enable_training_graphs
 
+    ops = dataclasses.replace(get_ops("cuda"), fused_projections=False, mixer_streams=True)
+    monkeypatch.setitem(kernels._chosen, "cuda", ops)
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
+    truth_model = copy.deepcopy(model).float()
     gen = torch.Generator("cuda").manual_seed(3)
     batches = [torch.randint(1, 97, (2, 128), device="cuda", generator=gen) for _ in range(2)]
     kw = {}
-    if packed:
+    if packed:  # 3 documents a row, 6 in the micro-batch
         kw["position_ids"] = torch.cat([torch.arange(n, device="cuda") for n in (50, 3, 75)])[None].expand(2, -1)
 
     eager = [_loss_and_grads(model, ids, **kw) for ids in batches]
-    enable_training_graphs(model, batch=2, seqlen=128, max_docs=4 if packed else None, compile=compile)
-    graphed = [_loss_and_grads(model, ids, **kw) for ids in batches]  # two different batches: inputs really flow in
+    truth = [_loss_and_grads(truth_model, ids, **kw) for ids in batches]
+    graphs = enable_training_graphs(model, batch=2, seqlen=128, max_docs=6 if packed else None, compile=compile)
+    assert graphs.settings["mixer_streams"]
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *args: replays.append(1) or run(*args)
+    graphed = [_loss_and_grads(model, ids, **kw) for ids in batches]
     disable_training_graphs(model)
-    for (l_e, g_e), (l_g, g_g) in zip(eager, graphed):
-        assert rel_err(l_g, l_e) < 1e-3
-        for name in g_e:
-            assert rel_err(g_g[name], g_e[name]) < 3e-2, name
+    assert len(replays) == len(batches), "the captured graphs did not run"
+    for got, base, fp32 in zip(graphed, eager, truth):
+        assert_as_accurate(got, base, fp32)
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -279,7 +294,9 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
     """Attention on a side stream beside the SSM branch (`Ops.mixer_streams`), forward and backward: eagerly,
     through `compile_layers` (each branch its own graph) and captured in compiled training graphs, the loss and every
     gradient equal one stream's, and the side stream really ran. fp32: same kernels either way, only the split of the
-    compiled layer into per-branch graphs (and mamba-ssm's atomic adds) moves roundings, hence 1e-4. bf16: that split
+    compiled layer into per-branch graphs (and mamba-ssm's atomic adds) moves roundings: H200, 1.4e-4 of the largest
+    `dt_bias` gradient entry (graphs against eager on one stream: 7.8e-5, from the unfused projections), hence 1e-3;
+    a stream race is off by O(1). bf16: that split
     rounds at the graph boundaries (H200: 2.7% of the largest embedding gradient entry between the two), so the
     two-stream run is held to one stream's accuracy against fp32 (`assert_as_accurate`)."""
     import dataclasses
@@ -321,4 +338,4 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
     (l_one, g_one), (l_two, g_two) = one, two
     assert rel_err(l_two, l_one) < 1e-4
     for name in g_one:
-        assert rel_err(g_two[name], g_one[name]) < 1e-4, name
+        assert rel_err(g_two[name], g_one[name]) < 1e-3, name

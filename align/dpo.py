@@ -30,7 +30,7 @@ from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
 from align.args import PreferenceArguments  # noqa: E402
 from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
-from align.stage import mixture_rows, train_and_save  # noqa: E402
+from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
 def parse(argv=None):
@@ -86,4 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    finish(main())

@@ -22,7 +22,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
 
 from align.args import AlignArguments  # noqa: E402
 from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
-from align.stage import mixture_rows, train_and_save  # noqa: E402
+from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
 def parse(argv=None):
@@ -69,4 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    finish(main())

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 
 from align import sft
+from align.stage import finish
 from model import FalconH1ForCausalLM
 from tests.align.test_sft import COMMON, base  # noqa: F401  (the tiny base checkpoint + jsonl mix)
 from tests.conftest import rel_err
@@ -50,6 +51,7 @@ def _worker(rank, world, port, argv, result_path):
         if not result["cp"]:
             result["slices"] = []
         result_path.write_text(json.dumps(result))
+    finish(trainer)  # as align/sft.py's __main__ does
 
 
 def _free_port():

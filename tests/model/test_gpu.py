@@ -252,8 +252,9 @@ def test_training_graphs_match_eager(monkeypatch, packed, compile):
 
     eager = [_loss_and_grads(model, ids, **kw) for ids in batches]
     truth = [_loss_and_grads(truth_model, ids, **kw) for ids in batches]
-    graphs = enable_training_graphs(model, batch=2, seqlen=128, max_docs=6 if packed else None, compile=compile)
-    assert graphs.settings["mixer_streams"]
+    docs = 6 if packed else None
+    graphs = enable_training_graphs(model, batch=2, seqlen=128, max_docs=docs, compile=compile, mixer_streams=True)
+    assert graphs.settings["mixer_streams"]  # what the default runs, also where FALCON_ALIGN_MIXER_STREAMS=0
     replays = []
     run = graphs.run
     graphs.run = lambda *args: replays.append(1) or run(*args)

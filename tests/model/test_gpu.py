@@ -35,6 +35,14 @@ def _loss_and_grads(model, ids, **kw):
     return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
+def _count_replays(graphs) -> list:
+    """Wrap `graphs.run` (model.graphs.TrainingGraphs) → a list that grows by one each time the graphs replay."""
+    replays = []
+    run = graphs.run
+    graphs.run = lambda *args: replays.append(1) or run(*args)
+    return replays
+
+
 def _scan_args(dtype, b=2, l=300, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device="cuda", dtype=dt)
@@ -255,9 +263,7 @@ def test_training_graphs_match_eager(monkeypatch, packed, compile):
     docs = 6 if packed else None
     graphs = enable_training_graphs(model, batch=2, seqlen=128, max_docs=docs, compile=compile, mixer_streams=True)
     assert graphs.settings["mixer_streams"]  # what the default runs, also where FALCON_ALIGN_MIXER_STREAMS=0
-    replays = []
-    run = graphs.run
-    graphs.run = lambda *args: replays.append(1) or run(*args)
+    replays = _count_replays(graphs)
     graphed = [_loss_and_grads(model, ids, **kw) for ids in batches]
     disable_training_graphs(model)
     assert len(replays) == len(batches), "the captured graphs did not run"
@@ -323,8 +329,7 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
         if graphs:
             docs = 4 if packed else None
             captured = enable_training_graphs(model, 1, 128, max_docs=docs, compile=True, mixer_streams=streams)
-            run = captured.run
-            captured.run = lambda *args: replays.append(1) or run(*args)
+            replays = _count_replays(captured)
         out = _loss_and_grads(model, ids, **kw)
         disable_training_graphs(model)
         assert len(replays) == int(graphs), "the captured graphs did not run"

@@ -27,7 +27,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from model import FalconH1ForCausalLM, preset_config  # noqa: E402
-from model.decode import StaticDecoder  # noqa: E402
 from model.graphs import disable_training_graphs, enable_training_graphs  # noqa: E402
 from model.kernels import get_ops  # noqa: E402
 
@@ -151,18 +150,13 @@ def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True, co
     model.eval()
     try:
         with torch.no_grad():
-            if which == "ours" and graph:
-                dec = StaticDecoder(model, batch, prompt + new + 8, compile=compile)
-                dec.generate(ids, max_new_tokens=16)  # capture + warm-up
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                out = dec.generate(ids, max_new_tokens=new)
-            else:
-                kw = dict(do_sample=False, pad_token_id=0)
-                model.generate(ids, max_new_tokens=4, min_new_tokens=4, **kw)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            kw = dict(do_sample=False, pad_token_id=0)
+            if which == "ours":  # model.generate: static cache + CUDA graph, or the eager path
+                model.set_decode(static_cache=graph, graphs=graph, compile=compile)
+            model.generate(ids, max_new_tokens=16 if graph else 4, min_new_tokens=4, **kw)  # capture + warm-up
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t
         produced = out.shape[1] - prompt

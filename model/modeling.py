@@ -12,6 +12,7 @@ Per layer (spec §3.2):
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import nullcontext
 from functools import partial
@@ -26,8 +27,9 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .cache import FalconH1HybridCache
+from .cache import FalconH1HybridCache, StaticHybridCache
 from .config import FalconH1Config
+from .decode import DecodeSettings, StaticCaches, replayable, static_cache_for
 from .kernels import get_ops
 from .kernels.ref import rmsnorm_gated_ref, rmsnorm_ref
 from .loss import chunked_causal_lm_loss
@@ -43,6 +45,9 @@ from .packing import (
 MLP_CHUNK_TOKENS = 16384
 # longer rows run the SSD scan in segments of this many tokens with exact state passing (FalconH1Mixer._scan)
 SCAN_SEGMENT_TOKENS = 32768
+
+logger = logging.getLogger("falcon_align.model")
+_LOGGED_PATHS: set = set()  # generate's decode paths already logged
 
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -616,6 +621,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
             packed = cu_seqlens_from_seq_idx(seq_idx)
         dense_docs = seq_idx if packed is None else None
         attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask if padded else None, dense_docs)
+        if isinstance(cache, StaticHybridCache):  # keys live in fixed buffers: the cache knows which are valid
+            static_mask = cache.attention_mask(l, attention_mask)
+            attn_mask = attn_mask if static_mask is None else static_mask
         graphs = self._training_graphs
         cu_seqlens = packed[0] if packed is not None else None
         if (
@@ -703,6 +711,8 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = FalconH1Model(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.decode_settings = DecodeSettings()
+        self._static_caches = StaticCaches()
         self.post_init()
 
     def get_input_embeddings(self):
@@ -756,6 +766,7 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         position_ids=None,
         labels=None,
         past_key_values=None,
+        cache=None,
         use_cache=None,
         logits_to_keep=0,
         inputs_embeds=None,
@@ -766,9 +777,12 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
     ):
         """Causal LM forward. With `labels` (or pre-shifted `shift_labels`) the loss is a chunked CE over the
         scaled logits and the full logits are not built unless `return_logits=True`."""
-        cache = kwargs.pop("cache", None) or past_key_values
+        cache = cache if cache is not None else past_key_values
         for unused in ("output_attentions", "output_hidden_states", "return_dict", "cache_position"):
             kwargs.pop(unused, None)
+        if replayable(cache, input_ids, labels):  # a decode step: the captured forward (model/decode.py)
+            logits = cache.decoder(self, input_ids, position_ids)
+            return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache})
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -796,6 +810,29 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
     # ------------------------------------------------------------------ generation
+    def set_decode(self, **settings) -> FalconH1ForCausalLM:
+        """How `generate` decodes (`model.decode.DecodeSettings`): static_cache (None: on CUDA), graphs, compile,
+        length_multiple, keep. Cached graphs of earlier settings are dropped."""
+        for name, value in settings.items():
+            if not hasattr(self.decode_settings, name):
+                raise ValueError(f"unknown decode setting {name!r}; known: {list(vars(self.decode_settings))}")
+            setattr(self.decode_settings, name, value)
+        self._static_caches.clear()
+        return self
+
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' `generate`, over a static hybrid cache whose decode step replays a CUDA graph where it can
+        (on CUDA, one sequence per prompt: greedy or sampled, left-padded batches, stop strings, streamers); else
+        the eager path with the dynamic cache. The path taken is logged once per reason."""
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        cache, why = static_cache_for(self, self.decode_settings, input_ids, generation_config, kwargs)
+        if why not in _LOGGED_PATHS:
+            logger.info("generate: %s", why)
+            _LOGGED_PATHS.add(why)
+        if cache is not None:
+            kwargs[_CACHE_FIELD] = cache
+        return super().generate(inputs, generation_config, **kwargs)
+
     def prepare_inputs_for_generation(
         self, input_ids, past_key_values=None, attention_mask=None, inputs_embeds=None, use_cache=True, **kwargs
     ):

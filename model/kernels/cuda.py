@@ -296,13 +296,16 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c,
 
 
 def _state_update(ssu):
+    from .ref import _discretize_dt
+
     update = ssu.selective_state_update
 
     def selective_state_update(
         state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf"))
     ):
-        if tuple(dt_limit) != (0.0, float("inf")):
-            raise NotImplementedError("dt_limit in the Triton state update")
+        if tuple(dt_limit) != (0.0, float("inf")):  # the kernel has no limit: discretise here (bias, softplus, clamp)
+            dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # fp32: the kernel reads it as fp32 anyway
+            dt_bias, dt_softplus = None, False
         h, p = x.shape[1], x.shape[2]
         n = state.shape[-1]
         if dt_bias is None:  # the kernel reads dt_bias's strides unconditionally

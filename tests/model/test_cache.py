@@ -110,17 +110,3 @@ def test_cache_is_accepted_under_both_names():
         a = model(ids[:, :7], use_cache=True)
         b = model(ids[:, 7:], cache=a.past_key_values).logits[:, -1]
     assert rel_err(b, full) < 1e-5
-
-
-def test_static_decoder_equals_generate_on_cpu():
-    """The static-cache decode step (captured in a CUDA graph on GPU) computes what generate computes."""
-    from model.decode import StaticDecoder
-
-    model = tiny_model(seed=17, mamba_n_groups=2)
-    model.generation_config.pad_token_id = 0
-    ids = _ids(2, 9, seed=10)
-    mask = torch.ones_like(ids)
-    ids[0, :3], mask[0, :3] = 0, 0
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
-    dec = StaticDecoder(model, 2, 32, use_graph=False)
-    assert dec.generate(ids, mask, max_new_tokens=10).tolist() == ref.tolist()

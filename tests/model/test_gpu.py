@@ -219,21 +219,27 @@ def test_padding_free_padded_batch_on_gpu(dtype):
         assert rel_err(out[True][1][name], out[False][1][name]) < 5 * TOL[dtype], name
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled-graph"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_graph_decoder_equals_eager_generate(batch):
-    from model.decode import StaticDecoder
-
-    model = tiny_model(seed=3, mamba_chunk_size=16).to("cuda", torch.bfloat16)
+def test_generate_replays_a_cuda_graph_and_equals_eager_generate(batch, compile):
+    """`generate`'s default CUDA path (static cache, the forward captured in a graph) gives the eager path's greedy
+    tokens in fp32, with a left-padded row and a time-step limit, and replays the graph for every token after the
+    first; a second call reuses the captured graph."""
+    model = tiny_model(seed=3, mamba_chunk_size=16, time_step_limit=(0.01, 0.5)).to("cuda").eval()
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, 97, (batch, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     mask = torch.ones_like(ids)
     if batch > 1:
         ids[0, :4], mask[0, :4] = 0, 0  # one left-padded row
-    eager = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    dec = StaticDecoder(model, batch, 64)
-    assert dec.generate(ids, mask, max_new_tokens=20).tolist() == eager.tolist()
-    assert dec.graph is not None  # the loop really replayed a captured graph
-    assert dec.generate(ids, mask, max_new_tokens=20).tolist() == eager.tolist()  # reusable
+    kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False)
+    eager = model.set_decode(static_cache=False).generate(ids, **kw)
+    model.set_decode(static_cache=None, graphs=True, compile=compile)
+    assert model.generate(ids, **kw).tolist() == eager.tolist()
+    (cache,) = model._static_caches._caches.values()
+    graph = cache.decoder.graph
+    assert graph is not None and cache.seen_tokens == 12 + 19  # 19 steps replayed after the prefill
+    assert model.generate(ids, **kw).tolist() == eager.tolist()
+    assert cache.decoder.graph is graph  # reused, not captured again
 
 
 @pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])  # compiled: the conv as taps

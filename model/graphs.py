@@ -7,9 +7,12 @@ launches, not on arithmetic (`../docs/performance.md`). `enable_training_graphs`
 Inside the graphs each layer's attention runs on a side stream beside its SSM branch (`mixer_streams`), which
 costs nothing to launch there; off with FALCON_ALIGN_MIXER_STREAMS=0 and under torch.distributed.
 
-Static-shape rules: packed rows keep up to `max_docs` documents per micro-batch (`cu_seqlens` is padded with
-empty documents to a fixed length; the varlen kernel skips them). A forward whose shape or layout does not
-match the captured one, or that uses padding masks, a cache or activation checkpointing, runs eagerly.
+Static-shape rules: padding-free packed rows (TRL's `packing` and `padding_free`, one row of T tokens) are captured as
+one row of a token budget with up to `max_docs` documents. A row of fewer tokens gets a trailing filler document
+(zeros, isolated by seq_idx and cu_seqlens like any document, cut off after the layers), and `cu_seqlens` is padded
+with empty documents to a fixed length (the varlen kernel skips them): the real tokens' outputs and gradients are
+unchanged. A forward that does not fit (more tokens or documents, unpacked rows, padding masks, a cache) runs
+eagerly and is counted by reason in `eager`; `replayed` counts the others.
 """
 
 from __future__ import annotations
@@ -33,14 +36,22 @@ class _LayerCall(nn.Module):
 
 
 class TrainingGraphs:
-    def __init__(self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool, mixer_streams: bool):
+    """The layers captured for one micro-batch shape, and the counts of forwards replayed and run eagerly. With
+    `capture=False` the same layer calls run eagerly behind the same padding and slot rules (tests on any device)."""
+
+    def __init__(
+        self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool, mixer_streams: bool, capture=True
+    ):
         from .kernels import get_ops
         from .modeling import inductor_options
 
         backbone = model.model
         p = next(backbone.parameters())
         cfg = backbone.config
+        if max_docs and batch != 1:
+            raise ValueError("packed rows are captured as one row of the token budget: batch must be 1")
         self.batch, self.seqlen, self.max_docs, self.dtype = batch, seqlen, max_docs, p.dtype
+        self.replayed, self.eager = 0, {}  # forwards replayed; eager ones by reason
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
         # more GPU time than they save (H200, 1.5B-Deep at 8K: 28,829 unfused vs 27,322 fused tokens/s)
         # and the attention branch on a side stream, where the SSD scan's kernels leave room (mixer_streams_default)
@@ -60,25 +71,57 @@ class TrainingGraphs:
             calls = tuple(torch.compile(c, dynamic=False, options=inductor_options()) for c in calls)
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)
-        self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3)
+        self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3) if capture else calls
 
-    def matches(self, hidden, seq_idx, cu_seqlens) -> bool:
+    def misfit(self, hidden, seq_idx, cu_seqlens) -> str | None:
+        """Why a training forward cannot replay the graphs, or None. A packed row (1, T) fits when its tokens and
+        documents fit the budget (`__call__` pads it); unpacked batches must have the captured shape."""
         b, l, _ = hidden.shape
-        if (b, l) != (self.batch, self.seqlen) or hidden.dtype != self.dtype or not torch.is_grad_enabled():
-            return False
+        if hidden.dtype != self.dtype:
+            return f"dtype {hidden.dtype} (captured {self.dtype})"
+        if seq_idx is None and self.max_docs:
+            return "unpacked rows (captured packed)"
         if seq_idx is None:
-            return not self.max_docs
-        return bool(self.max_docs) and cu_seqlens.numel() <= self.max_docs + 1
+            return None if (b, l) == (self.batch, self.seqlen) else f"shape ({b}, {l})"
+        if not self.max_docs:
+            return "packed rows (captured unpacked)"
+        if b != 1 or l > self.seqlen:
+            return f"({b}, {l}) tokens over the budget of one row of {self.seqlen}"
+        docs = cu_seqlens.numel() - 1 + (l < self.seqlen)  # the filler takes a slot
+        return None if docs <= self.max_docs else f"{docs} documents over {self.max_docs} slots"
 
-    def run(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None):
+    def __call__(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None, eager_reason=None):
+        """→ the layers' output, replayed, or None (the caller then runs eagerly); counted either way. A packed row of
+        fewer tokens than the budget gets a trailing filler document of zeros, isolated by seq_idx and cu_seqlens like
+        any other document, and cut off again: the real tokens' outputs and every gradient are the unpadded row's."""
+        why = eager_reason or self.misfit(hidden, seq_idx, cu_seqlens)
+        if why:
+            self.eager[why] = self.eager.get(why, 0) + 1
+            return None
+        self.replayed += 1
+        real = hidden.size(1)
         args = (cos, sin)
         if self.max_docs:
+            hidden, cos, sin, seq_idx, cu_seqlens = self._fill(hidden, cos, sin, seq_idx, cu_seqlens)
             pad = self.max_docs + 1 - cu_seqlens.numel()
-            cu = torch.cat([cu_seqlens, cu_seqlens[-1:].expand(pad)]) if pad else cu_seqlens
-            args += (seq_idx, cu)
+            cu = torch.cat([cu_seqlens, cu_seqlens[-1:].expand(pad)]) if pad else cu_seqlens  # empty documents
+            args = (cos, sin, seq_idx, cu)
         for layer in self.layers:
             hidden = layer(hidden, *args)
-        return hidden
+        return hidden[:, :real]
+
+    def _fill(self, hidden, cos, sin, seq_idx, cu_seqlens):
+        """A packed row (1, T): hidden (1, T, d), cos/sin (1, 1, T, hd), seq_idx (1, T) → the same at the budget's
+        length, the filler document (zeros, RoPE position 0) after the real ones."""
+        extra = self.seqlen - hidden.size(1)
+        if not extra:
+            return hidden, cos, sin, seq_idx, cu_seqlens
+        hidden = torch.cat([hidden, hidden.new_zeros(1, extra, hidden.size(-1))], 1)
+        cos = torch.cat([cos, cos.new_ones(1, 1, extra, cos.size(-1))], 2)
+        sin = torch.cat([sin, sin.new_zeros(1, 1, extra, sin.size(-1))], 2)
+        seq_idx = torch.cat([seq_idx, (seq_idx[:, -1:] + 1).expand(1, extra)], 1)
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([self.seqlen])])
+        return hidden, cos, sin, seq_idx, cu_seqlens
 
 
 def enable_training_graphs(

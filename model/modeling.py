@@ -625,15 +625,12 @@ class FalconH1Model(FalconH1PreTrainedModel):
             static_mask = cache.attention_mask(l, attention_mask)
             attn_mask = attn_mask if static_mask is None else static_mask
         graphs = self._training_graphs
-        cu_seqlens = packed[0] if packed is not None else None
-        if (
-            graphs is not None
-            and self.training
-            and cache is None
-            and pad_mask is None
-            and graphs.matches(hidden, seq_idx, cu_seqlens)
-        ):
-            hidden = graphs.run(hidden, cos, sin, seq_idx, cu_seqlens)  # captured forward/backward per layer
+        replayed = None
+        if graphs is not None and self.training and torch.is_grad_enabled():  # captured forward/backward per layer
+            eager_reason = "cache" if cache is not None else "padding" if pad_mask is not None else None
+            replayed = graphs(hidden, cos, sin, seq_idx, packed[0] if packed else None, eager_reason)
+        if replayed is not None:
+            hidden = replayed
         else:
             with self._offload_context():
                 for layer in self.layers:

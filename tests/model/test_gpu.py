@@ -35,14 +35,6 @@ def _loss_and_grads(model, ids, **kw):
     return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters()}
 
 
-def _count_replays(graphs) -> list:
-    """Wrap `graphs.run` (model.graphs.TrainingGraphs) → a list that grows by one each time the graphs replay."""
-    replays = []
-    run = graphs.run
-    graphs.run = lambda *args: replays.append(1) or run(*args)
-    return replays
-
-
 def _scan_args(dtype, b=2, l=300, h=8, p=32, g=2, n=16, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     r = lambda *s, dt=dtype: torch.randn(*s, generator=gen, device="cuda", dtype=dt)
@@ -259,20 +251,22 @@ def test_training_graphs_match_eager(monkeypatch, packed, compile):
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(model).float()
     gen = torch.Generator("cuda").manual_seed(3)
-    batches = [torch.randint(1, 97, (2, 128), device="cuda", generator=gen) for _ in range(2)]
-    kw = {}
-    if packed:  # 3 documents a row, 6 in the micro-batch
-        kw["position_ids"] = torch.cat([torch.arange(n, device="cuda") for n in (50, 3, 75)])[None].expand(2, -1)
+    if packed:  # TRL's padding-free rows: one row, 3 documents; the first shorter than the budget (a filler is added)
+        docs = [(100, 3, 127), (60, 120, 76)]
+        batches = [torch.randint(1, 97, (1, sum(d)), device="cuda", generator=gen) for d in docs]
+        kws = [{"position_ids": torch.cat([torch.arange(n, device="cuda") for n in d])[None]} for d in docs]
+        shape = dict(batch=1, seqlen=256, max_docs=4)
+    else:
+        batches = [torch.randint(1, 97, (2, 128), device="cuda", generator=gen) for _ in range(2)]
+        kws, shape = [{}, {}], dict(batch=2, seqlen=128, max_docs=None)
 
-    eager = [_loss_and_grads(model, ids, **kw) for ids in batches]
-    truth = [_loss_and_grads(truth_model, ids, **kw) for ids in batches]
-    docs = 6 if packed else None
-    graphs = enable_training_graphs(model, batch=2, seqlen=128, max_docs=docs, compile=compile, mixer_streams=True)
+    eager = [_loss_and_grads(model, ids, **kw) for ids, kw in zip(batches, kws)]
+    truth = [_loss_and_grads(truth_model, ids, **kw) for ids, kw in zip(batches, kws)]
+    graphs = enable_training_graphs(model, **shape, compile=compile, mixer_streams=True)
     assert graphs.settings["mixer_streams"]  # what the default runs, also where FALCON_ALIGN_MIXER_STREAMS=0
-    replays = _count_replays(graphs)
-    graphed = [_loss_and_grads(model, ids, **kw) for ids in batches]
+    graphed = [_loss_and_grads(model, ids, **kw) for ids, kw in zip(batches, kws)]
     disable_training_graphs(model)
-    assert len(replays) == len(batches), "the captured graphs did not run"
+    assert graphs.replayed == len(batches) and not graphs.eager, f"the captured graphs did not run: {graphs.eager}"
     for got, base, fp32 in zip(graphed, eager, truth):
         assert_as_accurate(got, base, fp32)
 
@@ -331,14 +325,13 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
 
     def loss_and_grads(model, streams, graphs):
         monkeypatch.setitem(kernels._chosen, "cuda", dataclasses.replace(base, mixer_streams=streams))
-        replays = []
+        captured = None
         if graphs:
             docs = 4 if packed else None
             captured = enable_training_graphs(model, 1, 128, max_docs=docs, compile=True, mixer_streams=streams)
-            replays = _count_replays(captured)
         out = _loss_and_grads(model, ids, **kw)
         disable_training_graphs(model)
-        assert len(replays) == int(graphs), "the captured graphs did not run"
+        assert (captured.replayed if captured else 0) == int(graphs), "the captured graphs did not run"
         return out
 
     graphs = mode == "graphs"

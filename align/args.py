@@ -7,7 +7,10 @@ is an error (TrlParser with `fail_with_unknown_args`), so a typo never passes si
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
+
+from trl import TrlParser
 
 from .data import MixtureConfig, SourceConfig
 
@@ -66,14 +69,28 @@ class AlignArguments:
             "checkpointed chunks; see `python -m model.memory` for the longest length."
         },
     )
-    compile_layers: bool = field(
-        default=False,
+    compile_layers: bool | None = field(
+        default=None,
         metadata={
             "help": "torch.compile every decoder layer (regional; FalconH1ForCausalLM.compile_layers): inductor fuses "
-            "norms, RoPE, µP multipliers, gates and the conv around the scan, attention and GEMM kernels. Padding-free "
-            "batches vary in length: layers compile twice (the second time with a symbolic length), not per batch. "
-            "On CPU the layers compile with aot_eager (no code generation)."
+            "norms, RoPE, µP multipliers, gates and the conv around the scan, attention and GEMM kernels. Default: on "
+            "CUDA. Padding-free batches vary in length: layers compile twice (the second time with a symbolic length)."
         },
+    )
+    training_graphs: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Capture every layer's forward and backward in CUDA graphs for padding-free rows of up to "
+            "graph_tokens tokens (align/fast_path.py). Default: on CUDA for one process with padding-free rows, unless "
+            "activation checkpointing is needed. Micro-batches that do not fit run eagerly, counted in the logs."
+        },
+    )
+    graph_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Token budget of the captured row (default: per_device_train_batch_size × max_length)."},
+    )
+    graph_doc_slots: int | None = field(
+        default=None, metadata={"help": "Documents a captured row holds (default: max(64, graph_tokens / 128))."}
     )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
@@ -93,6 +110,41 @@ class AlignArguments:
             max_malformed_fraction=self.max_malformed_fraction,
             eval_fraction=self.eval_fraction,
         )
+
+
+class RecipeParser(TrlParser):
+    """TrlParser that takes `gradient_checkpointing: auto` in a recipe or on the command line, and makes it the default
+    where neither sets it: the stage then decides from the memory planner (align/fast_path.py). Every parsed
+    AlignArguments carries the outcome as `auto_checkpointing`."""
+
+    def parse_args_and_config(self, args=None, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        self._cli, self._recipe = _pop_flag(args, "--gradient_checkpointing"), None
+        parsed = super().parse_args_and_config(args=args, **kwargs)
+        setting = self._cli if self._cli is not None else self._recipe
+        for obj in parsed:
+            if isinstance(obj, AlignArguments):
+                obj.auto_checkpointing = setting in (None, "auto")
+        return parsed
+
+    def set_defaults_with_config(self, **kwargs):
+        if "gradient_checkpointing" in kwargs:
+            self._recipe = kwargs["gradient_checkpointing"]
+            if self._recipe == "auto":
+                kwargs.pop("gradient_checkpointing")
+        return super().set_defaults_with_config(**kwargs)
+
+
+def _pop_flag(args: list, flag: str):
+    """`flag auto` / `flag=auto` → removed from args, "auto"; another value → left, the value; absent → None."""
+    for i, arg in enumerate(args):
+        if arg == flag or arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else args[i + 1] if i + 1 < len(args) else "true"
+            value = "true" if value.startswith("--") else value
+            if value == "auto":
+                del args[i : i + (1 if "=" in arg else 2)]
+            return value
+    return None
 
 
 @dataclass

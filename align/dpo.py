@@ -25,16 +25,17 @@ if __package__ in (None, ""):  # `python align/dpo.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
+from trl import DPOConfig, ModelConfig  # noqa: E402
 
-from align.args import PreferenceArguments  # noqa: E402
+from align.args import PreferenceArguments, RecipeParser  # noqa: E402
+from align.fast_path import apply, decide  # noqa: E402
 from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
 def parse(argv=None):
-    parser = TrlParser((PreferenceArguments, DPOConfig, ModelConfig))
+    parser = RecipeParser((PreferenceArguments, DPOConfig, ModelConfig))
     return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
 
 
@@ -57,7 +58,8 @@ def reference_model(model_args, align_args, dpo_args, trust):
     return load_model(ref_args, align_args, trust).eval()
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """callbacks: TrainerCallbacks added to the stage's own."""
     align_args, dpo_args, model_args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_seed(dpo_args.seed)
@@ -71,6 +73,8 @@ def main(argv=None):
 
     train_rows, eval_rows = mixture_rows(align_args, "preference", count_tokens, dpo_args.output_dir)
 
+    path = decide(model, align_args, dpo_args, padding_free=bool(dpo_args.padding_free), pairs=True)
+    extra_callbacks = apply(path, model, dpo_args)
     trainer = FalconDPOTrainer(
         model=model,
         ref_model=reference_model(model_args, align_args, dpo_args, trust),
@@ -80,6 +84,7 @@ def main(argv=None):
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
         ref_logps_cache_dir=align_args.ref_logps_cache_dir or str(Path(dpo_args.output_dir) / "ref_logps"),
+        callbacks=[*callbacks, *extra_callbacks],
     )
     train_and_save(trainer, dpo_args, model_args, align_args, tokenizer, trust)
     return trainer

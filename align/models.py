@@ -65,10 +65,6 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
     long_rows = dict(offload_activations=True, mlp_chunk_tokens=MLP_CHUNK_TOKENS)
     if align_args.activation_offload and not configure_backbones(model, **long_rows):
         raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
-    if align_args.compile_layers:
-        if not isinstance(model, FalconH1ForCausalLM):
-            raise ValueError("compile_layers needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
-        model.compile_layers()
     return model
 
 

@@ -18,15 +18,16 @@ if __package__ in (None, ""):  # `python align/sft.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
+from trl import ModelConfig, SFTConfig, SFTTrainer  # noqa: E402
 
-from align.args import AlignArguments  # noqa: E402
+from align.args import AlignArguments, RecipeParser  # noqa: E402
+from align.fast_path import apply, decide  # noqa: E402
 from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
 def parse(argv=None):
-    parser = TrlParser((AlignArguments, SFTConfig, ModelConfig))
+    parser = RecipeParser((AlignArguments, SFTConfig, ModelConfig))
     return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
 
 
@@ -36,7 +37,8 @@ def to_dataset(rows):
     return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows]) if rows else None
 
 
-def main(argv=None):
+def main(argv=None, callbacks=()):
+    """callbacks: TrainerCallbacks added to the stage's own."""
     align_args, sft_args, model_args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     set_seed(sft_args.seed)
@@ -50,6 +52,8 @@ def main(argv=None):
 
     train_rows, eval_rows = mixture_rows(align_args, "sft", count_tokens, sft_args.output_dir)
 
+    padding_free = sft_args.padding_free or (sft_args.packing and sft_args.packing_strategy in ("bfd", "bfd_split"))
+    extra_callbacks = apply(decide(model, align_args, sft_args, padding_free), model, sft_args)
     trainer_cls, extra = SFTTrainer, {}
     if align_args.context_parallel_size > 1:
         from align.long_context import ContextParallelSFTTrainer
@@ -63,6 +67,7 @@ def main(argv=None):
         eval_dataset=to_dataset(eval_rows),
         processing_class=tokenizer,
         peft_config=peft_config(model_args),
+        callbacks=[*callbacks, *extra_callbacks],
     )
     train_and_save(trainer, sft_args, model_args, align_args, tokenizer, trust)
     return trainer

@@ -2,6 +2,11 @@
 
     python bench/user_paths.py generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
 
+sft: `align/sft.py` itself (the Trainer, its default path) with a shipped recipe's settings, random weights of the
+preset's shape (`--init_preset`), packed 8K rows of synthetic chats, against TRL's SFTTrainer over transformers'
+FalconH1ForCausalLM (with mamba-ssm's kernels where installed) on the same data and settings. Real tokens/s: the
+micro-batches' tokens (no filler) over the median step time after warm-up steps (compilation, capture).
+
 generate: `model.generate` as users call it (its default path: static cache, compiled decode step in a CUDA graph),
 512-token prompts and 256 new tokens, greedy, against transformers' `generate` on the same weights (fewer new tokens:
 it runs ~10 tokens/s). Also the first token where bf16 greedy decoding through the graph leaves the eager path.
@@ -21,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -84,11 +90,153 @@ def bench_generate(args, item):
     return rows
 
 
+def synthetic_chats(path: Path, n: int, seed: int = 0) -> list[str]:
+    """n chats of random words (prompts 20–200 words, replies 100–1,500) as a JSONL source → the texts, for the
+    tokenizer."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    texts, rows = [], []
+    for _ in range(n):
+        prompt = " ".join(rng.choices(words, k=rng.randint(20, 200)))
+        reply = " ".join(rng.choices(words, k=rng.randint(100, 1500)))
+        texts += [prompt, reply]
+        rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return texts
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Each optimizer step's wall time (synchronised) and the input tokens it saw."""
+
+    def __init__(self):
+        self.steps, self._t, self._seen = [], None, 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        sync()
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        sync()
+        self.steps.append((time.perf_counter() - self._t, state.num_input_tokens_seen - self._seen))
+        self._seen = state.num_input_tokens_seen
+
+    def tokens_per_s(self, warmup: int) -> float:
+        timed = self.steps[warmup:]
+        return round(sum(n for _, n in timed) / sum(t for t, _ in timed), 1)
+
+
+def bench_sft(args, item):
+    import tempfile
+
+    from align import sft
+    from align.offline.base import build_tokenizer
+
+    work = Path(tempfile.mkdtemp())
+    texts = synthetic_chats(work / "chats.jsonl", args.rows)
+    build_tokenizer(texts[:4000]).save_pretrained(work / "tok")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
+    common = [
+        "--model_name_or_path",
+        str(work / "tok"),
+        "--max_length",
+        str(args.seq),
+        "--max_steps",
+        str(args.steps),
+        "--gradient_accumulation_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--logging_steps",
+        "5",
+        "--include_num_input_tokens_seen",
+        "true",
+        "--dataloader_num_workers",
+        "0",
+    ]
+    sources = json.dumps([{"path": str(work / "chats.jsonl"), "label": "synthetic", "language": "en"}])
+    timer = StepTimer()
+    sft.main(
+        [
+            "--config",
+            str(recipe),
+            "--init_preset",
+            args.preset,
+            "--sources",
+            sources,
+            "--output_dir",
+            str(work / "ours"),
+            *common,
+            *args.trainer_args,
+        ],
+        callbacks=[timer],
+    )
+    ours = timer.tokens_per_s(args.warmup)
+    row = item("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
+    print(json.dumps(row), flush=True)
+    if not args.no_reference:
+        cleanup()
+        row["reference_tokens_per_s"] = reference_sft(args, work)
+        print(json.dumps(row), flush=True)
+    return [row]
+
+
+def reference_sft(args, work) -> float:
+    """TRL's SFTTrainer over transformers' FalconH1ForCausalLM, the recipe's settings, no falcon-align code in the
+    training path (the tokenizer and data are the same files)."""
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from align.templates import falcon_h1_chat_template
+
+    cfg = preset_config(args.preset)
+    model = build(cfg, "reference", {k: v for k, v in build(cfg, "ours").state_dict().items()})
+    tok = AutoTokenizer.from_pretrained(work / "tok")
+    tok.chat_template = falcon_h1_chat_template()
+    rows = [json.loads(line) for line in (work / "chats.jsonl").read_text().splitlines()]
+    data = datasets.Dataset.from_list(rows)
+    config = SFTConfig(
+        output_dir=str(work / "ref"),
+        max_length=args.seq,
+        packing=True,
+        assistant_only_loss=True,
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=4.6e-5,
+        bf16=True,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=5,
+        include_num_input_tokens_seen=True,
+    )
+    timer = StepTimer()
+    SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[timer]).train()
+    return timer.tokens_per_s(args.warmup)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", choices=["generate"])
+    ap.add_argument("path", choices=["generate", "sft"])
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--seq", type=int, default=8192, help="sft: max_length of the packed rows")
+    ap.add_argument("--steps", type=int, default=20, help="sft: optimizer steps (one micro-batch each)")
+    ap.add_argument("--warmup", type=int, default=5, help="sft: steps left out of the timing")
+    ap.add_argument("--rows", type=int, default=3000, help="sft: synthetic chats")
+    ap.add_argument("--trainer-args", nargs="*", default=[], help="sft: more flags for align/sft.py")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--reference-new", type=int, default=32, help="new tokens for the reference (it is slow)")
@@ -106,14 +254,15 @@ def main():
         base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
         return {**base, **fields, "card": env["card"], "command": command, "commit": commit or None}
 
-    rows = bench_generate(args, item)
+    rows = bench_generate(args, item) if args.path == "generate" else bench_sft(args, item)
     result = dict(date=datetime.date.today().isoformat(), versions=env, user_paths=rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'path':<16}{'batch':>6}{'tokens/s':>12}{'reference':>12}")
+    print(f"{'path':<16}{'batch/seq':>10}{'tokens/s':>12}{'reference':>12}")
     for r in rows:
-        print(f"{r['path']:<16}{r['batch']:>6}{r['tokens_per_s']:>12}{r['reference_tokens_per_s'] or '-':>12}")
+        shape = r.get("batch", r.get("seq"))
+        print(f"{r['path']:<16}{shape:>10}{r['tokens_per_s']:>12}{r['reference_tokens_per_s'] or '-':>12}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,9 @@ WORKSPACE_GIB = 1.0
 MARGIN = 0.10  # share of the card kept free: allocator fragmentation, cuBLAS/NCCL workspaces. Without it the plan
 # said 0.5B at 524,288 tokens fits an H100 (74.8 of 79.2 GiB); it ran out of memory (2026-11-26)
 WORKING_FACTOR = {"full": 0.89, "lora": 1.58}  # fitted, see the module docstring
+# without checkpointing: per-token activations kept per layer, fitted to compiled + graphed bf16 full fine-tunes at
+# 8,192 tokens (H100 0.5B 14.49 GiB, H200 1.5B-Deep 37.07 GiB; predicted 14.85, 38.24); LoRA scaled as WORKING_FACTOR
+KEPT_FACTOR = {"full": 0.49, "lora": 0.49 * 1.58 / 0.89}
 SCAN_COPIES = 4  # chunk states, passed states, their gradients: live at once in mamba-ssm's scan backward
 BYTES_PER_PARAM = {"bf16": 8, "amp": 16}  # bf16 weights+grads+2 AdamW moments; fp32 master copy under autocast
 
@@ -72,13 +75,15 @@ def plan(
     lora_params=0,
     scan_segment=SCAN_SEGMENT_TOKENS,
     context_parallel=1,
+    checkpointing=True,
 ) -> Plan:
     """method: "full" or "lora" (lora_params: the adapters' size; default ~0.5% of the model). offload: the layer
     inputs in CPU memory and the MLP in chunks (FalconH1ForCausalLM.enable_activation_offload). scan_segment: None
     for the one-piece scan (the model before 2026-11-27, as the committed measurements ran). context_parallel: the
     row split over this many GPUs (model/context_parallel.py): each holds T/W tokens' activations, and one layer's
     keys and values all-gathered over the whole row with their gradients (the 7B at 524,288 tokens on two H100s
-    peaked at 64.68 GiB per GPU, as one H100 at 262,144: 64.69). Sequence figures are the whole row's."""
+    peaked at 64.68 GiB per GPU, as one H100 at 262,144: 64.69). checkpointing=False: every layer's activations and
+    scan states are kept for the backward, not one layer's recompute. Sequence figures are the whole row's."""
     n_params = _n_params(config)
     if method == "full":
         static = n_params * BYTES_PER_PARAM[precision]
@@ -93,6 +98,11 @@ def plan(
     saved = 0 if offload else config.num_hidden_layers * config.hidden_size * 2
     working = WORKING_FACTOR[method] * layer_elements(config, mlp_chunked=offload) * 2
     scan = SCAN_COPIES * config.mamba_n_heads * config.mamba_d_head * config.mamba_d_state / config.mamba_chunk_size * 4
+    if not checkpointing:  # every layer's saved activations at once, each with one copy of its scan states
+        layers = config.num_hidden_layers
+        saved, scan_segment = 0, None
+        working = KEPT_FACTOR[method] * layers * layer_elements(config) * 2
+        scan = layers * scan / SCAN_COPIES
     if scan_segment:  # the scan's states stop growing at one segment
         static += scan_segment * scan
         scan = 0

@@ -1,0 +1,148 @@
+"""The path a training stage runs on, decided once before the Trainer is built and logged in one line.
+
+On CUDA the fastest path that fits is the default, for full fine-tuning and LoRA alike:
+- compiled layers (`compile_layers`; None: on CUDA);
+- CUDA graphs over every layer's forward and backward for padding-free packed rows (`training_graphs`; None: on CUDA,
+  one process, padding-free rows). Rows are captured as one row of `graph_tokens` tokens (default: what one
+  micro-batch can hold) with `graph_doc_slots` documents; a shorter row gets a trailing filler document that changes
+  no loss or gradient (model/graphs.py). A micro-batch that does not fit runs eagerly and is counted: the logs carry
+  `graphs_replayed` and `graphs_eager` every logging step;
+- activation checkpointing only where the run would not fit without it (`gradient_checkpointing: auto`, the default:
+  model.memory's planner at the micro-batch's tokens, against the card's memory).
+Under torch.distributed the layers compile, and graphs and the mixers' second stream stay off: FSDP gathers weights
+inside each forward, and DDP's gradient hooks are not validated with captured backwards.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainerCallback
+
+from model import FalconH1ForCausalLM
+from model.graphs import enable_training_graphs
+from model.memory import plan
+
+logger = logging.getLogger("falcon_align")
+
+
+@dataclass
+class TrainingPath:
+    compile_layers: bool
+    graphs: bool
+    checkpointing: bool
+    graph_tokens: int | None = None
+    graph_doc_slots: int | None = None
+    reasons: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        parts = [
+            "compiled layers" if self.compile_layers else "eager layers",
+            f"CUDA graphs ({self.graph_tokens} tokens, {self.graph_doc_slots} document slots)"
+            if self.graphs
+            else "no CUDA graphs",
+            "activation checkpointing" if self.checkpointing else "no activation checkpointing",
+        ]
+        return ", ".join(parts) + (f" — {'; '.join(self.reasons)}" if self.reasons else "")
+
+
+def falcon_model(model) -> FalconH1ForCausalLM | None:
+    """Our FalconH1ForCausalLM inside `model` (a PEFT wrapper, say), or None."""
+    return next((m for m in model.modules() if isinstance(m, FalconH1ForCausalLM)), None)
+
+
+def row_tokens(train_args, pairs: bool) -> int | None:
+    """The most tokens one padding-free micro-batch holds: per_device_train_batch_size × max_length (× 2 for DPO's
+    chosen and rejected sequences)."""
+    if not train_args.max_length:
+        return None
+    return train_args.per_device_train_batch_size * train_args.max_length * (2 if pairs else 1)
+
+
+def decide(model, align_args, train_args, padding_free: bool, pairs: bool = False) -> TrainingPath:
+    """The path for this run: each choice from the recipe, or by default from the device and the planner."""
+    ours = falcon_model(model)
+    cuda = next(model.parameters()).device.type == "cuda" or torch.cuda.is_available()
+    distributed = train_args.world_size > 1
+    reasons = []
+    if ours is None and (align_args.compile_layers or align_args.training_graphs):
+        raise ValueError("compile_layers and training_graphs need falcon-align's Falcon-H1 (model_type falcon_h1)")
+    quantized = bool(getattr(model, "is_quantized", False) or getattr(ours, "is_quantized", False))
+    if quantized and cuda:  # bitsandbytes' 4/8-bit layers are not captured or compiled by default
+        reasons.append("compile and graphs off: quantized weights")
+    fast = cuda and ours is not None and not quantized
+    compile_layers = align_args.compile_layers if align_args.compile_layers is not None else fast
+    tokens = align_args.graph_tokens or row_tokens(train_args, pairs)
+    graphs = align_args.training_graphs
+    if graphs is None:
+        graphs = fast and padding_free and tokens is not None and not distributed
+        if fast and not graphs:
+            why = "several processes" if distributed else "rows are not padding-free" if not padding_free else ""
+            reasons.append(f"graphs off: {why or 'no max_length'}")
+    if graphs and (not padding_free or tokens is None):
+        raise ValueError("training_graphs needs padding-free rows (packing or padding_free) and max_length")
+    checkpointing = _checkpointing(ours, align_args, train_args, tokens, reasons)
+    if graphs and checkpointing:
+        if align_args.training_graphs:
+            raise ValueError("training_graphs and activation checkpointing do not combine; set one of them off")
+        graphs = False
+        reasons.append("graphs off: activation checkpointing is needed")
+    slots = align_args.graph_doc_slots or max(64, (tokens or 0) // 128)
+    shape = (tokens, slots) if graphs else (None, None)
+    return TrainingPath(compile_layers, graphs, checkpointing, *shape, reasons)
+
+
+def _checkpointing(ours, align_args, train_args, tokens, reasons) -> bool:
+    """`gradient_checkpointing: auto`: on where the planner puts the run without it over the card's memory."""
+    if not getattr(align_args, "auto_checkpointing", False):
+        return bool(train_args.gradient_checkpointing)
+    if not torch.cuda.is_available() or ours is None or tokens is None:
+        reasons.append("checkpointing off: auto, " + ("nothing to plan" if torch.cuda.is_available() else "on CPU"))
+        return False
+    card = torch.cuda.get_device_properties(0).total_memory / 2**30
+    method = "lora" if any("lora_" in n for n, _ in ours.named_parameters()) else "full"
+    need = plan(ours.config, method=method, card_gib=card, seq=tokens, checkpointing=False).peak_gib_at_seq
+    on = need > card * 0.9
+    reasons.append(f"checkpointing {'on' if on else 'off'}: auto, {need:.1f} GiB planned without it of {card:.0f} GiB")
+    return on
+
+
+def apply(path: TrainingPath, model, train_args) -> list[TrainerCallback]:
+    """Compiles the layers and sets the checkpointing decision on the Trainer's arguments (before the Trainer is
+    built); → the callbacks the Trainer takes (graph capture at the start of training, counts in the logs)."""
+    logger.info("training path: %s", path.describe())
+    train_args.gradient_checkpointing = path.checkpointing
+    ours = falcon_model(model)
+    if path.compile_layers and ours is not None:
+        ours.compile_layers()
+    return [TrainingGraphsCallback(path)] if path.graphs else []
+
+
+class TrainingGraphsCallback(TrainerCallback):
+    """Captures the layers once the model sits on its device (the Trainer's start), and adds the graphs' counts to
+    every log: `graphs_replayed` and `graphs_eager` since the last log, and the eager forwards' reasons once each."""
+
+    def __init__(self, path: TrainingPath):
+        self.path = path
+        self.graphs = None
+        self._seen = (0, 0)
+        self._reasons: set = set()
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        ours = falcon_model(model)
+        self.graphs = enable_training_graphs(
+            ours, 1, self.path.graph_tokens, max_docs=self.path.graph_doc_slots, compile=self.path.compile_layers
+        )
+        logger.info("training graphs captured: %s", self.graphs.settings)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.graphs is None or logs is None:
+            return
+        replayed, eager = self.graphs.replayed, sum(self.graphs.eager.values())
+        logs["graphs_replayed"], logs["graphs_eager"] = replayed - self._seen[0], eager - self._seen[1]
+        self._seen = (replayed, eager)
+        for reason in set(self.graphs.eager) - self._reasons:
+            logger.warning("training graphs: a micro-batch ran eagerly (%s)", reason)
+            self._reasons.add(reason)

@@ -22,6 +22,7 @@ import datetime
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -227,9 +228,35 @@ def reference_sft(args, work) -> float:
     return timer.tokens_per_s(args.warmup)
 
 
+def bench_demo(args, item):
+    """The demo's engine streaming one reply (greedy, `--new` tokens at most) from a saved checkpoint of the preset's
+    shape: tokens/s as its pane shows them, after one warm-up reply."""
+    import tempfile
+
+    from align.offline.base import build_tokenizer
+    from demo.engine import ChatModel, Settings
+    from model import FalconH1ForCausalLM
+
+    work = Path(tempfile.mkdtemp())
+    texts = synthetic_chats(work / "chats.jsonl", 200)
+    tok = build_tokenizer(texts)
+    cfg = preset_config(args.preset, vocab_size=len(tok), pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    FalconH1ForCausalLM(cfg).to(torch.bfloat16).save_pretrained(work / "ckpt")
+    tok.save_pretrained(work / "ckpt")
+    chat = ChatModel(str(work / "ckpt"), chat=True)
+    settings = Settings(max_new_tokens=args.new, temperature=0.0)
+    prompt = " ".join(texts[0].split()[:300])
+    for _ in range(2):  # the first reply pays the compilation and capture
+        *_, (_, stats) = chat.stream([], prompt, settings, threading.Event())
+    row = item("demo", batch=1, tokens_per_s=stats["tokens_per_s"], tokens=stats["tokens"])
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("path", choices=["generate", "sft"])
+    ap.add_argument("path", choices=["generate", "sft", "demo"])
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seq", type=int, default=8192, help="sft: max_length of the packed rows")
@@ -254,7 +281,7 @@ def main():
         base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
         return {**base, **fields, "card": env["card"], "command": command, "commit": commit or None}
 
-    rows = bench_generate(args, item) if args.path == "generate" else bench_sft(args, item)
+    rows = {"generate": bench_generate, "sft": bench_sft, "demo": bench_demo}[args.path](args, item)
     result = dict(date=datetime.date.today().isoformat(), versions=env, user_paths=rows)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -69,10 +69,11 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
 
 
 def expandable_segments() -> bool:
-    """Long rows allocate and free GiB-sized blocks layer after layer: with the allocator's fixed segments the 7B's
-    524,288-token step (2 GPUs) ran out of memory with 15 GiB reserved but unusable. Expandable segments, unless
-    the user's allocator settings (PYTORCH_ALLOC_CONF, or the older PYTORCH_CUDA_ALLOC_CONF) say otherwise; before
-    the model reaches the GPU. Expandable segments do not support CUDA IPC (tensors shared between processes)."""
+    """Long rows allocate and free GiB-sized blocks layer after layer, and the allocator's fixed segments then
+    fragment: memory stays reserved but cannot hold the next block (docs/performance.md, long context).
+    Expandable segments, unless the user's allocator settings (PYTORCH_ALLOC_CONF, or the older
+    PYTORCH_CUDA_ALLOC_CONF) say otherwise; before the model reaches the GPU. Expandable segments do not support
+    CUDA IPC (tensors shared between processes)."""
     if not torch.cuda.is_available() or {"PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"} & set(os.environ):
         return False
     torch.cuda.memory._set_allocator_settings("expandable_segments:True")

@@ -29,9 +29,10 @@ def mixture_rows(align_args, kind, count_tokens, output_dir):
 
 def finish(trainer) -> None:
     """End a script's run on every rank: all ranks meet, then trackers close and the process groups are destroyed.
-    Two-process CPU runs of tests/align/test_context_parallel_sft.py (gloo), its workers ending each way:
-    the process group left to the interpreter's teardown, 1 of 60 aborted after training (SIGABRT, "terminate called
-    without an active exception"); destroyed without meeting first, 3 of 40 hung; meeting first, 0 of 80 failed."""
+    Why in this order: a process group left to the interpreter's teardown can abort a finished run (gloo's threads
+    die with "terminate called without an active exception"), and a rank that destroys its group while another
+    still runs a collective leaves that one waiting forever; meeting first lets every rank finish its last
+    collective before any group goes away."""
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
 

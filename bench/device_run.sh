@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One device call: install carried wheels, run the benchmarks (bench.py, or the bench script an argument names
-# first), then optionally the GPU tests (test_gpu.py and the GPU cases of test_context_parallel.py; the other test
-# modules need trl). On the GPU machine:
+# On a GPU machine without network access: installs the wheels in $WHEELS, runs the benchmarks (bench.py, or the
+# bench script an argument names first), then optionally the GPU tests (test_gpu.py and the GPU cases of
+# test_context_parallel.py; the other test modules need trl):
 #   TESTS="pattern" bash bench/device_run.sh "<bench.py args>" ...   (TESTS: see below)
 # Wheels from $WHEELS (default .whl; mamba-ssm alone is enough for the bench and the GPU tests). Everything is logged
-# under $OUT; mamba-ssm's autotuning results come back as autotune.tgz (kilobytes; the compiled kernels, hundreds of
-# MB, are rebuilt in seconds): carry it next time as .carry/autotune.tgz and no kernel is autotuned twice.
+# under $OUT; mamba-ssm's autotuning results are saved as $OUT/autotune.tgz (kilobytes; the compiled kernels, hundreds
+# of MB, are rebuilt in seconds): placed at .carry/autotune.tgz, the next run autotunes no kernel twice.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${WHEELS:-.whl}"/*.whl \

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# One device call for the DPO issue: carried wheels (trl, datasets, mamba-ssm, ...), the GPU tests for the
-# padding-free path, then the DPO throughput bench (ours vs TRL + transformers). Logs and JSON land in $OUT.
+# DPO on a GPU machine without network access: installs the wheels in .whl (trl, datasets, mamba-ssm, ...), runs
+# the GPU tests for the padding-free path, then the DPO throughput bench (ours vs TRL + transformers). Logs and JSON
+# land in $OUT.
 #   bash bench/dpo_device_run.sh [dpo_bench.py args]
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T=/tmp/carried/site-packages  # a "site-packages" path: datasets' dill pickles other module paths by value
+T=/tmp/deps/site-packages  # a "site-packages" path: datasets' dill pickles other module paths by value
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/*.whl || exit 1
 export PYTHONPATH=$T:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_CACHE_AUTOTUNING=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

@@ -7,7 +7,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   # the folder name must contain "site-packages": dill (datasets' fingerprinting) pickles modules found anywhere
   # else by value and dies on pyarrow's MonthDayNano
-  T=/tmp/carried/site-packages
+  T=/tmp/deps/site-packages
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/*.whl || exit 1
   export PYTHONPATH=$T:$PWD
 fi

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One device call for the long-context benchmarks: installs the carried wheels (mamba-ssm for the Triton scan),
-# then runs bench/long_context.py once per argument string, each under its own timeout; JSON and logs land in $OUT.
+# Long-context benchmarks on a GPU machine without network access: installs the mamba-ssm wheel from .whl (the
+# Triton scan), then runs bench/long_context.py once per argument string, each under its own timeout; JSON and logs
+# land in $OUT.
 #   bash bench/long_context_run.sh "--preset 0.5b --seqs 524288 --offload --warmup-seq 16384" "--reference ..."
 #   LAUNCH="torchrun --nproc_per_node 2" bash bench/long_context_run.sh "--preset 7b --method lora ..."
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-T=/tmp/carried/site-packages
+T=/tmp/deps/site-packages
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $T .whl/mamba_ssm-*.whl \
   || exit 1
 # autotune results on disk (Triton ≥ 3.2): the next process on this machine skips mamba-ssm's autotuning
@@ -15,7 +16,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 n=0
 for args in "$@"; do
   n=$((n + 1))
-  while [ -e "$OUT/long$n.json" ] || [ -e "$OUT/long$n.log" ]; do n=$((n + 1)); done  # a second invocation in one call
+  while [ -e "$OUT/long$n.json" ] || [ -e "$OUT/long$n.log" ]; do n=$((n + 1)); done  # a second invocation into the same $OUT
   start=$(date +%s)
   # shellcheck disable=SC2086
   timeout "${BENCH_TIMEOUT:-330}" ${LAUNCH:-python3} bench/long_context.py $args --out "$OUT/long$n.json" \

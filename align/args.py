@@ -92,9 +92,19 @@ class AlignArguments:
     graph_doc_slots: int | None = field(
         default=None, metadata={"help": "Documents a captured row holds (default: max(64, graph_tokens / 128))."}
     )
+    runtime: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Run-time choices of the fast path (model.settings): kernels (auto|reference), fused_projections, "
+            "mixer_streams, ssd_recompute, compile_backend, compile_loss. A mapping in the recipe; JSON on the "
+            "command line."
+        },
+    )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
     def __post_init__(self):
+        if isinstance(self.runtime, str):
+            self.runtime = json.loads(self.runtime)
         self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in _source_dicts(self.sources)]
 
     def mixture(self, kind: str = "sft") -> MixtureConfig:

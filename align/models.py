@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model import FalconH1ForCausalLM, preset_config
 from model.modeling import MLP_CHUNK_TOKENS, configure_backbones
+from model.settings import configure
 
 from .args import AlignArguments, lora_targets
 from .templates import falcon_h1_chat_template
@@ -59,6 +60,8 @@ def quantization_config(model_args):
 
 def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
     """Our FalconH1ForCausalLM for falcon_h1 checkpoints (and presets); any other model through Auto*."""
+    if align_args.runtime:
+        configure(**align_args.runtime)
     if align_args.activation_offload or align_args.context_parallel_size > 1:
         expandable_segments()
     model = _load(model_args, align_args, trust_remote_code)

@@ -5,7 +5,7 @@ launches, not on arithmetic (`../docs/performance.md`). `enable_training_graphs`
 `torch.cuda.make_graphed_callables` for one static shape (batch, seqlen) — packed or not — so a step replays
 72 graphs instead of launching ~6,500 kernels. Embedding, loss and optimizer stay eager (a few dozen launches).
 Inside the graphs each layer's attention runs on a side stream beside its SSM branch (`mixer_streams`), which
-costs nothing to launch there; off with FALCON_ALIGN_MIXER_STREAMS=0 and under torch.distributed.
+costs nothing to launch there; model.settings.mixer_streams switches it, and it is off under torch.distributed.
 
 Static-shape rules: padding-free packed rows (TRL's `packing` and `padding_free`, one row of T tokens) are captured as
 one row of a token budget with up to `max_docs` documents. A row of fewer tokens gets a trailing filler document
@@ -17,8 +17,6 @@ eagerly and is counted by reason in `eager`; `replayed` counts the others.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -26,13 +24,16 @@ from torch import nn
 class _LayerCall(nn.Module):
     """Tensor-only signature around one decoder layer, as make_graphed_callables needs."""
 
-    def __init__(self, layer, ops, max_len):
+    def __init__(self, layer, ops, max_len, streams):
         super().__init__()
-        self.layer, self.ops, self.max_len = layer, ops, max_len
+        self.layer, self.ops, self.max_len, self.streams = layer, ops, max_len, streams
 
     def forward(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None):
+        from .modeling import LayerInputs
+
         packed = (cu_seqlens, self.max_len) if cu_seqlens is not None else None
-        return self.layer(hidden, cos=cos, sin=sin, seq_idx=seq_idx, packed=packed, ops=self.ops)
+        inputs = LayerInputs(cos, sin, self.ops, seq_idx=seq_idx, packed=packed, streams=self.streams)
+        return self.layer(hidden, inputs)
 
 
 class TrainingGraphs:
@@ -42,8 +43,8 @@ class TrainingGraphs:
     def __init__(
         self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool, mixer_streams: bool, capture=True
     ):
+        from .acceleration import inductor_options
         from .kernels import get_ops
-        from .modeling import inductor_options
 
         backbone = model.model
         p = next(backbone.parameters())
@@ -53,10 +54,10 @@ class TrainingGraphs:
         self.batch, self.seqlen, self.max_docs, self.dtype = batch, seqlen, max_docs, p.dtype
         self.replayed, self.eager = 0, {}  # forwards replayed; eager ones by reason
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
-        # more GPU time than they save (H200, 1.5B-Deep at 8K: 28,829 unfused vs 27,322 fused tokens/s)
-        # and the attention branch on a side stream, where the SSD scan's kernels leave room (mixer_streams_default)
-        ops = replace(get_ops(p.device), fused_projections=False, mixer_streams=mixer_streams)
-        self.settings = dict(fused_projections=ops.fused_projections, mixer_streams=ops.mixer_streams, compiled=compile)
+        # more GPU time than they save (docs/performance.md); the attention branch on a side stream, where the SSD
+        # scan's kernels leave room
+        ops = get_ops(p.device)
+        self.settings = dict(kernels=ops.name, fused_projections=False, mixer_streams=mixer_streams, compiled=compile)
         hidden = torch.randn(batch, seqlen, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
         cos = torch.ones(batch, 1, seqlen, cfg.head_dim, device=p.device, dtype=p.dtype)
         sin = torch.zeros_like(cos)
@@ -66,7 +67,7 @@ class TrainingGraphs:
             cu = torch.full((max_docs + 1,), batch * seqlen, device=p.device, dtype=torch.int32)
             cu[0] = 0
             args += (seq_idx, cu)
-        calls = tuple(_LayerCall(layer, ops, seqlen) for layer in backbone.layers)
+        calls = tuple(_LayerCall(layer, ops, seqlen, mixer_streams) for layer in backbone.layers)
         if compile:  # inductor fuses the elementwise glue (norms, RoPE, multipliers, gates) before capture
             calls = tuple(torch.compile(c, dynamic=False, options=inductor_options()) for c in calls)
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
@@ -133,9 +134,9 @@ def enable_training_graphs(
     mixer_streams: bool | None = None,
 ) -> TrainingGraphs:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
-    tokens — rows of up to `max_docs` packed documents when given. mixer_streams: attention on a side stream beside
-    the SSM branch (None: `kernels.mixer_streams_default`, on unless FALCON_ALIGN_MIXER_STREAMS=0; never under
-    torch.distributed, which must be set up before the capture). Returns the graphs (also kept on the model);
+    tokens — one padding-free row of up to `max_docs` packed documents when given. mixer_streams: attention on a side
+    stream beside the SSM branch (None: model.settings.mixer_streams, whose default is on in graphs; never under
+    torch.distributed, which must be set up before the capture). Returns the graphs (also set on the model);
     `disable_training_graphs` drops them."""
     if not torch.cuda.is_available() or next(model.parameters()).device.type != "cuda":
         raise RuntimeError("training graphs need the model on a CUDA device")
@@ -143,13 +144,13 @@ def enable_training_graphs(
         getattr(layer, "gradient_checkpointing", False) for layer in model.model.layers
     ):
         raise RuntimeError("training graphs and activation checkpointing do not combine; disable one")
-    from .kernels import mixer_streams_default, streams_allowed
+    from .kernels import mixer_streams_wanted, streams_allowed
 
-    mixer_streams = mixer_streams_default(graphs=True) if mixer_streams is None else mixer_streams and streams_allowed()
-    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile, mixer_streams=mixer_streams)
-    model.model._training_graphs = graphs
+    streams = mixer_streams_wanted(in_graphs=True) if mixer_streams is None else mixer_streams and streams_allowed()
+    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile, mixer_streams=streams)
+    model.model.set_training_graphs(graphs)
     return graphs
 
 
 def disable_training_graphs(model) -> None:
-    model.model._training_graphs = None
+    model.model.set_training_graphs(None)

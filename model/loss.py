@@ -7,10 +7,10 @@ forward nor the backward holds more than one chunk of logits. Only positions wit
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
+
+from .settings import settings
 
 IGNORE_INDEX = -100
 # an odd vocabulary (65,537 in the 1.5B models) gives the logits an odd row stride, and cuBLAS then takes its
@@ -46,7 +46,7 @@ _compiled = None  # torch.compile(chunk_loss_and_grad), built on first CUDA use
 
 def _fused_chunk_loss_and_grad(logits, labels, multiplier, vocab):
     global _compiled
-    if not logits.is_cuda or os.environ.get("FALCON_ALIGN_COMPILE_LOSS", "1") == "0":
+    if not logits.is_cuda or not settings().compile_loss:
         return chunk_loss_and_grad(logits, labels, multiplier, vocab)
     if _compiled is None:  # dynamic: a row's last chunk is shorter and batch lengths vary
         _compiled = torch.compile(chunk_loss_and_grad, dynamic=True)

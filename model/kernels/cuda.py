@@ -15,12 +15,13 @@ import importlib
 import importlib.util
 import inspect
 import logging
-import os
 import sys
 import types
 
 import torch
 from torch import Tensor
+
+from ..settings import settings
 
 logger = logging.getLogger("falcon_align.kernels")
 
@@ -122,14 +123,12 @@ def _chunked_scan_op():
     (the states in the input dtype, as the forward's output kernel reads them) — per layer (l/chunk)·H·P·N
     elements, 50 MB for 1.5B-Deep at 8K — for rows under KEEP_STATES_BELOW_TOKENS. The one numerical difference
     from mamba-ssm's backward: the state-passing backward reads those bf16 states where mamba-ssm recomputes fp32
-    ones (the chunk-end term of dA and ddt). FALCON_ALIGN_SSD_RECOMPUTE=1: mamba-ssm's own backward for every row.
+    ones (the chunk-end term of dA and ddt). model.settings.ssd_recompute: mamba-ssm's own backward for every row.
     Kernels only: the reference twin is `ref.ssd_scan_ref`, and the GPU tests hold the two together."""
     global _SCAN_OP
     if _SCAN_OP is not None:
         return _SCAN_OP
     from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined, ssd_state_passing
-
-    always_recompute = os.environ.get("FALCON_ALIGN_SSD_RECOMPUTE", "0") == "1"
 
     @torch.library.custom_op("falcon_align::ssd_chunk_scan", mutates_args=())
     def ssd_fwd(
@@ -246,7 +245,7 @@ def _chunked_scan_op():
     ssd_fwd.register_autograd(backward, setup_context=setup_context)
 
     def chunked_scan(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
-        keep = not always_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS
+        keep = not settings().ssd_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS  # read per call
         y, final, *_ = ssd_fwd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep)
         return y, final
 

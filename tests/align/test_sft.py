@@ -8,6 +8,7 @@ import torch
 from align import sft
 from align.offline.tasks import examples
 from model import FalconH1ForCausalLM
+from model.settings import overridden
 from tests.align.helpers import CPU_TRAINING, make_tiny_base
 from tests.conftest import rel_err
 
@@ -159,7 +160,7 @@ def test_resume_from_checkpoint_ends_with_the_same_weights(base, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
 
 
-def test_compile_layers_trains_like_eager(base, tmp_path, monkeypatch):
+def test_compile_layers_trains_like_eager(base, tmp_path):
     """`compile_layers: true` through the script, with activation checkpointing on as the GPU recipes have it: packed
     padding-free batches run through the compiled layers (aot_eager here: dynamo and AOT autograd as on a GPU,
     without inductor's CPU compile time) — the whole layer traced, not a graph-broken shell around the checkpoint —
@@ -167,12 +168,14 @@ def test_compile_layers_trains_like_eager(base, tmp_path, monkeypatch):
     test_kernels.py."""
     common = ["--max_steps", "3", "--learning_rate", "1e-3", "--packing", "True", "--max_length", "512"]
     eager = run_sft(base, tmp_path / "eager", *common)
-    monkeypatch.setenv("FALCON_ALIGN_COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    compiled = run_sft(
-        base, tmp_path / "compiled", *common, "--compile_layers", "True", "--gradient_checkpointing", "True"
-    )
+    runtime = '{"compile_backend": "aot_eager"}'  # a recipe's `runtime:` mapping (model.settings)
+    with overridden():
+        compiled = run_sft(
+            base, tmp_path / "compiled", *common, "--compile_layers", "True", "--gradient_checkpointing", "True",
+            "--runtime", runtime,
+        )  # fmt: skip
     assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 100  # the layers' ops, traced
     got, want = _state(compiled.model), _state(eager.model)
     for name, value in want.items():

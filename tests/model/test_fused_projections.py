@@ -1,4 +1,4 @@
-"""Ops.fused_projections (the CUDA default): a layer's q, k, v and in_proj as one GEMM, gate and up as another.
+"""model.settings.fused_projections (the default on the fast ops): a layer's q, k, v and in_proj as one GEMM, gate and up as another.
 
 Checked on CPU by switching it on over the reference kernels: the same function as transformers' model (fp64,
 every multiplier ≠ 1, so the input multipliers really move to the outputs), packed rows equal the unfused path and
@@ -13,11 +13,12 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import model.acceleration as acceleration
 import model.modeling as modeling
 from model.kernels import REFERENCE
 from tests.conftest import assert_as_accurate, hf_twin, rel_err, tiny_model
 
-FUSED = replace(REFERENCE, name="reference+fused", fused_projections=True)
+FUSED = replace(REFERENCE, name="reference+fused", fast=True)  # the fast flag: projections fuse (settings default)
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def test_peft_adapters_take_the_unfused_path(fused):
     ours = tiny_model(seed=7)
     lora = peft.get_peft_model(ours, peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], lora_dropout=0.0))
     layer = lora.base_model.model.model.layers[0]
-    assert modeling.one_gemm(torch.zeros(1, 48), [layer.self_attn.q_proj, layer.self_attn.k_proj]) is None
+    assert acceleration.one_gemm(torch.zeros(1, 48), [layer.self_attn.q_proj, layer.self_attn.k_proj]) is None
     with torch.no_grad():  # adapters with non-zero B, so they change the output
         for name, p in lora.named_parameters():
             if "lora_B" in name:
@@ -135,15 +136,16 @@ def test_concat_linear_gradients_and_saved_tensors():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
     weights = [torch.randn(n, 6, dtype=torch.float64, generator=gen, requires_grad=True) for n in (4, 2, 3)]
-    assert torch.autograd.gradcheck(modeling._ConcatLinear.apply, (x, *weights))
+    assert torch.autograd.gradcheck(acceleration._ConcatLinear.apply, (x, *weights))
     frozen = [w.detach() for w in weights]
-    assert torch.autograd.gradcheck(modeling._ConcatLinear.apply, (x, *frozen))
+    assert torch.autograd.gradcheck(acceleration._ConcatLinear.apply, (x, *frozen))
 
     layer = tiny_model(seed=8).model.layers[0].train()
     shapes = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
         h = torch.randn(1, 10, 48, requires_grad=True)
-        out = layer(h, *modeling._rope_cos_sin(torch.arange(10)[None], 16, 1e11, h.dtype), ops=FUSED)
+        cos, sin = modeling._rope_cos_sin(torch.arange(10)[None], 16, 1e11, h.dtype)
+        out = layer(h, modeling.LayerInputs(cos, sin, FUSED, fused=True))
     mix, att, mlp = layer.mamba, layer.self_attn, layer.feed_forward
     fused_rows = sum(m.out_features for m in (mix.in_proj, att.q_proj, att.k_proj, att.v_proj))
     assert (mix.in_proj.out_features, 48) in shapes  # the weights are saved as themselves

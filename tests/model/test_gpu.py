@@ -5,19 +5,27 @@ single ops. Whole models in bf16 are held to the reference's own bf16 accuracy a
 two bf16 runs of a model differ by as much as either differs from fp32.
 """
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import kernels
 from model.kernels import REFERENCE, get_ops
+from model.settings import overridden
 from tests.conftest import assert_as_accurate, rel_err, tiny_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 TOL = {torch.float32: 5e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.fixture
+def configured():
+    """model.settings changed for one test (`configured(mixer_streams=True)`), restored after it."""
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(overridden(**changes))
 
 
 @pytest.fixture(scope="module")
@@ -119,14 +127,12 @@ def test_varlen_attention_matches_reference(fast, dtype):
     assert rel_err(fast.varlen_attention(q, k, v, cu, 149, 0.125).float(), ref.float()) < TOL[dtype]
 
 
-def _both_paths(monkeypatch, fn):
+def _both_paths(fn):
     out = {}
-    for mode in ("ref", "auto"):
-        monkeypatch.setenv("FALCON_ALIGN_KERNELS", mode)
-        kernels.reset_choice()
-        out[mode] = fn()
-    kernels.reset_choice()
-    return out["ref"], out["auto"]
+    for mode in ("reference", "auto"):
+        with overridden(kernels=mode):
+            out[mode] = fn()
+    return out["reference"], out["auto"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -143,16 +149,14 @@ def test_whole_model_fast_path_matches_reference_path(monkeypatch, dtype):
         out.loss.backward()
         return out.logits.float(), {n: p.grad.float().clone() for n, p in m.named_parameters()}
 
-    (l_ref, g_ref), (l_fast, g_fast) = _both_paths(monkeypatch, lambda: run(model))
+    (l_ref, g_ref), (l_fast, g_fast) = _both_paths(lambda: run(model))
     if dtype == torch.float32:
         assert rel_err(l_fast, l_ref) < TOL[dtype]
         for name in g_ref:
             assert rel_err(g_fast[name], g_ref[name]) < 5 * TOL[dtype], name
     else:
-        monkeypatch.setenv("FALCON_ALIGN_KERNELS", "ref")
-        kernels.reset_choice()
-        truth = run(copy.deepcopy(model).float())  # the reference path in fp32
-        kernels.reset_choice()
+        with overridden(kernels="reference"):
+            truth = run(copy.deepcopy(model).float())  # the reference path in fp32
         assert_as_accurate((l_fast, g_fast), (l_ref, g_ref), truth)
 
 
@@ -236,18 +240,15 @@ def test_generate_replays_a_cuda_graph_and_equals_eager_generate(batch, compile)
 
 @pytest.mark.parametrize("compile", [False, True], ids=["graphs", "compiled-graphs"])  # compiled: the conv as taps
 @pytest.mark.parametrize("packed", [False, True])
-def test_training_graphs_match_eager(monkeypatch, packed, compile):
+def test_training_graphs_match_eager(configured, packed, compile):
     """Every layer captured against the same ops run eagerly (unfused projections, attention on a side stream, as
     the graphs run them), for two different batches (inputs really flow into the static buffers): bf16 loss and every
     gradient as accurate as eager's against fp32 on the same weights. Two bf16 paths compared directly differ by
     rounding alone: against the default eager step (fused projections, one stream) the unpacked graphs differ by 3.9%
     of the largest embedding gradient entry (H200), and in fp32 by 7.8e-5."""
-    import dataclasses
-
     from model.graphs import disable_training_graphs, enable_training_graphs
 
-    ops = dataclasses.replace(get_ops("cuda"), fused_projections=False, mixer_streams=True)
-    monkeypatch.setitem(kernels._chosen, "cuda", ops)
+    configured(fused_projections=False, mixer_streams=True)
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(model).float()
     gen = torch.Generator("cuda").manual_seed(3)
@@ -263,7 +264,7 @@ def test_training_graphs_match_eager(monkeypatch, packed, compile):
     eager = [_loss_and_grads(model, ids, **kw) for ids, kw in zip(batches, kws)]
     truth = [_loss_and_grads(truth_model, ids, **kw) for ids, kw in zip(batches, kws)]
     graphs = enable_training_graphs(model, **shape, compile=compile, mixer_streams=True)
-    assert graphs.settings["mixer_streams"]  # what the default runs, also where FALCON_ALIGN_MIXER_STREAMS=0
+    assert graphs.settings["mixer_streams"]  # what the default runs
     graphed = [_loss_and_grads(model, ids, **kw) for ids, kw in zip(batches, kws)]
     disable_training_graphs(model)
     assert graphs.replayed == len(batches) and not graphs.eager, f"the captured graphs did not run: {graphs.eager}"
@@ -297,8 +298,8 @@ def test_compile_layers_match_eager_on_gpu(packed):
         ("graphs", torch.bfloat16, True),
     ],
 )
-def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
-    """Attention on a side stream beside the SSM branch (`Ops.mixer_streams`), forward and backward: eagerly,
+def test_mixer_streams_match_one_stream(monkeypatch, configured, mode, dtype, packed):
+    """Attention on a side stream beside the SSM branch (settings' mixer_streams), forward and backward: eagerly,
     through `compile_layers` (each branch its own graph) and captured in compiled training graphs, the loss and every
     gradient equal one stream's, and the side stream really ran. fp32: same kernels either way, only the split of the
     compiled layer into per-branch graphs (and mamba-ssm's atomic adds) moves roundings: H200, 1.4e-4 of the largest
@@ -306,15 +307,12 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
     a stream race is off by O(1). bf16: that split
     rounds at the graph boundaries (H200: 2.7% of the largest embedding gradient entry between the two), so the
     two-stream run is held to one stream's accuracy against fp32 (`assert_as_accurate`)."""
-    import dataclasses
-
     import model.modeling as modeling
     from model.graphs import disable_training_graphs, enable_training_graphs
 
-    base = get_ops("cuda")
     calls = []
-    two_streams = modeling._on_two_streams
-    monkeypatch.setattr(modeling, "_on_two_streams", lambda *args: calls.append(1) or two_streams(*args))
+    two_streams = modeling.on_two_streams
+    monkeypatch.setattr(modeling, "on_two_streams", lambda *args: calls.append(1) or two_streams(*args))
     model = tiny_model(seed=5, mamba_chunk_size=16).to("cuda", dtype).train()
     truth_model = copy.deepcopy(model).float()
     if mode == "compiled":
@@ -324,7 +322,7 @@ def test_mixer_streams_match_one_stream(monkeypatch, mode, dtype, packed):
     kw = {"position_ids": torch.cat([torch.arange(n, device="cuda") for n in (50, 3, 75)])[None]} if packed else {}
 
     def loss_and_grads(model, streams, graphs):
-        monkeypatch.setitem(kernels._chosen, "cuda", dataclasses.replace(base, mixer_streams=streams))
+        configured(mixer_streams=streams)
         captured = None
         if graphs:
             docs = 4 if packed else None

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import model.acceleration as acceleration
 import model.modeling as modeling
 from model.kernels import REFERENCE, get_ops
 from model.kernels.ref import (
@@ -226,7 +227,7 @@ def test_compiled_layers_take_new_lengths_without_graph_breaks(monkeypatch, fuse
     none — and no graph break (SDPA's is_causal once read a comparison of symbolic lengths and broke every layer),
     also with the CUDA default of fused projections (their eligibility checks run at trace time)."""
     if fused:
-        monkeypatch.setattr(modeling, "get_ops", lambda device: replace(REFERENCE, fused_projections=True))
+        monkeypatch.setattr(modeling, "get_ops", lambda device: replace(REFERENCE, fast=True))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = tiny_model(seed=7).train().compile_layers(backend="aot_eager")
@@ -244,52 +245,55 @@ def test_compiled_layers_take_inductor_options_unless_a_mode_is_given(monkeypatc
     backend, inductor on CUDA and aot_eager on CPU."""
     calls = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or object())  # one token per compile
-    monkeypatch.setattr(modeling, "_COMPILED_BLOCKS", {})
+    monkeypatch.setattr(acceleration, "_COMPILED_BLOCKS", {})
+    block = modeling.FalconH1DecoderLayer.block
+    compiled = lambda settings, device: acceleration.compiled_block(block, settings, device)
     for options in ({}, {"options": {"max_pointwise_cat_inputs": 4}}, {"mode": "max-autotune"}):
-        modeling._compiled_block(("inductor", None, options), "cuda")
-    aot_eager = modeling._compiled_block(("aot_eager", None, {}), "cuda")
+        compiled(("inductor", None, options), "cuda")
+    aot_eager = compiled(("aot_eager", None, {}), "cuda")
     # the default: inductor on CUDA, aot_eager elsewhere (the same compiled functions as named ones)
-    assert modeling._compiled_block((None, None, {}), "cuda") is modeling._compiled_block(("inductor", None, {}), "x")
-    assert modeling._compiled_block((None, None, {}), "cpu") is aot_eager
+    assert compiled((None, None, {}), "cuda") is compiled(("inductor", None, {}), "x")
+    assert compiled((None, None, {}), "cpu") is aot_eager
     keys = {"max_pointwise_cat_inputs", "max_complex_pointwise_cat_inputs"}
-    assert "max_pointwise_cat_inputs" in modeling.inductor_options() and set(modeling.inductor_options()) <= keys
-    assert set(modeling.inductor_options().values()) == {0}
-    assert calls[0]["options"] == modeling.inductor_options()
+    options = acceleration.inductor_options()
+    assert "max_pointwise_cat_inputs" in options and set(options) <= keys
+    assert set(options.values()) == {0}
+    assert calls[0]["options"] == options
     assert calls[1]["options"]["max_pointwise_cat_inputs"] == 4
     assert "options" not in calls[2] and calls[2]["mode"] == "max-autotune"
     assert "options" not in calls[3] and len(calls) == 4
 
 
 def test_mixer_streams_only_where_they_are_safe_and_pay(monkeypatch):
-    """The side stream for attention (`Ops.mixer_streams`): on by default only in training graphs, switched by
-    FALCON_ALIGN_MIXER_STREAMS, off under torch.distributed (gradient hooks), and per layer never with a cache,
-    context parallelism, a checkpointed training layer or a CPU tensor."""
+    """The side stream for attention (model.settings.mixer_streams): by default only in training graphs, switched by
+    the setting, off under torch.distributed (gradient hooks), and per layer never with a cache, context parallelism,
+    a checkpointed training layer or a CPU tensor."""
     from types import SimpleNamespace
 
     import torch.distributed as dist
 
     from model import kernels
+    from model.modeling import LayerInputs
+    from model.settings import overridden
 
-    monkeypatch.delenv("FALCON_ALIGN_MIXER_STREAMS", raising=False)
-    assert kernels.mixer_streams_default(graphs=True) and not kernels.mixer_streams_default(graphs=False)
-    for setting, expected in (("0", False), ("1", True)):
-        monkeypatch.setenv("FALCON_ALIGN_MIXER_STREAMS", setting)
-        assert kernels.mixer_streams_default(graphs=True) == kernels.mixer_streams_default(graphs=False) == expected
-    streams = replace(REFERENCE, name="x+mixer-streams", mixer_streams=True)
+    assert kernels.mixer_streams_wanted(in_graphs=True) and not kernels.mixer_streams_wanted(in_graphs=False)
+    for setting in (False, True):
+        with overridden(mixer_streams=setting):
+            assert kernels.mixer_streams_wanted(in_graphs=True) == kernels.mixer_streams_wanted(False) == setting
     layer = tiny_model().model.layers[0].train()
     on_cuda = SimpleNamespace(is_cuda=True)
-    assert layer._two_streams(streams, None, None, on_cuda)
-    assert not layer._two_streams(REFERENCE, None, None, on_cuda)
-    assert not layer._two_streams(streams, object(), None, on_cuda)  # a cache
-    assert not layer._two_streams(streams, None, object(), on_cuda)  # context parallelism
-    assert not layer._two_streams(streams, None, None, torch.zeros(1))
+    streams = LayerInputs(None, None, REFERENCE, streams=True)
+    assert layer._two_streams(streams, on_cuda)
+    assert not layer._two_streams(replace(streams, streams=False), on_cuda)
+    assert not layer._two_streams(replace(streams, cache=object()), on_cuda)
+    assert not layer._two_streams(replace(streams, cp=object()), on_cuda)
+    assert not layer._two_streams(streams, torch.zeros(1))
     layer.gradient_checkpointing = True
-    assert not layer._two_streams(streams, None, None, on_cuda)
-    assert layer.eval()._two_streams(streams, None, None, on_cuda)  # no recompute without training
+    assert not layer._two_streams(streams, on_cuda)
+    assert layer.eval()._two_streams(streams, on_cuda)  # no recompute without training
 
-    monkeypatch.setitem(kernels._chosen, "cpu", streams)
-    assert get_ops("cpu") is streams
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    one = get_ops("cpu")
-    assert (one.mixer_streams, one.name) == (False, "x")
-    assert not kernels.mixer_streams_default(graphs=True)
+    assert not kernels.mixer_streams_wanted(in_graphs=True)
+    with overridden(mixer_streams=True):
+        assert not kernels.mixer_streams_wanted(in_graphs=False)
+

@@ -17,6 +17,7 @@ import inspect
 import logging
 import sys
 import types
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -126,9 +127,22 @@ def _chunked_scan_op():
     ones (the chunk-end term of dA and ddt). model.settings.ssd_recompute: mamba-ssm's own backward for every row.
     Kernels only: the reference twin is `ref.ssd_scan_ref`, and the GPU tests hold the two together."""
     global _SCAN_OP
-    if _SCAN_OP is not None:
-        return _SCAN_OP
-    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_combined, ssd_state_passing
+    if _SCAN_OP is None:
+        forward, backward = _scan_forward_op(), _scan_backward_op()
+        forward.register_autograd(partial(_scan_backward, backward), setup_context=_scan_setup_context)
+        _SCAN_OP = partial(_chunked_scan, forward)
+    return _SCAN_OP
+
+
+def _chunked_scan(forward, x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+    keep = not settings().ssd_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS  # read per call
+    y, final, *_ = forward(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep)
+    return y, final
+
+
+def _scan_forward_op():
+    """The forward custom op and its fake (shape) implementation."""
+    from mamba_ssm.ops.triton import ssd_bmm, ssd_chunk_scan, ssd_chunk_state, ssd_state_passing
 
     @torch.library.custom_op("falcon_align::ssd_chunk_scan", mutates_args=())
     def ssd_fwd(
@@ -183,6 +197,13 @@ def _chunked_scan_op():
             x.new_empty(b, c, G, chunk_size, chunk_size, **f32),
         )
 
+    return ssd_fwd
+
+
+def _scan_backward_op():
+    """The backward custom op (its own op, so compiled backward graphs keep it opaque) and its fake."""
+    from mamba_ssm.ops.triton import ssd_combined
+
     @torch.library.custom_op("falcon_align::ssd_chunk_scan_backward", mutates_args=())
     def ssd_bwd(
         dy: Tensor,
@@ -225,32 +246,26 @@ def _chunked_scan_op():
         dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
         return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
 
-    def setup_context(ctx, inputs, output):
-        x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, _ = inputs
-        y, _, dA_cumsum, dt_c, states, CB = output
-        ctx.chunk_size = chunk_size
-        ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB)
-        # the kept chunk quantities take no gradient: no zero-filled gradients for them, nor for an unused final state
-        ctx.mark_non_differentiable(dA_cumsum, dt_c, states, CB)
-        ctx.set_materialize_grads(False)
+    return ssd_bwd
 
-    def backward(ctx, dy, dfinal, *_unused):
-        x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB = ctx.saved_tensors
-        dy = torch.zeros_like(y) if dy is None else dy
-        dx, ddt, dA, dB, dC, dD, dinit = ssd_bwd(
-            dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size
-        )
-        return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None, None
 
-    ssd_fwd.register_autograd(backward, setup_context=setup_context)
+def _scan_setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, _ = inputs
+    y, _, dA_cumsum, dt_c, states, CB = output
+    ctx.chunk_size = chunk_size
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB)
+    # the kept chunk quantities take no gradient: no zero-filled gradients for them, nor for an unused final state
+    ctx.mark_non_differentiable(dA_cumsum, dt_c, states, CB)
+    ctx.set_materialize_grads(False)
 
-    def chunked_scan(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
-        keep = not settings().ssd_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS  # read per call
-        y, final, *_ = ssd_fwd(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep)
-        return y, final
 
-    _SCAN_OP = chunked_scan
-    return chunked_scan
+def _scan_backward(ssd_bwd, ctx, dy, dfinal, *_unused):
+    x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB = ctx.saved_tensors
+    dy = torch.zeros_like(y) if dy is None else dy
+    dx, ddt, dA, dB, dC, dD, dinit = ssd_bwd(
+        dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size
+    )
+    return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None, None
 
 
 def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c, states, CB):

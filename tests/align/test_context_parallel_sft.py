@@ -94,3 +94,21 @@ def test_data_parallel_groups_of_context_parallel_ranks(base, tmp_path):  # noqa
     # gradients all-reduced over 4 ranks instead of 2 (another summation order), then 3 AdamW steps at lr 1e-2,
     # which normalise tiny gradients up: weights agree to ~2e-4
     _same_training(both, ddp["losses"], tmp_path / "both", tmp_path / "ddp", forwards=3, weight_tol=1e-3)
+
+
+def test_data_parallel_equals_one_process(base, tmp_path):  # noqa: F811
+    """Plain DDP through align/sft.py (the stage's default path: on CPU eager layers, no graphs; under
+    torch.distributed never graphs or a second stream): 2 processes × 2 rows per step train as one process × 4 rows
+    — the same losses step by step and the same weights (fp32; Adam's normalised steps turn the all-reduce's other
+    summation order into ~1e-4 of the weights)."""
+    single = sft.main(_argv(base, tmp_path / "single"))
+    ddp = _run(_argv(base, tmp_path / "ddp", "--per_device_train_batch_size", "2"), 2, tmp_path, "ddp")
+    assert not ddp["cp"] and len(ddp["losses"]) == 3
+    for a, b in zip(ddp["losses"], _losses(single)):
+        assert abs(a - b) <= 1e-4 * abs(b), (ddp["losses"], _losses(single))
+    ours = FalconH1ForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
+    reference = FalconH1ForCausalLM.from_pretrained(tmp_path / "single").state_dict()
+    before = FalconH1ForCausalLM.from_pretrained(base / "base").state_dict()
+    assert any(rel_err(t, before[n]) > 1e-3 for n, t in reference.items())  # training moved the weights
+    for name, tensor in reference.items():
+        assert rel_err(ours[name], tensor) < 1e-3, name

@@ -68,7 +68,9 @@ class TrainingGraphs:
             cu[0] = 0
             args += (seq_idx, cu)
         calls = tuple(_LayerCall(layer, ops, seqlen, mixer_streams) for layer in backbone.layers)
-        if compile:  # inductor fuses the elementwise glue (norms, RoPE, multipliers, gates) before capture
+        compiled_layers = any(layer.compiled for layer in backbone.layers)  # compile_layers: they compile themselves
+        self.settings["compiled"] = compile or compiled_layers
+        if compile and not compiled_layers:  # inductor fuses the elementwise glue (norms, RoPE, multipliers, gates)
             calls = tuple(torch.compile(c, dynamic=False, options=inductor_options()) for c in calls)
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)

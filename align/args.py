@@ -92,7 +92,7 @@ class AlignArguments:
     graph_doc_slots: int | None = field(
         default=None, metadata={"help": "Documents a captured row holds (default: max(64, graph_tokens / 128))."}
     )
-    runtime: dict | None = field(
+    runtime: str | None = field(  # a mapping in YAML (kept as given), a JSON string on the command line
         default=None,
         metadata={
             "help": "Run-time choices of the fast path (model.settings): kernels (auto|reference), fused_projections, "

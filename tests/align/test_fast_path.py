@@ -87,3 +87,11 @@ def test_graphs_refused_without_padding_free_rows(tmp_path):
         model = FalconH1ForCausalLM(preset_config("0.5b"))
     with pytest.raises(ValueError, match="padding-free"):
         fast_path.decide(model, align_args, sft_args, padding_free=False)
+
+
+def test_runtime_settings_from_a_recipe_or_the_command_line(tmp_path):
+    """`runtime:` reaches model.settings as a mapping in YAML and as JSON on the command line."""
+    align_args, _, _ = sft.parse(["--config", _recipe(tmp_path, runtime={"kernels": "reference"}), *CPU])
+    assert align_args.runtime == {"kernels": "reference"}
+    align_args, _, _ = sft.parse(["--config", _recipe(tmp_path), "--runtime", '{"compile_loss": false}', *CPU])
+    assert align_args.runtime == {"compile_loss": False}

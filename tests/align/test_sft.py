@@ -202,8 +202,9 @@ CHATS = [  # a system turn and two or three exchanges each
 
 
 def _laid_out(tokenizer, messages) -> tuple[tuple[int, ...], tuple[bool, ...]]:
-    """A conversation in the Falcon-H1 chat layout, tokenized piece by piece (each piece ends at a special token) →
-    (ids, trained): trained are each assistant reply and its <|im_end|>, nothing else."""
+    """A conversation in the Falcon-H1 chat layout, tokenized piece by piece (pieces meet at special tokens and after
+    newlines, where byte-level BPE never merges) → (ids, trained): trained are each assistant reply and its
+    <|im_end|>, nothing else."""
     pieces = [(tokenizer.bos_token, False)]
     for m in messages:
         if m["role"] == "assistant":

@@ -182,3 +182,88 @@ def test_compile_layers_trains_like_eager(base, tmp_path):
         assert rel_err(got[name], value) < 1e-4, name
     before = _state(FalconH1ForCausalLM.from_pretrained(base / "base"))
     assert any(rel_err(value, before[name]) > 1e-3 for name, value in want.items())
+
+
+CHATS = [  # a system turn and two or three exchanges each
+    [
+        {"role": "system", "content": "Answer with the number only."},
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "The answer is 5."},
+        {"role": "user", "content": "And 4 plus 4?"},
+        {"role": "assistant", "content": "8"},
+    ],
+    [
+        {"role": "system", "content": "You count letters."},
+        {"role": "user", "content": "How many letters in cat?"},
+        {"role": "assistant", "content": "There are 3."},
+        {"role": "user", "content": "In house?"},
+        {"role": "assistant", "content": "5 letters."},
+        {"role": "user", "content": "In a?"},
+        {"role": "assistant", "content": "1"},
+    ],
+]
+
+
+def _laid_out(tokenizer, messages) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """A conversation in the Falcon-H1 chat layout, tokenized piece by piece (pieces meet at special tokens and after
+    newlines, where byte-level BPE never merges) → (ids, trained): trained are each assistant reply and its
+    <|im_end|>, nothing else."""
+    pieces = [(tokenizer.bos_token, False)]
+    for m in messages:
+        if m["role"] == "assistant":
+            pieces += [("<|im_start|>assistant\n", False), (m["content"] + "<|im_end|>", True), ("\n", False)]
+        else:
+            pieces.append((f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n", False))
+    ids, trained = [], []
+    for text, train in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        trained += [train] * len(piece)
+    return tuple(ids), tuple(trained)
+
+
+def _documents(batch) -> list[tuple[tuple[int, ...], tuple[bool, ...]]]:
+    """A collated batch → (ids, trained) per document: packed rows split where position_ids restart, padded rows
+    cut to their attention mask; trained = label not -100."""
+    docs = []
+    for b, (ids, labels) in enumerate(zip(batch["input_ids"].tolist(), batch["labels"].tolist())):
+        if "attention_mask" in batch:
+            real = batch["attention_mask"][b].bool().tolist()
+            ids, labels = [t for t, r in zip(ids, real) if r], [t for t, r in zip(labels, real) if r]
+            bounds = [0, len(ids)]
+        else:
+            bounds = [i for i, p in enumerate(batch["position_ids"][b].tolist()) if p == 0] + [len(ids)]
+        for start, end in zip(bounds, bounds[1:]):
+            docs.append((tuple(ids[start:end]), tuple(label != -100 for label in labels[start:end])))
+    return docs
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_assistant_only_loss_trains_exactly_the_replies_and_their_end_tokens(base, tmp_path, monkeypatch, packing):
+    """Multi-turn chats through the script (the Falcon-H1 template's {% generation %} markers, TRL's assistant masks
+    and collator): the labels the loss sees are set on every assistant reply and its <|im_end|>, and on no system,
+    user, role-header, newline or BOS token."""
+    from trl import SFTTrainer
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c, "language": "en"}) + "\n" for c in CHATS))
+    batches = []
+    compute_loss = SFTTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    argv = ["--model_name_or_path", str(base / "base"), "--output_dir", str(tmp_path / "out"), "--sources"]
+    argv += [json.dumps([{"path": str(data), "language_column": "language"}]), *COMMON, "--max_length", "512"]
+    trainer = sft.main(argv + ["--chat_template", "falcon_h1", "--packing", str(packing), "--max_steps", "1"])
+
+    tokenizer = trainer.processing_class
+    expected = sorted(_laid_out(tokenizer, c) for c in CHATS)
+    assert sum(sum(trained) for _, trained in expected) > 20  # the replies span many tokens
+    got = sorted(d for batch in batches for d in _documents(batch))
+    assert [ids for ids, _ in got] == [ids for ids, _ in expected]  # each chat trained once, in the layout above
+    for (ids, trained), (_, want) in zip(got, expected):
+        wrong = [(tokenizer.decode(t), a) for t, a, b in zip(ids, trained, want) if a != b]
+        assert trained == want, f"(token, trained) that should be the other way: {wrong}"

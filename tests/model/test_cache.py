@@ -82,15 +82,42 @@ def test_greedy_generate_equals_argmax_of_full_forward():
     assert out.tolist() == seq.tolist()
 
 
-def test_sampling_generate_is_seeded_and_batched():
+def _top_p(logits, p):
+    """(B, V) → the same logits with -inf outside the smallest most-likely set whose probability reaches p."""
+    probs, order = logits.softmax(-1).sort(-1, descending=True)
+    drop = probs.cumsum(-1) - probs >= p  # the mass before a token already reached p
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def test_sampling_generate_equals_sampling_the_full_forward_logits():
+    """Batched, seeded nucleus sampling through the cache: at every step its scores are the uncached logits after
+    temperature then top-p, and its tokens are what one multinomial draw over the batch on those gives with the same
+    generator (a draw alone hardly notices a wrong logit: 8% off at every step can leave all 21 tokens unchanged)."""
     model = tiny_model(seed=14)
     model.generation_config.pad_token_id = 0
+    model.generation_config.eos_token_id = None  # every row runs all 7 steps
     ids = _ids(3, 5, seed=7)
     torch.manual_seed(0)
-    a = model.generate(ids, max_new_tokens=7, do_sample=True, top_p=0.9, temperature=0.8)
+    out = model.generate(
+        ids,
+        max_new_tokens=7,
+        do_sample=True,
+        temperature=0.8,
+        top_p=0.9,
+        top_k=0,  # off (transformers would otherwise keep its default 50)
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     torch.manual_seed(0)
-    b = model.generate(ids, max_new_tokens=7, do_sample=True, top_p=0.9, temperature=0.8)
-    assert a.shape == (3, 12) and a.tolist() == b.tolist()
+    seq = ids
+    with torch.no_grad():
+        for step, scores in enumerate(out.scores):
+            logits = _top_p(model(seq, use_cache=False).logits[:, -1] / 0.8, 0.9)
+            kept = logits.isfinite()
+            assert torch.equal(scores.isfinite(), kept) and rel_err(scores[kept], logits[kept]) < 1e-5, step
+            seq = torch.cat([seq, torch.multinomial(logits.softmax(-1), 1)], 1)
+    assert 0 < kept.sum() < kept.numel()  # top-p dropped some tokens and kept some
+    assert out.sequences.shape == (3, 12) and out.sequences.tolist() == seq.tolist()
 
 
 def test_ssm_state_is_fp32_in_a_bf16_model():

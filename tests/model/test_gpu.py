@@ -3,16 +3,21 @@
 Tolerances (relative error ‖fast − ref‖∞ / ‖ref‖∞): fp32 ≤ 5e-3 (Triton runs fp32 dots in tf32), bf16 ≤ 3e-2 for
 single ops. Whole models in bf16 are held to the reference's own bf16 accuracy against fp32 (`assert_as_accurate`):
 two bf16 runs of a model differ by as much as either differs from fp32.
+
+Every test first checks that the ops it tests are the fast ones (`fast_ops`): it is skipped where the package
+supplying them is not installed, and it fails where an installed package's op fell back to the reference, so no test
+passes by comparing the reference with itself.
 """
 
 import contextlib
 import copy
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model.kernels import REFERENCE, get_ops
+from model.kernels import REFERENCE, Ops, get_ops
 from model.settings import overridden
 from tests.conftest import assert_as_accurate, rel_err, tiny_model
 
@@ -28,10 +33,27 @@ def configured():
         yield lambda **changes: stack.enter_context(overridden(**changes))
 
 
-@pytest.fixture(scope="module")
-def fast():
+# the module supplying each fast op (model/kernels/cuda.py)
+SUPPLIERS = {
+    "ssd_scan": "mamba_ssm",
+    "selective_state_update": "mamba_ssm",
+    "rmsnorm_gated": "mamba_ssm",
+    "causal_conv1d": "causal_conv1d",
+    "causal_conv1d_update": "causal_conv1d",
+    "varlen_attention": "torch.nn.attention.varlen",
+}
+
+
+def fast_ops(*needed: str) -> Ops:
+    """The ops chosen for CUDA. Fails if any op whose module is installed is still the reference (a silent
+    fallback); skips if a `needed` op's module is not installed (the test would compare the reference with itself)."""
     ops = get_ops("cuda")
-    assert ops is not REFERENCE, "no fast op was found on this CUDA machine"
+    installed = {name: importlib.util.find_spec(module) is not None for name, module in SUPPLIERS.items()}
+    fell_back = [name for name in SUPPLIERS if installed[name] and getattr(ops, name) is getattr(REFERENCE, name)]
+    assert not fell_back, f"{fell_back} run the reference although their modules are installed (ops: {ops.name})"
+    missing = sorted({SUPPLIERS[name] for name in needed if not installed[name]})
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed: no fast {', '.join(needed)} to test")
     return ops
 
 
@@ -58,7 +80,8 @@ def _scan_args(dtype, b=2, l=300, h=8, p=32, g=2, n=16, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_ssd_scan_fast_matches_reference(fast, dtype, packed):
+def test_ssd_scan_fast_matches_reference(dtype, packed):
+    fast = fast_ops("ssd_scan")
     a = _scan_args(dtype)
     seq_idx = None
     if packed:
@@ -78,9 +101,10 @@ def test_ssd_scan_fast_matches_reference(fast, dtype, packed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("packed", [False, True])
-def test_ssd_scan_backward_matches_reference(fast, dtype, packed):
+def test_ssd_scan_backward_matches_reference(dtype, packed):
     """Gradients of every input, the initial state included, through y and the final state (the custom op's own
     backward from the forward's saved chunk states); packed: documents restarting inside and across chunks."""
+    fast = fast_ops("ssd_scan")
     a = {k: v.requires_grad_() for k, v in _scan_args(dtype, l=200).items()}
     kw = {}
     if packed:
@@ -103,7 +127,8 @@ def test_ssd_scan_backward_matches_reference(fast, dtype, packed):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_state_update_and_gated_norm_match_reference(fast, dtype):
+def test_state_update_and_gated_norm_match_reference(dtype):
+    fast = fast_ops("selective_state_update", "rmsnorm_gated")
     a = _scan_args(dtype, l=1)
     state = torch.randn(2, 8, 32, 16, device="cuda")
     s_ref, s_fast = state.clone(), state.clone()
@@ -119,7 +144,8 @@ def test_state_update_and_gated_norm_match_reference(fast, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_varlen_attention_matches_reference(fast, dtype):
+def test_varlen_attention_matches_reference(dtype):
+    fast = fast_ops("varlen_attention")
     q = torch.randn(300, 8, 64, device="cuda", dtype=dtype)
     k, v = torch.randn(300, 2, 64, device="cuda", dtype=dtype), torch.randn(300, 2, 64, device="cuda", dtype=dtype)
     cu = torch.tensor([0, 17, 150, 151, 300], device="cuda", dtype=torch.int32)
@@ -128,9 +154,12 @@ def test_varlen_attention_matches_reference(fast, dtype):
 
 
 def _both_paths(fn):
+    """fn() on the reference path, then on the fast path → (reference result, fast result)."""
     out = {}
     for mode in ("reference", "auto"):
         with overridden(kernels=mode):
+            if mode == "auto":
+                fast_ops("ssd_scan")
             out[mode] = fn()
     return out["reference"], out["auto"]
 
@@ -165,10 +194,12 @@ def test_segmented_scan_on_gpu(monkeypatch):
     as in the other GPU tests: mamba-ssm autotunes each kernel per chunk size, minutes for a new one."""
     from tests.model.scan_segments import check_segmented_scan
 
+    fast_ops("ssd_scan")
     check_segmented_scan("cuda", monkeypatch, TOL[torch.float32], chunk=16)
 
 
 def test_packed_isolation_and_cache_on_gpu():
+    fast_ops("ssd_scan", "selective_state_update")
     model = tiny_model(seed=2, mamba_chunk_size=16).to("cuda")
     gen = torch.Generator("cuda").manual_seed(1)
     docs = [torch.randint(1, 97, (n,), device="cuda", generator=gen) for n in (37, 5, 58)]
@@ -193,6 +224,7 @@ def test_packed_isolation_and_cache_on_gpu():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_padding_free_padded_batch_on_gpu(dtype):
     """set_padding_free on CUDA (varlen attention, seq_idx in the Triton scan) equals the padded computation."""
+    fast_ops("ssd_scan", "varlen_attention")
     model = tiny_model(seed=3, mamba_chunk_size=16).to("cuda", dtype)
     gen = torch.Generator("cuda").manual_seed(2)
     lengths = (37, 5, 58, 21)
@@ -222,6 +254,7 @@ def test_generate_replays_a_cuda_graph_and_equals_eager_generate(batch, compile)
     tokens in fp32, with a left-padded row and a time-step limit, and replays the graph for every token after the
     first; a second call reuses the captured graph."""
     model = tiny_model(seed=3, mamba_chunk_size=16, time_step_limit=(0.01, 0.5)).to("cuda").eval()
+    fast_ops("ssd_scan", "selective_state_update")
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, 97, (batch, 12), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     mask = torch.ones_like(ids)
@@ -248,6 +281,7 @@ def test_training_graphs_match_eager(configured, packed, compile):
     of the largest embedding gradient entry (H200), and in fp32 by 7.8e-5."""
     from model.graphs import disable_training_graphs, enable_training_graphs
 
+    fast_ops("ssd_scan")
     configured(fused_projections=False, mixer_streams=True)
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(model).float()
@@ -277,6 +311,7 @@ def test_compile_layers_match_eager_on_gpu(packed):
     """`compile_layers` (inductor) on the fast ops: the scan as one custom op, the conv as taps, the gated norm
     traced; two lengths (the second through the dynamic recompile). bf16 loss and every gradient within twice
     eager's bf16 error, both against eager fp32 on the same weights (inductor rounds less often than eager)."""
+    fast_ops("ssd_scan")
     eager_model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(eager_model).float()
     compiled_model = copy.deepcopy(eager_model).compile_layers()
@@ -310,6 +345,7 @@ def test_mixer_streams_match_one_stream(monkeypatch, configured, mode, dtype, pa
     import model.modeling as modeling
     from model.graphs import disable_training_graphs, enable_training_graphs
 
+    fast_ops("ssd_scan")
     calls = []
     two_streams = modeling.on_two_streams
     monkeypatch.setattr(modeling, "on_two_streams", lambda *args: calls.append(1) or two_streams(*args))

@@ -23,14 +23,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         assert rel_err(ckpt[name], plain[name]) < 1e-6, name
 
 
-def test_gradient_checkpointing_with_packed_rows():
+def test_gradient_checkpointing_with_packed_rows_gives_each_documents_gradients():
+    """Reentrant checkpointing recomputes each layer of a packed row (the first pass runs without autograd, the
+    recompute with it) with its documents still kept apart: the loss and every gradient equal those of the documents
+    run alone, unpacked and not checkpointed, weighted by their predicted tokens."""
     model = tiny_model(seed=2).train()
+    gen = torch.Generator().manual_seed(0)
+    docs = [torch.randint(1, 97, (1, n), generator=gen) for n in (8, 12)]
+    model.zero_grad()
+    alone = sum(model(d, labels=d).loss * (d.size(1) - 1) for d in docs) / sum(d.size(1) - 1 for d in docs)
+    alone.backward()
+    untouched = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not untouched, untouched
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    ids = torch.randint(1, 97, (1, 20))
-    pos = torch.tensor([list(range(8)) + list(range(12))])
-    loss = model(ids, position_ids=pos, labels=ids).loss
-    loss.backward()
-    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert all(layer.gradient_checkpointing for layer in model.model.layers)
+    ids = torch.cat(docs, 1)
+    pos = torch.cat([torch.arange(d.size(1)) for d in docs])[None]
+    labels = ids.clone()
+    labels[0, docs[0].size(1)] = -100  # the second document's first token: nothing of its own comes before it
+    model.zero_grad()
+    packed = model(ids, position_ids=pos, labels=labels).loss
+    packed.backward()
+    assert abs(packed.item() - alone.item()) < 1e-5
+    for name, p in model.named_parameters():
+        assert rel_err(p.grad, expected[name]) < 1e-5, name
 
 
 def test_activation_offload_gives_the_same_gradients(monkeypatch):
@@ -87,9 +105,10 @@ def test_from_scratch_init_matches_falcon_conventions():
     assert abs(model.lm_head.weight.std().item() - 0.02) < 0.005
 
 
-def test_a_few_adamw_steps_reduce_the_loss():
+def test_a_few_adamw_steps_reduce_the_loss_and_move_every_parameter():
     model = tiny_model(seed=3).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)  # no decay: only gradients move weights
     ids = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(1))
     losses = []
     for _ in range(15):
@@ -99,3 +118,5 @@ def test_a_few_adamw_steps_reduce_the_loss():
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unchanged, unchanged

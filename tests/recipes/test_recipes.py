@@ -60,10 +60,11 @@ def test_dpo_recipe_parses(recipe):
     resolve_loss_types(dpo_args.loss_type)  # unknown loss names would raise
     if model_args.use_peft:
         lora_targets(model_args.lora_target_modules)
-    if "falcon-h1" in str(recipe):  # TII's DPO: length-normalised, beta 5, LR 5e-6, 2 epochs with warmup 0.1
+    if recipe.relative_to(ROOT).parts[0].startswith("falcon-h1"):
+        # TII's DPO: length-normalised, beta 5, LR 5e-6, 2 epochs with warmup 0.1; LoRA adapters start at zero: 10×
         assert resolve_loss_types(dpo_args.loss_type) == ["sigmoid_norm"] and dpo_args.beta == 5.0
         assert dpo_args.num_train_epochs == 2 and dpo_args.warmup_steps == 0.1
-        assert dpo_args.learning_rate == (5e-6 if not model_args.use_peft else dpo_args.learning_rate)
+        assert dpo_args.learning_rate == (5e-5 if model_args.use_peft else 5e-6)
 
 
 def test_unknown_recipe_key_is_an_error(tmp_path):

@@ -1,6 +1,6 @@
 """The paths users run, timed against the reference in the same run on the same card (random weights of a preset, bf16).
 
-    python bench/user_paths.py generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
+    python -m bench.user_paths generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
 
 sft: `align/sft.py` itself (the Trainer, its default path) with a shipped recipe's settings, random weights of the
 preset's shape (`--init_preset`), packed 8K rows of synthetic chats, against TRL's SFTTrainer over transformers'
@@ -275,7 +275,11 @@ def main():
     env = versions()
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     commit = args.commit or git.stdout.strip()
-    command = "python bench/user_paths.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--commit"))
+    argv = sys.argv[1:]
+    if "--commit" in argv:  # the commit is recorded on its own
+        at = argv.index("--commit")
+        argv = argv[:at] + argv[at + 2 :]
+    command = "python -m bench.user_paths " + " ".join(argv)
 
     def item(path, **fields):
         base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)

@@ -19,6 +19,7 @@ BENCHMARKS = {
     "streams": ("bench.stream_probe", "one layer's two mixers on one CUDA stream against two"),
     "user-paths": ("bench.user_paths", "the paths users run: align/sft.py, model.generate, the demo"),
     "fsdp-sft": ("bench.fsdp_sft", "SFT through accelerate: FSDP2 on two GPUs against one GPU, first losses"),
+    "gpu-tests": ("bench.gpu_tests", "the GPU test suite → JUnit XML and a summary in bench/results/"),
 }
 
 

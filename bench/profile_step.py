@@ -1,34 +1,30 @@
 """Where a training step's time goes: ours on one micro-batch, profiled kernel by kernel.
 
-    python bench/profile_step.py --preset 0.5b --seq 8192 --mode compiled --out bench/results/<card>-profile.json
-    python bench/profile_step.py --preset 1.5b-deep --seq 8192 --mode graphs
+    python -m bench profile --preset 0.5b --seq 8192 --mode compiled --out <json>
+    python -m bench profile --preset 1.5b-deep --seq 8192 --mode graphs
 
 Modes: `eager`, `graphs` (per-layer CUDA graphs), `compiled` (compiled layers inside the graphs) — the columns
 of docs/performance.md — and `compiled-eager` (`compile_layers`, what `compile_layers: true` runs in the
-Trainer; its kernels keep their CPU ops in a `--trace`). After warm-up (and capture), `--steps` steps run under
-torch.profiler; every GPU kernel's time is summed by family (GEMM, attention, the SSD scan, conv, norms,
-fused/eager elementwise, optimizer, copies) and the GPU's busy share of the step is reported: a step much longer
-than its kernels is launch-bound, a busy GPU is kernel-bound, and the families then say which kernels. `--tiny`
-profiles a 2-layer model on CPU (CPU ops instead of kernels), a smoke test of this script.
+Trainer; its kernels keep their CPU ops in a `--trace`). After warm-up (and capture), `--steps` steps are timed
+(the step time: their mean), then as many run under torch.profiler; every GPU kernel's time is summed by family
+(GEMM, attention, the SSD scan, conv, norms, fused/eager elementwise, optimizer, copies) and the GPU's busy share
+of the step is reported: a step much longer than its kernels is launch-bound, a busy GPU is kernel-bound, and the
+families then say which kernels. `--tiny` profiles a 2-layer model on CPU (CPU ops instead of kernels), a smoke
+test of this benchmark.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import re
-import sys
-import time
+import statistics
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import FalconH1ForCausalLM, preset_config  # noqa: E402
+from bench import common
+from model import FalconH1Config, preset_config
 
 # first match wins; names of cuBLAS/CUTLASS, flash, mamba-ssm Triton, inductor and ATen kernels
 FAMILIES = (
@@ -85,39 +81,48 @@ def kernel_table(events, steps: int, on_gpu: bool, top: int = 40) -> tuple[list[
 
 
 def build(args, device):
-    torch.manual_seed(0)
     if args.tiny:
-        from model import FalconH1Config
         from tests.conftest import tiny_kwargs
 
         cfg = FalconH1Config(**tiny_kwargs())
     else:
         cfg = preset_config(args.preset)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    return cfg, FalconH1ForCausalLM(cfg).to(device, dtype).train()
+    return cfg, common.build(cfg, "ours", device=device, dtype=dtype).train()
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="0.5b")
-    ap.add_argument("--seq", type=int, default=8192)
-    ap.add_argument("--mode", choices=("eager", "graphs", "compiled", "compiled-eager"), default="compiled")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this script")
-    ap.add_argument("--top", type=int, default=40, help="how many kernels to list by time")
-    ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-
-    on_gpu = not args.tiny
-    device = torch.device("cuda" if on_gpu else "cpu")
-    cfg, model = build(args, device)
+def prepare(model, args, on_gpu: bool) -> None:
+    """The mode's way of running the layers."""
     if args.mode == "compiled-eager":  # compiled layers launched one by one: kernels keep their CPU ops
         model.compile_layers()  # inductor on CUDA, aot_eager on CPU (--tiny)
     elif on_gpu and args.mode != "eager":
         from model.graphs import enable_training_graphs
 
         enable_training_graphs(model, 1, args.seq, compile=args.mode == "compiled")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="0.5b")
+    ap.add_argument("--seq", type=int, default=8192)
+    ap.add_argument("--mode", choices=("eager", "graphs", "compiled", "compiled-eager"), default="compiled")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this benchmark")
+    ap.add_argument("--top", type=int, default=40, help="how many kernels to list by time")
+    ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
+    common.add_common_arguments(ap)
+    return ap
+
+
+def main(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    common.apply_runtime(args)
+    on_gpu = not args.tiny
+    device = torch.device("cuda" if on_gpu else "cpu")
+    cfg, model = build(args, device)
+    prepare(model, args, on_gpu)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), device=device)
 
@@ -126,32 +131,19 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync():
-        if on_gpu:
-            torch.cuda.synchronize()
-
-    for _ in range(3):
-        step()
-    sync()
-    t = time.perf_counter()
-    for _ in range(args.steps):  # unprofiled: the profiler's own overhead stays out of the step time
-        step()
-    sync()
-    step_ms = (time.perf_counter() - t) * 1e3 / args.steps
+    # unprofiled: the profiler's own overhead stays out of the step time
+    step_ms = statistics.mean(common.step_times(step, args.steps, warmup=3)) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
-        sync()
+        common.sync()
     families, top, busy = kernel_table(prof.key_averages(), args.steps, on_gpu, args.top)
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    record = dict(
-        name=f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}, {args.mode}",
-        card=torch.cuda.get_device_name() if on_gpu else "cpu",
-        date=datetime.date.today().isoformat(),
-        command=" ".join(["python", *sys.argv]),
-        torch=torch.__version__,
+    name = f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}, {args.mode}"
+    record = common.envelope(name, "profile", argv, args)
+    record.update(
         step_ms=round(step_ms, 2),
         tokens_per_s=round(args.seq / step_ms * 1e3),
         busy_ms_per_step=round(busy, 2),
@@ -159,13 +151,8 @@ def main(argv=None):
         families=families,
         top_kernels=top,
     )
-    if args.out:
-        Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
-    print(f"\n{record['name']} on {record['card']}: step {step_ms:.1f} ms, kernels busy {busy:.1f} ms per step")
-    print("| family | ms/step | share | kernels/step |\n|---|---|---|---|")
-    for f in families:
-        print(f"| {f['family']} | {f['ms_per_step']:.2f} | {f['share']:.1%} | {f['kernels_per_step']} |")
-
-
-if __name__ == "__main__":
-    main()
+    common.write_result(args.out, record)
+    title = f"{name} on {record['card']}: step {step_ms:.1f} ms, kernels busy {busy:.1f} ms per step"
+    figures = [[f["family"], f["ms_per_step"], f"{f['share']:.1%}", f["kernels_per_step"]] for f in families]
+    common.print_table(title, ["family", "ms/step", "share", "kernels/step"], figures)
+    return record

@@ -1,7 +1,7 @@
 """Can a layer's two mixers share the GPU? Attention and the Mamba-2 branch, forward + backward, one after the
 other on one stream against side by side on two streams, at one preset's layer shapes (CUDA only).
 
-    python bench/stream_probe.py --preset 1.5b-deep --seq 8192
+    python -m bench streams --preset 1.5b-deep --seq 8192 --out <json>
 
 Falcon-H1 runs attention and the SSM on the same normed input and adds both: nothing orders them. Attention is
 compute-bound (flash tiles); the SSD scan is 15 Triton kernels of short or memory-bound grids. `mixers` times
@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model import preset_config  # noqa: E402
-from model.kernels import get_ops  # noqa: E402
+from bench import common
+from model import preset_config
+from model.kernels import get_ops
 
 
 def make_branches(cfg, seq, with_projections):
@@ -117,31 +114,44 @@ def variants(attention, ssm):
     return dict(attention=attention, ssm=ssm, sequential=sequential, two_streams=parallel)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def probe(cfg, args, name: str, projections: bool) -> dict:
+    """µs per layer of each variant, captured and replayed; the saving of two streams over one."""
+    attention, ssm = make_branches(cfg, args.seq, projections)
+    us = {}
+    for label, fn in variants(attention, ssm).items():
+        try:
+            us[label] = round(time_us(graphed(fn), args.iters), 1)
+        except Exception as err:  # a capture failure is a finding too
+            us[label] = repr(err)[:200]
+    if all(isinstance(v, float) for v in us.values()):
+        us["saving_us"] = round(us["sequential"] - us["two_streams"], 1)
+        us["saving_share"] = round(us["saving_us"] / us["sequential"], 3)
+    return dict(variant=name, preset=args.preset, seq=args.seq, **us)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench streams", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="1.5b-deep")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--out")
-    args = ap.parse_args()
+    common.add_common_arguments(ap)
+    return ap
+
+
+def main(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    common.apply_runtime(args)
     cfg = preset_config(args.preset)
     rows = []
     for name, projections in (("mixers", False), ("branches", True)):
-        attention, ssm = make_branches(cfg, args.seq, projections)
-        us = {}
-        for label, fn in variants(attention, ssm).items():
-            try:
-                us[label] = round(time_us(graphed(fn), args.iters), 1)
-            except Exception as err:  # a capture failure is a finding too
-                us[label] = repr(err)[:200]
-        if all(isinstance(v, float) for v in us.values()):
-            us["saving_us"] = round(us["sequential"] - us["two_streams"], 1)
-            us["saving_share"] = round(us["saving_us"] / us["sequential"], 3)
-        rows.append(dict(variant=name, preset=args.preset, seq=args.seq, **us))
+        rows.append(probe(cfg, args, name, projections))
         print(json.dumps(rows[-1]), flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps(dict(card=torch.cuda.get_device_name(), rows=rows), indent=1) + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    record = common.envelope(f"one layer's mixers on one or two streams, {args.preset} seq {args.seq}", "streams",
+                             argv, args)  # fmt: skip
+    record.update(kernels=get_ops("cuda").name, rows=rows)
+    common.write_result(args.out, record)
+    header = ["variant", "attention", "ssm", "sequential", "two_streams", "saving_share"]
+    common.print_table(f"µs per layer, {record['card']}", header, [[r.get(k) for k in header] for r in rows])
+    return record

@@ -1,6 +1,8 @@
 """The paths users run, timed against the reference in the same run on the same card (random weights of a preset, bf16).
 
-    python -m bench.user_paths generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
+    python -m bench user-paths generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
+    python -m bench user-paths sft --preset 0.5b --seq 8192 --out <json>
+    python -m bench user-paths demo --preset 0.5b --out <json>
 
 sft: `align/sft.py` itself (the Trainer, its default path) with a shipped recipe's settings, random weights of the
 preset's shape (`--init_preset`), packed 8K rows of synthetic chats, against TRL's SFTTrainer over transformers'
@@ -11,28 +13,35 @@ generate: `model.generate` as users call it (its default path: static cache, com
 512-token prompts and 256 new tokens, greedy, against transformers' `generate` on the same weights (fewer new tokens:
 it runs ~10 tokens/s). Also the first token where bf16 greedy decoding through the graph leaves the eager path.
 
-Each figure is an item of `user_paths` in --out: path, preset, batch, tokens_per_s, reference_tokens_per_s,
+demo: the demo's engine streaming one reply from a saved checkpoint of the preset's shape, tokens/s as its pane
+shows them.
+
+Each figure is an item of `user_paths` in --out: path, preset, batch (or seq), tokens_per_s, reference_tokens_per_s,
 bench_tokens_per_s, card, command, commit. Prints a table last.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.bench import build, cleanup, versions  # noqa: E402
-from model import preset_config  # noqa: E402
+from bench.common import (
+    ROOT,
+    StepTimer,
+    add_common_arguments,
+    apply_runtime,
+    build,
+    cleanup,
+    envelope,
+    print_table,
+    write_result,
+)
+from model import preset_config
 
 
 def timed_generate(model, ids, new, **settings) -> tuple[float, torch.Tensor]:
@@ -108,31 +117,6 @@ def synthetic_chats(path: Path, n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-class StepTimer(TrainerCallback):
-    """Each optimizer step's wall time (synchronised) and the input tokens it saw."""
-
-    def __init__(self):
-        self.steps, self._t, self._seen = [], None, 0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        sync()
-        self._t = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        sync()
-        self.steps.append((time.perf_counter() - self._t, state.num_input_tokens_seen - self._seen))
-        self._seen = state.num_input_tokens_seen
-
-    def tokens_per_s(self, warmup: int) -> float:
-        timed = self.steps[warmup:]
-        return round(sum(n for _, n in timed) / sum(t for t, _ in timed), 1)
-
-
 def bench_sft(args, item):
     import tempfile
 
@@ -142,7 +126,7 @@ def bench_sft(args, item):
     work = Path(tempfile.mkdtemp())
     texts = synthetic_chats(work / "chats.jsonl", args.rows)
     build_tokenizer(texts[:4000]).save_pretrained(work / "tok")
-    recipe = Path(__file__).resolve().parents[1] / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
+    recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
     common = [
         "--model_name_or_path",
         str(work / "tok"),
@@ -254,8 +238,10 @@ def bench_demo(args, item):
     return [row]
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench user-paths", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("path", choices=["generate", "sft", "demo"])
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
@@ -269,32 +255,22 @@ def main():
     ap.add_argument("--reference-new", type=int, default=32, help="new tokens for the reference (it is slow)")
     ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared between graph and eager (bf16)")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--commit", default=None, help="the code's commit, where the copy has no git history")
-    args = ap.parse_args()
-    env = versions()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    commit = args.commit or git.stdout.strip()
-    argv = sys.argv[1:]
-    if "--commit" in argv:  # the commit is recorded on its own
-        at = argv.index("--commit")
-        argv = argv[:at] + argv[at + 2 :]
-    command = "python -m bench.user_paths " + " ".join(argv)
+    add_common_arguments(ap)
+    return ap
+
+
+def main(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    apply_runtime(args)
+    result = envelope(f"user path {args.path}, {args.preset}", "user-paths", argv, args)
 
     def item(path, **fields):
         base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
-        return {**base, **fields, "card": env["card"], "command": command, "commit": commit or None}
+        return {**base, **fields, "card": result["card"], "command": result["command"], "commit": result["commit"]}
 
     rows = {"generate": bench_generate, "sft": bench_sft, "demo": bench_demo}[args.path](args, item)
-    result = dict(date=datetime.date.today().isoformat(), versions=env, user_paths=rows)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'path':<16}{'batch/seq':>10}{'tokens/s':>12}{'reference':>12}")
-    for r in rows:
-        shape = r.get("batch", r.get("seq"))
-        print(f"{r['path']:<16}{shape:>10}{r['tokens_per_s']:>12}{r['reference_tokens_per_s'] or '-':>12}")
-
-
-if __name__ == "__main__":
-    main()
+    result["user_paths"] = rows
+    write_result(args.out, result)
+    figures = [[r["path"], r.get("batch", r.get("seq")), r["tokens_per_s"], r["reference_tokens_per_s"]] for r in rows]
+    print_table(f"user paths, {args.preset}, {result['card']}", ["path", "batch/seq", "tokens/s", "reference"], figures)
+    return result

@@ -115,13 +115,13 @@ def test_context_parallel_leaks_without_state_passing():
 
 
 def test_long_context_bench_runs_on_cpu(tmp_path):
-    """bench/long_context.py's own smoke mode: one process with offload, two context-parallel processes with LoRA."""
+    """`python -m bench long`'s own smoke mode: one process with offload, two context-parallel processes with LoRA."""
     import json
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    script = ["bench/long_context.py", "--tiny"]
+    script = ["-m", "bench", "long", "--tiny"]
     one = [sys.executable, *script, "--seqs", "64,128", "--offload", "--out", str(tmp_path / "a.json")]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
     two += [*script, "--seqs", "64", "--method", "lora", "--out", str(tmp_path / "b.json")]
@@ -131,6 +131,7 @@ def test_long_context_bench_runs_on_cpu(tmp_path):
     for name, longest, processes in (("a", 128, 1), ("b", 64, 2)):
         record = json.loads((tmp_path / f"{name}.json").read_text())
         assert record["longest"] == longest and record["processes"] == processes
+        assert record["command"].startswith("torchrun --nproc_per_node 2 -m bench long" if processes > 1 else "python")
 
 
 def test_enable_context_parallel_reaches_the_backbone_through_peft():

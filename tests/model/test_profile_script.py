@@ -1,4 +1,5 @@
-"""bench/profile_step.py: kernel names fall into the right families, and the script runs end to end (CPU mode)."""
+"""`python -m bench profile` (bench/profile_step.py): kernel names fall into the right families, and the benchmark
+runs end to end (CPU mode)."""
 
 import json
 import subprocess
@@ -7,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from profile_step import family, kernel_table  # noqa: E402
+from bench.profile_step import family, kernel_table
 
 
 @pytest.mark.parametrize(
@@ -55,7 +55,7 @@ def test_profile_script_runs_on_cpu(tmp_path):
     out = tmp_path / "p.json"
     trace = tmp_path / "trace.json"
     # compiled-eager: the layers through compile_layers (aot_eager on CPU), as `compile_layers: true` runs them
-    command = [sys.executable, "bench/profile_step.py", "--tiny", "--seq", "48", "--mode", "compiled-eager"]
+    command = [sys.executable, "-m", "bench", "profile", "--tiny", "--seq", "48", "--mode", "compiled-eager"]
     command += ["--top", "5", "--trace", str(trace), "--out", str(out)]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -64,3 +64,4 @@ def test_profile_script_runs_on_cpu(tmp_path):
     assert record["step_ms"] > 0 and record["busy_ms_per_step"] > 0
     assert abs(sum(f["share"] for f in record["families"]) - 1) < 1e-2
     assert {"GEMM", "attention"} <= {f["family"] for f in record["families"]}
+    assert record["command"] == "python -m bench " + " ".join(command[3:]) and record["card"] == "cpu"

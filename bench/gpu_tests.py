@@ -1,0 +1,160 @@
+"""The GPU test record: the `gpu`-marked tests run under pytest, their JUnit XML and a one-screen summary (commit,
+card, date, passed/failed/skipped per test) written to bench/results/.
+
+    python -m bench gpu-tests                        # what `make gpu-test` runs
+    python -m bench gpu-tests -k scan tests/model    # pytest arguments after the options narrow the run
+    python -m bench gpu-tests --summarize <xml>      # the summary of an existing record, next to it
+
+Files: <results>/<card>-gpu-tests-<date>.xml and .md (card as in the other result names: h100, h200, h100x2). The
+XML carries the commit, card, date and command as properties of its test suite. Without a CUDA device nothing runs
+and nothing is written (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+from bench.common import ROOT, git_commit
+
+OUTCOMES = ("passed", "failed", "skipped")
+
+
+def card_slug(name: str, count: int = 1) -> str:
+    """'NVIDIA H100 80GB HBM3' → 'h100'; with several cards 'h100x2'."""
+    words = [w for w in name.lower().replace("nvidia", "").split() if w]
+    slug = re.sub(r"[^a-z0-9]+", "-", words[0] if words else "gpu").strip("-")
+    return f"{slug}x{count}" if count > 1 else slug
+
+
+def outcome(case: ET.Element) -> tuple[str, str]:
+    """A JUnit testcase → (passed | failed | skipped, the message's first line)."""
+    for tag, kind in (("failure", "failed"), ("error", "failed"), ("skipped", "skipped")):
+        found = case.find(tag)
+        if found is not None:
+            message = (found.get("message") or found.text or tag).strip().splitlines()
+            return kind, (message[0] if message else tag)[:110]
+    return "passed", ""
+
+
+def test_name(case: ET.Element) -> str:
+    """The test function a case belongs to: module::name without its parameters."""
+    return f"{case.get('classname') or '(collection)'}::{(case.get('name') or '').split('[')[0]}"
+
+
+def tally(root: ET.Element) -> tuple[dict, list]:
+    """→ ({test: {outcome: count}} in file order, [(outcome, case id, message) of every case not passed])."""
+    per_test, notes = {}, []
+    for case in root.iter("testcase"):
+        kind, message = outcome(case)
+        per_test.setdefault(test_name(case), defaultdict(int))[kind] += 1
+        if kind != "passed":
+            notes.append((kind, f"{case.get('classname')}::{case.get('name')}", message))
+    return per_test, notes
+
+
+def properties(root: ET.Element) -> dict:
+    return {p.get("name"): p.get("value") for p in root.iter("property")}
+
+
+def summary(xml_path: Path) -> str:
+    """The one-screen Markdown summary of a JUnit XML record."""
+    root = ET.parse(xml_path).getroot()
+    per_test, notes = tally(root)
+    totals = {k: sum(counts[k] for counts in per_test.values()) for k in OUTCOMES}
+    info = properties(root)
+    lines = [
+        f"# GPU tests: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped",
+        "",
+        f"commit {info.get('commit', '?')} · {info.get('card', '?')} · {info.get('date', '?')} · "
+        f"{info.get('seconds', '?')} s · `{info.get('command', '?')}`",
+        "",
+        "| test | passed | failed | skipped |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {name} | {c['passed']} | {c['failed']} | {c['skipped']} |" for name, c in per_test.items()]
+    if notes:
+        lines += ["", "Not passed:", ""]
+        lines += [f"- {kind}: `{case}`: {message}" for kind, case, message in notes]
+    return "\n".join(lines) + "\n"
+
+
+def add_properties(xml_path: Path, info: dict) -> None:
+    """The run's commit, card, date and command as properties of each test suite (the host name dropped)."""
+    tree = ET.parse(xml_path)
+    for suite in tree.getroot().iter("testsuite"):
+        suite.attrib.pop("hostname", None)
+        props = suite.find("properties")
+        if props is None:
+            props = ET.Element("properties")
+            suite.insert(0, props)
+        for name, value in info.items():
+            ET.SubElement(props, "property", name=name, value=str(value))
+    tree.write(xml_path, encoding="utf-8", xml_declaration=True)
+
+
+def write_summary(xml_path: Path) -> Path:
+    md = xml_path.with_suffix(".md")
+    md.write_text(summary(xml_path))
+    return md
+
+
+def cuda_card() -> tuple[str, int] | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(), torch.cuda.device_count()
+
+
+def run_tests(results: Path, pytest_args: list[str], commit: str | None) -> int:
+    found = cuda_card()
+    if found is None:
+        print("no CUDA device visible: the GPU tests did not run, and no record was written")
+        return 1
+    name, count = found
+    date = datetime.date.today().isoformat()
+    xml_path = results / f"{card_slug(name, count)}-gpu-tests-{date}.xml"
+    results.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs"]
+    command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
+    start = time.perf_counter()
+    rc = subprocess.run(command, cwd=ROOT).returncode
+    if not xml_path.exists():  # pytest stopped before collecting (a usage error)
+        return rc or 1
+    card = name if count == 1 else f"{count}x {name}"
+    shown = "python -m bench gpu-tests " + " ".join(pytest_args)
+    info = dict(commit=commit or git_commit(), card=card, date=date, seconds=round(time.perf_counter() - start))
+    add_properties(xml_path, {**info, "command": shown.strip()})
+    md = write_summary(xml_path)
+    print(f"\n{md.read_text()}\nwritten: {xml_path.relative_to(ROOT) if xml_path.is_relative_to(ROOT) else xml_path}, "
+          f"{md.name}")  # fmt: skip
+    return rc
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench gpu-tests",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # pytest's own options pass through untouched
+    )
+    ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the record is written")
+    ap.add_argument("--summarize", default=None, help="only write (and print) the summary of this JUnit XML")
+    ap.add_argument("--commit", default=None, help="the code's commit, where the copy has no git history")
+    return ap
+
+
+def main(argv: list[str]) -> None:
+    args, pytest_args = parser().parse_known_args(argv)
+    if args.summarize:
+        print(write_summary(Path(args.summarize)).read_text())
+        return
+    raise SystemExit(run_tests(Path(args.results), pytest_args, args.commit))

@@ -27,6 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .cache import FalconH1HybridCache
+from .checks import check_input_ids
 from .config import FalconH1Config
 from .kernels import get_ops
 from .kernels.ref import rmsnorm_gated_ref, rmsnorm_ref
@@ -576,6 +577,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         # µP: the embedding multiplier applies to inputs_embeds too (HF skips it there, spec §9 #9)
         hidden = inputs_embeds * self.config.embedding_multiplier

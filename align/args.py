@@ -1,7 +1,8 @@
 """Arguments of the alignment scripts: ours next to TRL's `SFTConfig` and `ModelConfig`.
 
 A recipe YAML sets any field of the three; a command-line flag overrides the YAML; an unknown key in either
-is an error (TrlParser with `fail_with_unknown_args`), so a typo never passes silently.
+is an error, so a typo never passes silently. `align.validate.RecipeParser` reads them and checks every value,
+naming the recipe's file, line and field.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 
 from .data import MixtureConfig, SourceConfig
+from .validate import InputError, from_mapping, shown
 
 # Mixer weights read raw by fused kernels (and by peft's checks): never LoRA targets. in_proj is safe and needed:
 # without it LoRA trains almost nothing in the SSM.
@@ -78,9 +80,12 @@ class AlignArguments:
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
     def __post_init__(self):
-        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in _source_dicts(self.sources)]
+        sources = _source_dicts(self.sources)
+        self.sources = [from_mapping(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(sources)]
 
-    def mixture(self, kind: str = "sft") -> MixtureConfig:
+    def mixture(self, kind: str = "sft", max_length: int | None = None) -> MixtureConfig:
+        """The data mixture; `max_length`: where the trainer cuts rows (their start kept), so that rows left without
+        an answer are dropped and counted."""
         return MixtureConfig(
             sources=self.sources,
             kind=kind,
@@ -92,6 +97,7 @@ class AlignArguments:
             max_chars=self.max_chars,
             max_malformed_fraction=self.max_malformed_fraction,
             eval_fraction=self.eval_fraction,
+            max_length=max_length,
         )
 
 
@@ -117,6 +123,8 @@ class PreferenceArguments(AlignArguments):
 
 def _source_dicts(sources):
     """YAML gives dicts; the command line gives JSON strings (`--sources '[{"path": "a.jsonl"}]'`)."""
+    if not isinstance(sources, list):
+        raise InputError(f"expected a list of sources, got {shown(sources)}", "sources")
     out = []
     for s in sources:
         if isinstance(s, SourceConfig) and s.path.lstrip().startswith(("[", "{")):
@@ -125,7 +133,7 @@ def _source_dicts(sources):
             try:
                 s = json.loads(s)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--sources: expected JSON (a source object or a list of them), got {s!r}") from err
+                raise InputError(f"expected JSON (a source object or a list of them), got {s!r}", "sources") from err
         out.extend(s if isinstance(s, list) else [s])
     return out
 

@@ -25,16 +25,17 @@ if __package__ in (None, ""):  # `python align/dpo.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from trl import DPOConfig, ModelConfig, TrlParser  # noqa: E402
+from trl import DPOConfig, ModelConfig  # noqa: E402
 
 from align.args import PreferenceArguments  # noqa: E402
-from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
+from align.validate import RecipeParser  # noqa: E402
 
 
 def parse(argv=None):
-    parser = TrlParser((PreferenceArguments, DPOConfig, ModelConfig))
+    parser = RecipeParser((PreferenceArguments, DPOConfig, ModelConfig))
     return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
 
 
@@ -66,10 +67,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args, align_args, trust)
     model = load_model(model_args, align_args, trust)
 
-    def count_tokens(pair):  # both sequences the model runs per pair: prompt+chosen and prompt+rejected
-        return sum(len(chat_ids(tokenizer, pair["prompt"] + pair[k])) for k in ("chosen", "rejected"))
-
-    train_rows, eval_rows = mixture_rows(align_args, "preference", count_tokens, dpo_args.output_dir)
+    train_rows, eval_rows = mixture_rows(align_args, "preference", tokenizer, dpo_args)
 
     trainer = FalconDPOTrainer(
         model=model,

@@ -18,15 +18,16 @@ if __package__ in (None, ""):  # `python align/sft.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from trl import ModelConfig, SFTConfig, SFTTrainer, TrlParser  # noqa: E402
+from trl import ModelConfig, SFTConfig, SFTTrainer  # noqa: E402
 
 from align.args import AlignArguments  # noqa: E402
-from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
+from align.validate import RecipeParser  # noqa: E402
 
 
 def parse(argv=None):
-    parser = TrlParser((AlignArguments, SFTConfig, ModelConfig))
+    parser = RecipeParser((AlignArguments, SFTConfig, ModelConfig))
     return parser.parse_args_and_config(args=argv, fail_with_unknown_args=True)
 
 
@@ -45,10 +46,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(model_args, align_args, trust)
     model = load_model(model_args, align_args, trust)
 
-    def count_tokens(messages):
-        return len(chat_ids(tokenizer, messages))
-
-    train_rows, eval_rows = mixture_rows(align_args, "sft", count_tokens, sft_args.output_dir)
+    train_rows, eval_rows = mixture_rows(align_args, "sft", tokenizer, sft_args)
 
     trainer_cls, extra = SFTTrainer, {}
     if align_args.context_parallel_size > 1:

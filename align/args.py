@@ -123,8 +123,8 @@ class PreferenceArguments(AlignArguments):
 
 def _source_dicts(sources):
     """YAML gives dicts; the command line gives JSON strings (`--sources '[{"path": "a.jsonl"}]'`)."""
-    if not isinstance(sources, list):
-        raise InputError(f"expected a list of sources, got {shown(sources)}", "sources")
+    if not isinstance(sources, list):  # YAML text reaches here as a SourceConfig argparse built from it
+        raise InputError(f"expected a list of sources, got {shown(getattr(sources, 'path', sources))}", "sources")
     out = []
     for s in sources:
         if isinstance(s, SourceConfig) and s.path.lstrip().startswith(("[", "{")):

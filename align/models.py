@@ -33,6 +33,9 @@ def load_tokenizer(model_args, align_args: AlignArguments, trust_remote_code: bo
     name = align_args.tokenizer_name_or_path or model_args.model_name_or_path
     check_checkpoint_path(name, "tokenizer_name_or_path" if align_args.tokenizer_name_or_path else "model_name_or_path")
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if align_args.chat_template == "tokenizer" and not tok.chat_template:
+        problem = f"tokenizer: the tokenizer of {name} has no chat template; use auto or falcon_h1"
+        raise InputError(problem, "chat_template")
     has_markers = bool(tok.chat_template) and "{% generation %}" in tok.chat_template
     if align_args.chat_template == "falcon_h1" or (align_args.chat_template == "auto" and not has_markers):
         tok.chat_template = falcon_h1_chat_template()

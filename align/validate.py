@@ -269,7 +269,7 @@ class Recipe:
             return cls(flags=flags)
         path = argv[argv.index("--config") + 1]
         if not Path(path).is_file():
-            raise InputError("no such recipe file", "--config", file=path)
+            raise InputError(f"{path}: no such recipe file", "--config")
         text = Path(path).read_text(encoding="utf-8")
         loader = _LineLoader(text)
         loader.name = path

@@ -1,7 +1,8 @@
 """Arguments of the alignment scripts: ours next to TRL's `SFTConfig` and `ModelConfig`.
 
 A recipe YAML sets any field of the three; a command-line flag overrides the YAML; an unknown key in either
-is an error (TrlParser with `fail_with_unknown_args`), so a typo never passes silently.
+is an error, so a typo never passes silently. `RecipeParser` (over align/validate.py's) reads them and checks every
+value, naming the recipe's file, line and field.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from .data import MixtureConfig, SourceConfig
+from .validate import InputError, from_mapping, shown
+from .validate import RecipeParser as ValidatingParser
 
 # Mixer weights read raw by fused kernels (and by peft's checks): never LoRA targets. in_proj is safe and needed:
 # without it LoRA trains almost nothing in the SSM.
@@ -105,9 +106,12 @@ class AlignArguments:
     def __post_init__(self):
         if isinstance(self.runtime, str):
             self.runtime = json.loads(self.runtime)
-        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in _source_dicts(self.sources)]
+        sources = _source_dicts(self.sources)
+        self.sources = [from_mapping(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(sources)]
 
-    def mixture(self, kind: str = "sft") -> MixtureConfig:
+    def mixture(self, kind: str = "sft", max_length: int | None = None) -> MixtureConfig:
+        """The data mixture; `max_length`: where the trainer cuts rows (their start kept), so that rows left without
+        an answer are dropped and counted."""
         return MixtureConfig(
             sources=self.sources,
             kind=kind,
@@ -119,13 +123,15 @@ class AlignArguments:
             max_chars=self.max_chars,
             max_malformed_fraction=self.max_malformed_fraction,
             eval_fraction=self.eval_fraction,
+            max_length=max_length,
         )
 
 
-class RecipeParser(TrlParser):
-    """TrlParser that takes `gradient_checkpointing: auto` in a recipe or on the command line, and makes it the default
-    where neither sets it: the stage then decides from the memory planner (align/fast_path.py). Every parsed
-    AlignArguments carries the outcome as `auto_checkpointing`."""
+class RecipeParser(ValidatingParser):
+    """The recipe parser (align/validate.py: errors name file, line and field) that also takes
+    `gradient_checkpointing: auto` in a recipe or on the command line, and makes it the default where neither sets
+    it: the stage then decides from the memory planner (align/fast_path.py). Every parsed AlignArguments carries the
+    outcome as `auto_checkpointing`."""
 
     def parse_args_and_config(self, args=None, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
@@ -179,6 +185,8 @@ class PreferenceArguments(AlignArguments):
 
 def _source_dicts(sources):
     """YAML gives dicts; the command line gives JSON strings (`--sources '[{"path": "a.jsonl"}]'`)."""
+    if not isinstance(sources, list):  # YAML text reaches here as a SourceConfig argparse built from it
+        raise InputError(f"expected a list of sources, got {shown(getattr(sources, 'path', sources))}", "sources")
     out = []
     for s in sources:
         if isinstance(s, SourceConfig) and s.path.lstrip().startswith(("[", "{")):
@@ -187,7 +195,7 @@ def _source_dicts(sources):
             try:
                 s = json.loads(s)
             except json.JSONDecodeError as err:
-                raise ValueError(f"--sources: expected JSON (a source object or a list of them), got {s!r}") from err
+                raise InputError(f"expected JSON (a source object or a list of them), got {s!r}", "sources") from err
         out.extend(s if isinstance(s, list) else [s])
     return out
 

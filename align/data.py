@@ -20,6 +20,8 @@ from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .validate import DATA_SUFFIXES, InputError, check_types, check_values, from_mapping, looks_local, shown
+
 ROLES = {"system", "user", "assistant", "tool"}
 
 
@@ -42,14 +44,20 @@ class SourceConfig:
     label: str | None = None  # name in reports (defaults to path)
 
     def __post_init__(self):
+        check_types(self)
         if self.weight < 0 or not math.isfinite(self.weight):
-            raise ValueError(f"source {self.path}: weight must be a finite number ≥ 0, got {self.weight}")
+            raise InputError(f"must be a finite number ≥ 0, got {self.weight}", "weight")
         if self.response_column is not None and self.prompt_column is None:
-            raise ValueError(f"source {self.path}: response_column needs a prompt_column")
+            raise InputError("needs a prompt_column next to it", "response_column")
 
     @property
     def key(self) -> str:
         return self.label or self.path
+
+    @property
+    def named(self) -> str:
+        """The source as messages name it: its label and its path."""
+        return f"{self.label} ({self.path})" if self.label and self.label != self.path else self.path
 
 
 KINDS = ("sft", "preference")
@@ -67,45 +75,120 @@ class MixtureConfig:
     max_chars: int | None = None
     max_malformed_fraction: float = 0.01  # fail when more than this share of a source's rows is malformed
     eval_fraction: float = 0.0  # held-out share of each source (taken before weighting, never duplicated)
+    # the trainer cuts rows at this many tokens keeping the start: a row whose answer starts past the cut would
+    # train nothing and is dropped here, counted per source (None: no cut)
+    max_length: int | None = None
 
     def __post_init__(self):
-        self.sources = [s if isinstance(s, SourceConfig) else SourceConfig(**s) for s in self.sources]
+        self.sources = [from_mapping(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(self.sources)]
         if self.kind not in KINDS:
-            raise ValueError(f"mixture kind must be one of {KINDS}, got {self.kind!r}")
+            raise InputError(f"must be one of {KINDS}, got {self.kind!r}", "kind")
+        check_values(self)
 
 
-class MixtureError(ValueError):
-    pass
+class MixtureError(InputError):
+    """A source that cannot be used as it is: unreadable, empty, or too many malformed rows."""
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_rows(source: SourceConfig) -> list[dict]:
-    """Raw rows of one source as dicts. Local files are read directly; anything else goes to `datasets`."""
-    path = Path(source.path)
-    if path.suffix in (".json", ".jsonl") and path.exists():
-        text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise MixtureError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
-            return rows
-        data = json.loads(text)
-        if not isinstance(data, list):
-            raise MixtureError(f"{path}: expected a JSON list of rows")
-        return data
-    if path.suffix == ".parquet" and path.exists():
-        import datasets
+class Rows(list):
+    """A source's raw rows; `lines[i]` is row i's line in its .jsonl file (None elsewhere: rows count from 0)."""
 
-        return list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
-    if path.suffix in (".json", ".jsonl", ".parquet"):
-        raise MixtureError(f"{path}: file not found")
-    import datasets  # hub id: only in user recipes, never in tests or the offline default
+    def __init__(self, rows, lines=None):
+        super().__init__(rows)
+        self.lines = lines
 
-    return list(datasets.load_dataset(source.path, source.name, split=source.split))
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
+def _decode(path: Path, data: bytes, first_line: int = 1) -> str:
+    """UTF-8 text of `data`, which starts at `first_line` of the file; else an error naming line and column."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise MixtureError(
+            f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); save the file as UTF-8",
+            file=path,
+            line=first_line + data.count(b"\n", 0, err.start),
+        ) from None
+
+
+def _parse_json(path: Path, text: str, line: int | None):
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as err:
+        raise MixtureError(f"key {err.args[0]!r} appears twice in one object", file=path, line=line) from None
+    except json.JSONDecodeError as err:
+        at = line if line is not None else err.lineno
+        raise MixtureError(f"not valid JSON ({err.msg}, column {err.colno})", file=path, line=at) from None
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, lines = [], []
+    for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+        text = _decode(path, raw, lineno).lstrip("\ufeff")  # a byte-order mark is not data
+        if text.strip():
+            rows.append(_parse_json(path, text, lineno))
+            lines.append(lineno)
+    return Rows(rows, lines)
+
+
+def _read_json(path: Path) -> Rows:
+    data = path.read_bytes()
+    text = _decode(path, data).lstrip("\ufeff")
+    rows = _parse_json(path, text, None) if text.strip() else []
+    if not isinstance(rows, list):
+        raise MixtureError(f"expected a JSON list of rows, got {shown(rows)}", file=path)
+    return Rows(rows)
+
+
+def load_rows(source: SourceConfig) -> Rows:
+    """Raw rows of one source. Local files are read directly; anything else goes to `datasets`."""
+    path = Path(source.path).expanduser()
+    if path.is_dir() and path.suffix in DATA_SUFFIXES:
+        raise MixtureError(f"is a folder; expected a {path.suffix} file", file=source.path)
+    if path.is_file():
+        readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet}
+        if path.suffix not in readers:
+            raise MixtureError(f"unsupported file type {path.suffix!r}; give a {', '.join(readers)} file", file=path)
+        rows = readers[path.suffix](path)
+    elif not path.exists() and looks_local(source.path):
+        raise MixtureError("no such data file (nor a hub dataset id of the form org/name)", file=source.path)
+    else:  # hub id or a local dataset folder: only in user recipes, never in tests or the offline default
+        rows = _read_with_datasets(source)
+    if not rows:
+        raise MixtureError("no rows: the source is empty", file=source.path)
+    return rows
+
+
+def _read_parquet(path: Path) -> Rows:
+    import datasets
+
+    try:
+        return Rows(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    except Exception as err:  # pyarrow's messages do not name the file
+        raise MixtureError(f"not a readable parquet file ({type(err).__name__}: {err})", file=path) from None
+
+
+def _read_with_datasets(source: SourceConfig) -> Rows:
+    import datasets
+
+    try:
+        return Rows(datasets.load_dataset(source.path, source.name, split=source.split))
+    except Exception as err:  # hub and folder errors do not say which source of the recipe failed
+        raise MixtureError(f"could not load the dataset ({type(err).__name__}: {err})", file=source.path) from None
 
 
 def to_messages(row: dict, source: SourceConfig) -> tuple[list[dict] | None, str | None]:
@@ -138,10 +221,12 @@ def to_messages(row: dict, source: SourceConfig) -> tuple[list[dict] | None, str
 def _clean_turns(messages) -> tuple[list[dict] | None, str | None]:
     clean = []
     for turn in messages:
-        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        if not isinstance(turn, dict):
+            return None, "a message is not an object"
+        if "role" not in turn or "content" not in turn:
             return None, "a message lacks 'role' or 'content'"
-        if turn["role"] not in ROLES:
-            return None, f"unknown role {turn['role']!r}"
+        if not isinstance(turn["role"], str) or turn["role"] not in ROLES:
+            return None, f"unknown role {turn['role']!r} (roles: {', '.join(sorted(ROLES))})"
         if not isinstance(turn["content"], str):
             return None, "message content is not text"
         if not turn["content"].strip():
@@ -223,17 +308,61 @@ def _weighted(rows: list, weight: float, rng: random.Random) -> list:
     return rows * whole + rng.sample(rows, extra)
 
 
+def _language(row: dict, source: SourceConfig) -> tuple[str | None, str | None]:
+    """→ (language, None), or (None, reason) when the row's language column holds something other than text."""
+    if source.language or not source.language_column:
+        return source.language or "unknown", None
+    value = row.get(source.language_column)
+    if value in (None, ""):
+        return "unknown", None
+    if not isinstance(value, str):
+        return None, f"'{source.language_column}' is not text"
+    return value, None
+
+
+class CharLengths:
+    """Lengths in characters: the mixture's measure without a tokenizer. A measure maps a row's payload to
+    (tokens the report counts, its longest sequence: what max_length cuts) and, through `answer_at`, to where its
+    first trained token sits (the first assistant turn; the completion of a preference pair)."""
+
+    def __call__(self, payload) -> tuple[int, int]:
+        if "messages" in payload:
+            n = _chars(payload)
+            return n, n
+        prompt = _text_len(payload["prompt"])
+        return _chars(payload), prompt + max(_text_len(payload["chosen"]), _text_len(payload["rejected"]))
+
+    def answer_at(self, payload) -> int:
+        return _text_len(prompt_turns(payload))
+
+
+def prompt_turns(payload) -> list[dict]:
+    """The turns before the first trained one: up to the first assistant turn, or a pair's prompt."""
+    if "messages" not in payload:
+        return payload["prompt"]
+    turns = payload["messages"]
+    return turns[: next(i for i, t in enumerate(turns) if t["role"] == "assistant")]
+
+
+def _text_len(turns) -> int:
+    return sum(len(t["content"]) for t in turns)
+
+
 # ---------------------------------------------------------------------------------------------- building
 @dataclass
 class SourceReport:
     source: str
     weight: float
+    path: str = ""
     raw_rows: int = 0
     malformed: int = 0
     malformed_reasons: dict = field(default_factory=dict)
     malformed_examples: list = field(default_factory=list)
     duplicates: int = 0
     length_filtered: int = 0
+    truncated: int = 0  # longer than max_length, cut, some of the answer kept: trained
+    too_long: int = 0  # the whole answer past max_length: dropped, never trained
+    too_long_examples: list = field(default_factory=list)
     valid_rows: int = 0
     eval_rows: int = 0
     train_rows: int = 0
@@ -242,52 +371,19 @@ class SourceReport:
     tokens_per_language: dict = field(default_factory=dict)
 
 
-def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
+def build_mixture(config: MixtureConfig, measure=None, loader=load_rows):
     """→ (train_rows, eval_rows, report). Rows are {"messages", "language", "source"} (SFT) or {"prompt",
-    "chosen", "rejected", "language", "source"} (preference). `count_tokens` maps a row's payload (the messages
-    list for SFT, the {"prompt", "chosen", "rejected"} dict for preference) to a token count for the report
-    (characters when None)."""
-    if count_tokens is None:
-        count_tokens = lambda payload: _chars(payload if isinstance(payload, dict) else {"messages": payload})
-    convert = to_messages if config.kind == "sft" else to_preference
+    "chosen", "rejected", "language", "source"} (preference). `measure` gives a row's lengths as its trainer
+    tokenizes it (see CharLengths, the default, for the interface); with `config.max_length` it decides which
+    rows the cut leaves without an answer."""
+    measure = measure or CharLengths()
     rng = random.Random(config.seed)
     seen: set[str] = set()
+    tokens: dict[int, int] = {}  # id(row) → its tokens, measured once however often it is picked
     train, held_out, reports = [], [], []
     for source in config.sources:
-        rep = SourceReport(source=source.key, weight=source.weight)
-        valid = []
-        raw = loader(source)
-        rep.raw_rows = len(raw)
-        reasons = Counter()
-        for i, row in enumerate(raw):
-            payload, reason = convert(row, source)
-            if reason is not None:
-                reasons[reason] += 1
-                if len(rep.malformed_examples) < 5:
-                    rep.malformed_examples.append({"row": i, "reason": reason, "value": _short(row)})
-                continue
-            payload = {"messages": payload} if config.kind == "sft" else payload
-            text_len = _chars(payload)
-            if text_len < config.min_chars or (config.max_chars is not None and text_len > config.max_chars):
-                rep.length_filtered += 1
-                continue
-            if config.dedup:
-                fp = _fingerprint(payload)
-                if fp in seen:
-                    rep.duplicates += 1
-                    continue
-                seen.add(fp)
-            language = source.language or (row.get(source.language_column) if source.language_column else None)
-            valid.append({**payload, "language": language or "unknown", "source": source.key})
-        rep.malformed = sum(reasons.values())
-        rep.malformed_reasons = dict(reasons)
-        rep.valid_rows = len(valid)
-        if rep.raw_rows and rep.malformed / rep.raw_rows > config.max_malformed_fraction:
-            raise MixtureError(
-                f"source {source.key}: {rep.malformed} of {rep.raw_rows} rows malformed "
-                f"({rep.malformed / rep.raw_rows:.1%} > max_malformed_fraction {config.max_malformed_fraction:.1%}); "
-                f"reasons {dict(reasons)}; first examples {rep.malformed_examples[:3]}"
-            )
+        rep = SourceReport(source=source.key, weight=source.weight, path=source.path)
+        valid = _valid_rows(config, source, loader(source), rep, seen, measure, tokens)
         if config.eval_fraction:
             rng.shuffle(valid)
             n_eval = round(config.eval_fraction * len(valid))
@@ -300,19 +396,83 @@ def build_mixture(config: MixtureConfig, count_tokens=None, loader=load_rows):
         for language in sorted(by_language):
             weight = source.weight * (config.language_weights or {}).get(language, config.other_languages_weight)
             picked = _weighted(by_language[language], weight, rng)
-            tokens = sum(count_tokens(_payload(r, config.kind)) for r in picked)
+            n_tokens = sum(tokens[id(r)] for r in picked)
             rep.rows_per_language[language] = len(picked)
-            rep.tokens_per_language[language] = tokens
+            rep.tokens_per_language[language] = n_tokens
             rep.train_rows += len(picked)
-            rep.train_tokens += tokens
+            rep.train_tokens += n_tokens
             train.extend(picked)
         reports.append(rep)
+    if config.sources and not any(r.valid_rows for r in reports):
+        raise MixtureError("no training rows left; per source: " + "; ".join(_dropped(r) for r in reports))
     rng.shuffle(train)
     return train, held_out, reports
 
 
-def _payload(row: dict, kind: str):
-    return row["messages"] if kind == "sft" else {k: row[k] for k in ("prompt", "chosen", "rejected")}
+def _valid_rows(config, source, raw, rep, seen, measure, tokens) -> list[dict]:
+    """Validates, filters, deduplicates and measures one source's rows, counting every drop in `rep`."""
+    convert = to_messages if config.kind == "sft" else to_preference
+    lines = getattr(raw, "lines", None)
+    rep.raw_rows = len(raw)
+    reasons, valid = Counter(), []
+    for i, row in enumerate(raw):
+        where = {"line": lines[i]} if lines else {"row": i}
+        payload, reason = convert(row, source)
+        language = None
+        if reason is None:
+            language, reason = _language(row, source)
+        if reason is not None:
+            reasons[reason] += 1
+            if len(rep.malformed_examples) < 5:
+                rep.malformed_examples.append({**where, "reason": reason, "value": _short(row)})
+            continue
+        payload = {"messages": payload} if config.kind == "sft" else payload
+        text_len = _chars(payload)
+        if text_len < config.min_chars or (config.max_chars is not None and text_len > config.max_chars):
+            rep.length_filtered += 1
+            continue
+        if config.dedup:
+            fp = _fingerprint(payload)
+            if fp in seen:
+                rep.duplicates += 1
+                continue
+            seen.add(fp)
+        n_tokens, longest = measure(payload)
+        if config.max_length is not None and longest > config.max_length:
+            answer_at = measure.answer_at(payload)
+            if answer_at >= config.max_length:
+                rep.too_long += 1
+                if len(rep.too_long_examples) < 5:
+                    rep.too_long_examples.append({**where, "tokens": longest, "answer_at": answer_at})
+                continue
+            rep.truncated += 1
+        row = {**payload, "language": language, "source": source.key}
+        tokens[id(row)] = n_tokens
+        valid.append(row)
+    rep.malformed = sum(reasons.values())
+    rep.malformed_reasons = dict(reasons)
+    rep.valid_rows = len(valid)
+    if rep.raw_rows and rep.malformed / rep.raw_rows > config.max_malformed_fraction:
+        first = "; ".join(f"{_where(e)}: {e['reason']}" for e in rep.malformed_examples[:3])
+        raise MixtureError(
+            f"{rep.malformed} of {rep.raw_rows} rows malformed ({rep.malformed / rep.raw_rows:.1%} > "
+            f"max_malformed_fraction {config.max_malformed_fraction:.1%}); reasons {dict(reasons)}; first: {first}",
+            field=f"source {source.label!r}" if source.label else None,
+            file=source.path,
+        )
+    return valid
+
+
+def _where(example: dict) -> str:
+    return f"line {example['line']}" if "line" in example else f"row {example['row']}"
+
+
+def _dropped(rep: SourceReport) -> str:
+    return (
+        f"{rep.source}: {rep.raw_rows} rows, {rep.malformed} malformed, {rep.duplicates} duplicates, "
+        f"{rep.length_filtered} length-filtered, {rep.too_long} too long for max_length (answer cut off), "
+        f"{rep.eval_rows} held out"
+    )
 
 
 def _short(value, limit=200):
@@ -328,13 +488,14 @@ def write_report(reports: list[SourceReport], out_dir: str | Path, name="mixture
     lines = [
         "# Mixture report",
         "",
-        "| source | weight | raw | malformed | duplicates | length-filtered | eval | train rows | train tokens |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| source | weight | raw | malformed | duplicates | length-filtered | truncated | too long (dropped) | eval "
+        "| train rows | train tokens |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in reports:
         lines.append(
-            f"| {r.source} | {r.weight} | {r.raw_rows} | {r.malformed} | {r.duplicates} | "
-            f"{r.length_filtered} | {r.eval_rows} | {r.train_rows} | {r.train_tokens} |"
+            f"| {r.source} | {r.weight} | {r.raw_rows} | {r.malformed} | {r.duplicates} | {r.length_filtered} | "
+            f"{r.truncated} | {r.too_long} | {r.eval_rows} | {r.train_rows} | {r.train_tokens} |"
         )
     languages = defaultdict(lambda: [0, 0])
     for r in reports:
@@ -347,8 +508,17 @@ def write_report(reports: list[SourceReport], out_dir: str | Path, name="mixture
     if bad:
         lines += ["", "## Malformed rows (counted, not trained on)", ""]
         for r in bad:
-            lines.append(f"- {r.source}: {r.malformed} rows — {r.malformed_reasons}")
-            lines += [f"  - row {e['row']}: {e['reason']}: `{e['value']}`" for e in r.malformed_examples]
+            lines.append(f"- {r.source} ({r.path}): {r.malformed} rows — {r.malformed_reasons}")
+            lines += [f"  - {_where(e)}: {e['reason']}: `{e['value']}`" for e in r.malformed_examples]
+    long = [r for r in reports if r.too_long]
+    if long:
+        lines += ["", "## Rows too long for max_length (the answer starts past the cut: dropped, not trained on)", ""]
+        for r in long:
+            lines.append(f"- {r.source} ({r.path}): {r.too_long} rows")
+            lines += [
+                f"  - {_where(e)}: {e['tokens']} tokens, the answer starts at token {e['answer_at']}"
+                for e in r.too_long_examples
+            ]
     path = out / f"{name}.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -29,7 +29,7 @@ from trl import DPOConfig, ModelConfig  # noqa: E402
 
 from align.args import PreferenceArguments, RecipeParser  # noqa: E402
 from align.fast_path import apply, decide  # noqa: E402
-from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
@@ -68,10 +68,7 @@ def main(argv=None, callbacks=()):
     tokenizer = load_tokenizer(model_args, align_args, trust)
     model = load_model(model_args, align_args, trust)
 
-    def count_tokens(pair):  # both sequences the model runs per pair: prompt+chosen and prompt+rejected
-        return sum(len(chat_ids(tokenizer, pair["prompt"] + pair[k])) for k in ("chosen", "rejected"))
-
-    train_rows, eval_rows = mixture_rows(align_args, "preference", count_tokens, dpo_args.output_dir)
+    train_rows, eval_rows = mixture_rows(align_args, "preference", tokenizer, dpo_args)
 
     path = decide(model, align_args, dpo_args, padding_free=bool(dpo_args.padding_free), pairs=True)
     extra_callbacks = apply(path, model, dpo_args)

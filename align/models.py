@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import zipfile
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from model import FalconH1ForCausalLM, preset_config
+from model.checks import weight_file_problems
 from model.modeling import MLP_CHUNK_TOKENS, configure_backbones
 from model.settings import configure
 
 from .args import AlignArguments, lora_targets
 from .templates import falcon_h1_chat_template
+from .validate import InputError, check_checkpoint_path
 
 logger = logging.getLogger("falcon_align")
 
@@ -27,7 +32,11 @@ def _dtype(name):
 
 def load_tokenizer(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
     name = align_args.tokenizer_name_or_path or model_args.model_name_or_path
+    check_checkpoint_path(name, "tokenizer_name_or_path" if align_args.tokenizer_name_or_path else "model_name_or_path")
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if align_args.chat_template == "tokenizer" and not tok.chat_template:
+        problem = f"tokenizer: the tokenizer of {name} has no chat template; use auto or falcon_h1"
+        raise InputError(problem, "chat_template")
     has_markers = bool(tok.chat_template) and "{% generation %}" in tok.chat_template
     if align_args.chat_template == "falcon_h1" or (align_args.chat_template == "auto" and not has_markers):
         tok.chat_template = falcon_h1_chat_template()
@@ -89,6 +98,7 @@ def _load(model_args, align_args, trust_remote_code):
         torch.manual_seed(0)
         model = FalconH1ForCausalLM(preset_config(align_args.init_preset))
         return model.to(dtype) if dtype else model
+    check_loadable(model_args.model_name_or_path)
     trust = trust_remote_code
     kwargs = dict(trust_remote_code=trust, quantization_config=quantization_config(model_args))
     if dtype is not None:
@@ -99,6 +109,16 @@ def _load(model_args, align_args, trust_remote_code):
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     return AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+
+
+def check_loadable(path, field="model_name_or_path") -> None:
+    """A local checkpoint folder exists, holds a config and undamaged weight files (hub ids pass), else an error
+    naming the path; transformers' own messages name neither ("Repo id must be in the form…", a bare
+    SafetensorError)."""
+    check_checkpoint_path(path, field)
+    problems = weight_file_problems(path) if Path(path).is_dir() else []
+    if problems:
+        raise InputError("; ".join(problems), field)
 
 
 def peft_config(model_args):
@@ -118,12 +138,70 @@ def peft_config(model_args):
 
 
 def resume_checkpoint(resume, output_dir):
-    """`resume_from_checkpoint: latest` → the newest checkpoint in output_dir (None when there is none)."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The checkpoint a run continues from, said in a log line. `latest`: the newest *complete* checkpoint in
+    output_dir; one a kill left half-written is skipped with a warning naming what it lacks, and with none at all
+    the run starts from step 0 with a warning (rerunning one command after a preemption is the point of `latest`).
+    An explicit path must be a complete checkpoint."""
+    if resume in (None, "", False):
+        return None
     if resume == "latest":
-        return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
-    return resume
+        for folder in sorted(_checkpoints(output_dir), key=_step, reverse=True):
+            problems = checkpoint_problems(folder)
+            if not problems:
+                logger.info("resuming from %s (step %d), the newest complete checkpoint", folder, _step(folder))
+                return str(folder)
+            logger.warning("skipping incomplete checkpoint %s: %s", folder, "; ".join(problems))
+        logger.warning(
+            "resume_from_checkpoint: latest: no complete checkpoint in %s, training starts from step 0", output_dir
+        )
+        return None
+    folder = Path(resume)
+    if not folder.is_dir():
+        raise InputError(f"{resume}: no such checkpoint folder", "resume_from_checkpoint")
+    problems = checkpoint_problems(folder)
+    if problems:
+        raise InputError(f"{resume}: incomplete checkpoint: " + "; ".join(problems), "resume_from_checkpoint")
+    logger.info("resuming from %s", folder)
+    return str(folder)
+
+
+def _checkpoints(output_dir) -> list[Path]:
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+
+
+def _step(folder: Path) -> int:
+    return int(folder.name.rsplit("-", 1)[1])
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin")
+
+
+def checkpoint_problems(folder) -> list[str]:
+    """Why a Trainer checkpoint cannot be resumed from ([] when it can). The Trainer writes trainer_state.json
+    last, so a save killed part-way lacks it; a kill can also leave a file empty or cut short."""
+    folder, problems = Path(folder), []
+    state = folder / "trainer_state.json"
+    if not state.is_file():
+        problems.append("no trainer_state.json (written last: the save did not finish)")
+    else:
+        try:
+            json.loads(state.read_text())["global_step"]
+        except (ValueError, KeyError, TypeError):
+            problems.append("trainer_state.json is cut short or not a trainer state")
+    problems += [
+        f"{p.relative_to(folder)} is empty" for p in sorted(folder.rglob("*")) if p.is_file() and not p.stat().st_size
+    ]
+    has_weights = any((folder / name).is_file() for name in WEIGHT_FILES) or any(p.is_dir() for p in folder.iterdir())
+    if not has_weights:  # sharded FSDP and DeepSpeed checkpoints keep theirs in sub-folders
+        problems.append("no model weights")
+    problems += [p.replace(f"{folder}/", "") for p in weight_file_problems(folder)]
+    for path in sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth")):
+        if path.stat().st_size and not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+            problems.append(f"{path.name} is cut short (not a complete torch.save archive)")
+    return problems
 
 
 def merge_saved_adapter(model_args, align_args, adapter_dir, tokenizer, trust=False):
@@ -132,6 +210,7 @@ def merge_saved_adapter(model_args, align_args, adapter_dir, tokenizer, trust=Fa
     from peft import PeftModel
 
     merged_dir = Path(adapter_dir) / "merged"
+    check_loadable(adapter_dir, "output_dir")
     base = load_model(model_args, align_args, trust)
     PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().save_pretrained(merged_dir)
     tokenizer.save_pretrained(merged_dir)

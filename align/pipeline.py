@@ -25,18 +25,34 @@ DPO_RECIPE = "recipes/tiny/dpo.yaml"
 BETA = 5.0  # the DPO recipe's β, for the implicit rewards of the report
 
 
+TIMING = "pipeline_stage.json"  # in each stage's folder: the seconds making it took
+
+
 def done(path: Path) -> bool:
     return (path / "model.safetensors").exists() and (path / "config.json").exists()
 
 
-def stage(n, name, path, fn):
-    t = time.perf_counter()
+def stage(n, name, path, fn) -> float | None:
+    """Runs a stage unless its output exists → the seconds making it took: measured now, or as recorded when an
+    earlier run made it (None for an output made without a record), so a rerun's report keeps the real times."""
     if done(path):
-        print(f"[{n}/4] {name}: {path} exists, skipped", flush=True)
-    else:
-        print(f"[{n}/4] {name} → {path}", flush=True)
-        fn()
-    return round(time.perf_counter() - t, 1)
+        seconds = recorded_seconds(path)
+        took = f"made in {seconds} s" if seconds is not None else "no timing recorded"
+        print(f"[{n}/4] {name}: {path} exists, skipped ({took})", flush=True)
+        return seconds
+    print(f"[{n}/4] {name} → {path}", flush=True)
+    t = time.perf_counter()
+    fn()
+    seconds = round(time.perf_counter() - t, 1)
+    (path / TIMING).write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def recorded_seconds(path: Path) -> float | None:
+    try:
+        return json.loads((path / TIMING).read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def evaluate(dirs: dict, per_language: int) -> dict:

@@ -143,7 +143,7 @@ def write(run: Path, report: dict) -> Path:
         lines.append(f"| {lang} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
     lines += ["", "Sample DPO replies (held-out):", ""]
     lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in em["dpo"]["examples"]]
-    lines += ["", f"Timings (s): {report['timings']}", ""]
+    lines += ["", "Timings: " + format_timings(report["timings"]), ""]
     lines += [
         "For real checkpoints, run lm-eval-harness on the saved model (it loads in vanilla transformers):",
         "",
@@ -155,6 +155,13 @@ def write(run: Path, report: dict) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def format_timings(timings: dict) -> str:
+    """`{"base_s": 61.2, "sft_s": None}` → "base 61.2 s, sft not recorded". A stage a rerun skipped keeps the time
+    it took when it was made."""
+    shown = [f"{k.removesuffix('_s')} {'not recorded' if v is None else f'{v} s'}" for k, v in timings.items()]
+    return ", ".join(shown) + " (a stage an earlier run made shows the time it took then)"
 
 
 def main(argv=None):

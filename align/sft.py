@@ -22,7 +22,7 @@ from trl import ModelConfig, SFTConfig, SFTTrainer  # noqa: E402
 
 from align.args import AlignArguments, RecipeParser  # noqa: E402
 from align.fast_path import apply, decide  # noqa: E402
-from align.models import chat_ids, load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
@@ -47,10 +47,7 @@ def main(argv=None, callbacks=()):
     tokenizer = load_tokenizer(model_args, align_args, trust)
     model = load_model(model_args, align_args, trust)
 
-    def count_tokens(messages):
-        return len(chat_ids(tokenizer, messages))
-
-    train_rows, eval_rows = mixture_rows(align_args, "sft", count_tokens, sft_args.output_dir)
+    train_rows, eval_rows = mixture_rows(align_args, "sft", tokenizer, sft_args)
 
     padding_free = sft_args.padding_free or (sft_args.packing and sft_args.packing_strategy in ("bfd", "bfd_split"))
     extra_callbacks = apply(decide(model, align_args, sft_args, padding_free), model, sft_args)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .checks import IGNORE_INDEX, check_labels
 from .settings import settings
 
-IGNORE_INDEX = -100
 # an odd vocabulary (65,537 in the 1.5B models) gives the logits an odd row stride, and cuBLAS then takes its
 # align-1 kernels: 32 ms of a 375 ms 1.5B-Deep step at 8K on an H100 for GEMMs worth ~7 ms. The head is padded
 # with zero rows to a multiple of this, the padded logits set to −inf (no probability, no gradient).
@@ -105,7 +105,9 @@ def chunked_causal_lm_loss(
     targets = targets.to(hidden.device).reshape(-1)
     keep = targets != IGNORE_INDEX
     h = hidden.reshape(-1, hidden.size(-1))[keep]
-    total = _LinearCrossEntropy.apply(h, weight, targets[keep], float(multiplier), chunk_size)
+    scored = targets[keep]
+    check_labels(scored, weight.size(0))  # the boolean indexing above has already waited for the device
+    total = _LinearCrossEntropy.apply(h, weight, scored, float(multiplier), chunk_size)
     if num_items_in_batch is not None:
         denom = torch.as_tensor(num_items_in_batch, device=total.device, dtype=total.dtype)
     else:

@@ -84,6 +84,7 @@ def plan(
     keys and values all-gathered over the whole row with their gradients (the 7B at 524,288 tokens on two H100s
     peaked at 64.68 GiB per GPU, as one H100 at 262,144: 64.69). checkpointing=False: every layer's activations and
     scan states are kept for the backward, not one layer's recompute. Sequence figures are the whole row's."""
+    _check_positive(context_parallel=context_parallel, card_gib=card_gib, seq=seq, scan_segment=scan_segment)
     n_params = _n_params(config)
     if method == "full":
         static = n_params * BYTES_PER_PARAM[precision]
@@ -115,6 +116,25 @@ def plan(
     return Plan(round(static / GIB, 2), round(saved / 1024, 1), per_layer, longest, peak and round(peak, 2))
 
 
+def _check_positive(**values) -> None:
+    for name, value in values.items():
+        if value is not None and not value > 0:
+            raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _positive(kind):
+    """argparse type: a number > 0, refused by the flag's name otherwise."""
+
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def _n_params(config) -> int:
     d, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
     heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -131,11 +151,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="0.5b")
     parser.add_argument("--method", choices=("full", "lora"), default="full")
-    parser.add_argument("--card-gib", type=float, default=79.0, help="usable GPU memory (H100 80GB: ~79)")
+    parser.add_argument("--card-gib", type=_positive(float), default=79.0, help="usable GPU memory (H100 80GB: ~79)")
     parser.add_argument("--offload", action="store_true", help="saved layer inputs in CPU memory")
     parser.add_argument("--precision", choices=tuple(BYTES_PER_PARAM), default="bf16")
-    parser.add_argument("--seq", type=int, default=None, help="also predict the peak at this length")
-    parser.add_argument("--context-parallel", type=int, default=1, help="the row split over this many GPUs")
+    parser.add_argument("--seq", type=_positive(int), default=None, help="also predict the peak at this length")
+    parser.add_argument("--context-parallel", type=_positive(int), default=1, help="the row split over this many GPUs")
     args = parser.parse_args(argv)
     cfg = preset_config(args.preset)
     result = plan(cfg, args.method, args.card_gib, args.offload, args.precision, args.seq,

@@ -30,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from .acceleration import compiled_block, on_two_streams, one_gemm
 from .cache import FalconH1HybridCache, StaticHybridCache
+from .checks import check_input_ids
 from .config import FalconH1Config
 from .decode import DecodeSettings, StaticCaches, replayable, static_cache_for
 from .kernels import Ops, get_ops, mixer_streams_wanted
@@ -285,6 +286,7 @@ class FalconH1Model(FalconH1PreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
+            check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         # µP: the embedding multiplier applies to inputs_embeds too (HF skips it there, spec §9 #9)
         return inputs_embeds * self.config.embedding_multiplier

@@ -69,7 +69,7 @@ def test_malformed_rows_are_counted_reported_and_fail_past_threshold(tmp_path):
     md = write_report(reports, tmp_path).read_text()
     assert "6 rows" in md and "no assistant turn" in md and "row 94" in md
     assert json.loads((tmp_path / "mixture_report.json").read_text())[0]["malformed"] == 6
-    with pytest.raises(MixtureError, match=r"source a: 6 of 100 rows malformed"):
+    with pytest.raises(MixtureError, match=r"^a: 6 of 100 rows malformed.*first: row 94: no assistant turn"):
         build_mixture(
             MixtureConfig(sources=[SourceConfig(path="a")], max_malformed_fraction=0.05), loader=_loader(table)
         )

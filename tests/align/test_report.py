@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from align import report
 from align.pipeline import check
 
@@ -46,3 +48,26 @@ def test_check_names_every_broken_promise():
     bad = _results({"base": 0.3, "sft": 0.2, "dpo": 0.1}, {"base": 0.5, "sft": 0.6, "dpo": 0.55})
     problems = check(bad)
     assert len(problems) == 3 and "DPO preference accuracy 55.0% does not beat SFT 60.0%" in problems
+
+
+def test_a_rerun_keeps_each_skipped_stage_timing(tmp_path, capsys):
+    """Rerunning `make run` skips finished stages; the report shows the time each took when it was made, not 0.0 s."""
+    import time
+
+    from align.pipeline import stage
+
+    path = tmp_path / "sft"
+
+    def make():
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"weights")
+        (path / "config.json").write_text("{}")
+        time.sleep(0.3)
+
+    first = stage(2, "SFT", path, make)
+    again = stage(2, "SFT", path, lambda: pytest.fail("a finished stage ran again"))
+    assert first >= 0.3 and again == first
+    assert f"skipped (made in {first} s)" in capsys.readouterr().out
+    (path / "pipeline_stage.json").unlink()  # made before timings were recorded
+    assert stage(2, "SFT", path, lambda: None) is None
+    assert report.format_timings({"base_s": 61.2, "sft_s": None}).startswith("base 61.2 s, sft not recorded")

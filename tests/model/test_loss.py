@@ -106,3 +106,21 @@ def test_chunk_loss_traces_under_torch_compile(vocab):
         assert abs(loss.item() - full.item()) < 1e-4 and abs(ref_loss.item() - full.item()) < 1e-4
         torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
         assert grad[:, vocab:].abs().max() == 0 if vocab < 320 else True
+
+
+@pytest.mark.parametrize("label", [300, 319, 1000, -1, -101])  # 300–319 sit in the head's padding to 320 rows
+def test_labels_outside_the_vocabulary_are_refused_by_name(label):
+    """Without the check, 300–319 give loss = inf with finite gradients and the others an IndexError."""
+    hidden, weight, labels = _case(v=300)
+    labels[1, 5] = label
+    with pytest.raises(ValueError, match=rf"labels hold 1 token id\(s\) outside the vocabulary \[0, 300\).*\[{label}\]"):
+        chunked_causal_lm_loss(hidden, weight, labels, 1.0)
+
+
+@pytest.mark.parametrize("token", [97, 5000, -3])
+def test_input_ids_outside_the_vocabulary_are_refused_by_name(token):
+    model = tiny_model(seed=0)  # vocabulary of 97
+    ids = torch.randint(0, 97, (2, 9))
+    ids[1, 4] = token
+    with pytest.raises(ValueError, match=rf"input_ids hold 1 token id\(s\) outside the vocabulary \[0, 97\).*\[{token}\]"):
+        model(ids)

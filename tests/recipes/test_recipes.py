@@ -93,7 +93,8 @@ def test_every_mixture_field_reaches_the_mixture():
     assert mixture.other_languages_weight == 0.0 and mixture.language_weights["pol"] == 3.0
     renamed = {"seed": "mixture_seed"}
     assert mixture.kind == "sft" and align_args.mixture("preference").kind == "preference"  # set by the script
+    assert align_args.mixture(max_length=512).max_length == 512  # the trainer's cut, set by the script too
     for f in fields(MixtureConfig):
-        if f.name == "kind":
+        if f.name in ("kind", "max_length"):
             continue
         assert getattr(mixture, f.name) == getattr(align_args, renamed.get(f.name, f.name)), f.name

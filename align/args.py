@@ -93,7 +93,7 @@ class AlignArguments:
     graph_doc_slots: int | None = field(
         default=None, metadata={"help": "Documents a captured row holds (default: max(64, graph_tokens / 128))."}
     )
-    runtime: str | None = field(  # a mapping in YAML (kept as given), a JSON string on the command line
+    runtime: dict | None = field(  # a mapping in YAML; JSON on the command line (RecipeParser reads it)
         default=None,
         metadata={
             "help": "Run-time choices of the fast path (model.settings): kernels (auto|reference), fused_projections, "
@@ -104,8 +104,6 @@ class AlignArguments:
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})
 
     def __post_init__(self):
-        if isinstance(self.runtime, str):
-            self.runtime = json.loads(self.runtime)
         sources = _source_dicts(self.sources)
         self.sources = [from_mapping(SourceConfig, s, f"sources[{i}]") for i, s in enumerate(sources)]
 
@@ -136,11 +134,13 @@ class RecipeParser(ValidatingParser):
     def parse_args_and_config(self, args=None, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
         self._cli, self._recipe = _pop_flag(args, "--gradient_checkpointing"), None
+        runtime = _pop_json(args, "--runtime")
         parsed = super().parse_args_and_config(args=args, **kwargs)
         setting = self._cli if self._cli is not None else self._recipe
         for obj in parsed:
             if isinstance(obj, AlignArguments):
                 obj.auto_checkpointing = setting in (None, "auto")
+                obj.runtime = runtime if runtime is not None else obj.runtime
         return parsed
 
     def set_defaults_with_config(self, **kwargs):
@@ -149,6 +149,22 @@ class RecipeParser(ValidatingParser):
             if self._recipe == "auto":
                 kwargs.pop("gradient_checkpointing")
         return super().set_defaults_with_config(**kwargs)
+
+
+def _pop_json(args: list, flag: str) -> dict | None:
+    """`flag '{...}'` → removed from args, the JSON object; absent → None."""
+    if flag not in args:
+        return None
+    at = args.index(flag)
+    raw = args[at + 1] if at + 1 < len(args) else ""
+    del args[at : at + 2]
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag}: expected a JSON object, got {raw!r} ({err.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a JSON object, got {raw!r}")
+    return value
 
 
 def _pop_flag(args: list, flag: str):

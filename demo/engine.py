@@ -121,6 +121,10 @@ class ChatModel:
             lines.append(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}")
         return "\n".join(lines) + "\nAssistant:"
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a rendered prompt, as `stream` will encode it."""
+        return len(self.tokenizer(text, add_special_tokens=not self.chat)["input_ids"])
+
     def stream(self, history, prompt, settings: Settings, stop: threading.Event):
         """Yields (text_so_far, stats) while generating; stats = {"tokens", "seconds", "tokens_per_s"}."""
         text = self.render(history, prompt, settings)

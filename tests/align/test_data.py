@@ -172,3 +172,46 @@ def test_completions_that_repeat_the_prompt_are_trimmed_with_a_system_column():
     assert reports[0].malformed == 0
     assert train[0]["prompt"] == [{"role": "system", "content": "Be brief."}, user]
     assert train[0]["chosen"] == [{"role": "assistant", "content": "Blue."}]
+
+
+def _turns(question, answer):
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+
+def test_rows_whose_answer_starts_past_max_length_are_dropped_counted_and_shown(tmp_path):
+    """Character lengths here (the default measure): a row longer than max_length whose answer starts past it
+    would train nothing and is dropped; one that keeps part of its answer is trained and counted as truncated."""
+    rows = _rows(6) + [_turns("x" * 100, "a"), _turns("z" * 60, "b"), _turns("q" * 30, "y" * 50)]
+    cfg = MixtureConfig(sources=[SourceConfig(path="a")], max_length=40)
+    train, _, reports = build_mixture(cfg, loader=_loader({"a": rows}))
+    rep = reports[0]
+    assert (rep.too_long, rep.truncated, rep.valid_rows, len(train)) == (2, 1, 7, 7)
+    assert rep.too_long_examples == [{"row": 6, "tokens": 101, "answer_at": 100}, {"row": 7, "tokens": 61, "answer_at": 60}]
+    md = write_report(reports, tmp_path).read_text()
+    assert "| a | 1.0 | 9 | 0 | 0 | 0 | 1 | 2 | 0 | 7 |" in md
+    assert "Rows too long for max_length" in md and "row 6: 101 tokens, the answer starts at token 100" in md
+    # without a cut nothing is dropped; a preference pair is measured by its prompt
+    assert len(build_mixture(MixtureConfig(sources=[SourceConfig(path="a")]), loader=_loader({"a": rows}))[0]) == 9
+    pairs = [{"prompt": "p" * 50, "chosen": "c", "rejected": "r", "language": "en"}] + _pairs(3)
+    cut = _preference()
+    cut.max_length = 20
+    _, _, reports = build_mixture(cut, loader=_loader({"p": pairs}))
+    assert (reports[0].too_long, reports[0].train_rows) == (1, 3)
+
+
+def test_token_lengths_put_the_answer_where_the_chat_template_does():
+    from align.models import chat_ids
+    from align.offline.base import build_tokenizer
+    from align.stage import TokenLengths
+
+    tok = build_tokenizer(["What is 2 plus 3? It is 5. Be brief."], vocab_size=300)
+    measure = TokenLengths(tok)
+    system = {"role": "system", "content": "Be brief."}
+    row = {"messages": [system] + _turns("What is 2 plus 3?", "It is 5.")["messages"]}
+    ids = chat_ids(tok, row["messages"])
+    assert measure(row) == (len(ids), len(ids))
+    assert tok.decode(ids[measure.answer_at(row) :]).startswith("It is 5.")
+    pair = {"prompt": row["messages"][:2], "chosen": [_turns("", "5")["messages"][1]], "rejected": [_turns("", "6")["messages"][1]]}
+    tokens, longest = measure(pair)
+    assert tokens == 2 * longest == 2 * len(chat_ids(tok, pair["prompt"] + pair["chosen"]))
+    assert tok.decode(chat_ids(tok, pair["prompt"] + pair["chosen"])[measure.answer_at(pair) :]).startswith("5")

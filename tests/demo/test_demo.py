@@ -88,7 +88,7 @@ def server(tmp_path_factory):
         stdout=log,
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"},
+        env={**{k: v for k, v in os.environ.items() if k != "GRADIO_ANALYTICS_ENABLED"}, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -240,6 +240,9 @@ class _Broken:
     def render(self, history, prompt, settings):
         return prompt
 
+    def count_tokens(self, text):
+        return len(text.split())
+
     def stream(self, *args):
         raise RuntimeError("CUDA out of memory (simulated)")
         yield  # a generator, like ChatModel.stream
@@ -253,9 +256,9 @@ class _Echo(_Broken):
 
 
 def test_a_model_error_is_shown_in_its_pane_and_the_other_pane_still_answers():
-    from demo.app import make_respond
+    from demo.app import Limits, make_respond
 
-    respond = make_respond(_Broken(), _Echo(), max_prompt_chars=100)
+    respond = make_respond(_Broken(), _Echo(), Limits(prompt_chars=100))
     *_, last = respond("hello", [], [], 8, 0.0, 1.0, 0, "")
     base_hist, inst_hist = last[0], last[1]
     assert "Model error: RuntimeError: CUDA out of memory" in base_hist[-1]["content"]
@@ -280,3 +283,139 @@ def test_a_seed_reproduces_sampled_answers_while_both_panes_sample(server):
     answers = lambda out: (content_text(out[0][-1]["content"]), content_text(out[1][-1]["content"]))
     assert answers(first) == answers(again)
     assert answers(first) != answers(other)
+
+
+class _Recorder(_Echo):
+    """Answers at once and remembers whether anything reached generation."""
+
+    def __init__(self):
+        self.streamed = 0
+
+    def stream(self, history, prompt, settings, stop):
+        self.streamed += 1
+        yield from super().stream(history, prompt, settings, stop)
+
+
+def _turn(role, text):
+    return {"role": role, "content": text}
+
+
+LIMITS = dict(
+    prompt_chars=100, message_chars=200, history_messages=4, system_chars=50, total_chars=400, prompt_tokens=20
+)
+OK = ("hi", [], [], 8, 0.0, 1.0, 0, "")  # prompt, base history, instruct history, max new, temperature, top-p, seed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({0: "x" * 101}, "The prompt has 101 characters; the limit is 100"),
+        ({2: [_turn("user", "x" * 100_000)]}, "Message 1 of the instruct chat history has 100,000 characters"),
+        ({1: [_turn("user", "a"), _turn("assistant", "b")] * 3}, "The base chat history has 6 messages; the limit is 4"),
+        ({7: "s" * 51}, "The system prompt has 51 characters; the limit is 50"),
+        ({2: [_turn("user", "y" * 190)] * 2 + [_turn("assistant", "z" * 30)]}, "instruct model has 412 characters in all; the limit is 400"),
+        ({1: [{"role": "system", "content": "x"}]}, "Message 1 of the base chat history is not a user or assistant"),
+        ({1: ["just a string"]}, "Message 1 of the base chat history is not a user or assistant"),
+        ({2: [_turn("user", {"path": "/etc/passwd"})]}, "holds something other than text"),
+        ({1: "not a list"}, "The base chat history is not a list of messages"),
+        ({3: 10_000}, "Max new tokens must be between 1 and 512, got 10000"),
+        ({4: 50.0}, "Temperature must be between 0.0 and 2.0"),
+        ({6: 2**40}, "Seed must be between 0 and 2147483647"),
+        ({7: ["not", "text"]}, "The system prompt is not text"),
+        ({0: "w " * 21}, "The conversation is 21 tokens for the base model; the limit is 20"),
+    ],
+)
+def test_each_limit_refuses_before_anything_is_generated(change, message):
+    """Every user-controlled input is bounded; a refusal names what is over which limit, and nothing runs."""
+    from demo.app import Limits, make_respond
+
+    base, instruct = _Recorder(), _Recorder()
+    args = list(OK)
+    for i, value in change.items():
+        args[i] = value
+    outputs = list(make_respond(base, instruct, Limits(**LIMITS))(*args))
+    assert len(outputs) == 1 and message in outputs[0][4], outputs[0][4]
+    assert base.streamed == instruct.streamed == 0
+    # the same request within the limits is answered
+    *_, last = make_respond(base, instruct, Limits(**LIMITS))(*OK)
+    assert last[1][-1]["content"] == "HI" and instruct.streamed == 1
+
+
+class _Endless(_Echo):
+    """Generates until stopped, as a slow model with a huge max_new_tokens would."""
+
+    def stream(self, history, prompt, settings, stop):
+        n = 0
+        while not stop.wait(0.01):
+            n += 1
+            yield "x" * n, {"tokens": n, "seconds": 0.01 * n, "tokens_per_s": 100.0}
+
+
+def test_a_request_is_stopped_at_the_time_limit():
+    from demo.app import Limits, make_respond
+
+    t = time.perf_counter()
+    *_, last = make_respond(_Endless(), _Endless(), Limits(seconds=0.5))(*OK)
+    took = time.perf_counter() - t
+    assert 0.5 <= took < 5.0, took
+    assert "stopped after 0.5 s, the demo's time limit" in last[4] and last[1][-1]["content"].startswith("xxx")
+
+
+def test_a_hostile_client_does_not_slow_a_normal_one(server):
+    """Over-long histories and system prompts through the API (what the prompt box cannot send) are refused before
+    anything is tokenized; a normal request sent meanwhile answers within a few times its unloaded latency."""
+    from gradio_client import Client
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    normal = ("What is 2 plus 2?", [], [], 8, 0.0, 1.0, 0, "")
+
+    def timed():
+        t = time.perf_counter()
+        out = client.predict(*normal, api_name="/respond")
+        assert content_text(out[1][-1]["content"]).startswith("Hello from")
+        return time.perf_counter() - t
+
+    timed()  # warm-up
+    unloaded = sorted(timed() for _ in range(3))[1]
+    text = lambda t: [{"type": "text", "text": t}]  # gradio 6's message content: typed parts
+    history = [{"role": "user", "content": text("x" * 100_000)}, {"role": "assistant", "content": text("ok")}]
+    hostile = [
+        ("hi", history, history, 8, 0.0, 1.0, 0, ""),
+        ("hi", [], [], 8, 0.0, 1.0, 0, "s" * 100_000),
+        ("hi", [{"role": "user", "content": text("y")}] * 5000, [], 8, 0.0, 1.0, 0, ""),
+    ] * 2
+    jobs = [Client(url, verbose=False).submit(*h, api_name="/respond") for h in hostile]
+    loaded = timed()
+    assert loaded < 4 * unloaded + 0.5, (loaded, unloaded)
+    refusals = [job.result(timeout=60)[4] for job in jobs]
+    assert all("the limit is" in r for r in refusals), refusals
+
+
+def test_the_demo_never_reaches_the_network(monkeypatch):
+    """Gradio's usage analytics (version check, launch and error telemetry) stay off: no host but this one is
+    looked up while the app is built, launched and used."""
+    import socket
+
+    from demo.app import build_ui
+
+    looked_up = []
+    resolve = socket.getaddrinfo
+
+    def recording(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost", "::1", "0.0.0.0", None):
+            looked_up.append(host)
+        return resolve(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", recording)
+    ui = build_ui(_Echo(), _Echo())
+    ui.queue()
+    port = _free_port()
+    ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()
+        time.sleep(1.0)  # telemetry runs in background threads
+    finally:
+        ui.close()
+    assert ui.analytics_enabled is False and os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert looked_up == [], looked_up

@@ -38,7 +38,7 @@ def test_tiny_long_context_recipe_runs_and_the_passkey_eval_scores_it(base, tmp_
         argv + ["--output_dir", str(out), "--max_steps", "4", "--logging_steps", "1", "--disable_tqdm", "True"]
     )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert losses and all(math.isfinite(x) for x in losses)
+    assert losses and all(math.isfinite(x) and x > 0.1 for x in losses)  # answers trained: a loss of 0 trains nothing
     model = FalconH1ForCausalLM.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     result = passkey_accuracy(model, tokenizer, lengths=(48, 96), depths=(0.0, 1.0), per_cell=2)

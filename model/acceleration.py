@@ -112,7 +112,7 @@ def on_two_streams(ssm, attention: partial, device: torch.device):
 
     The two mixers read the same normed input and meet only in the residual sum, and their kernels leave each other
     room: flash attention is compute-bound, the SSD scan's Triton kernels are short or memory-bound (the gain is in
-    docs/performance.md, measured by bench/stream_probe.py). The backward follows: autograd runs each op's backward
+    docs/performance.md, measured by `python -m bench streams`). The backward follows: autograd runs each op's backward
     on its forward's stream, and makes the gradients that cross streams wait and record their use (its input buffers).
 
     Memory: the side stream waits for the current one before its branch and the current one for the side before

@@ -65,6 +65,32 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor, prompt: int) -> int | Non
     return int(diff[0]) if diff.numel() else None
 
 
+def profile_decode(model, ids, new: int) -> dict:
+    """One profiled greedy `generate` of `new` tokens (after the timed runs: graphs captured) → per token: wall ms,
+    GPU-busy ms (kernels' own time) and the idle gap between them, with the kernel families. A gap near zero means
+    the step is bound by its kernels; a large one, by the host (the generation loop between graph replays)."""
+    from bench.profile_step import kernel_table
+
+    kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=new, min_new_tokens=new)
+    with torch.no_grad():
+        model.generate(ids, **kw)  # capture and compile outside the profile
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, **kw)
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1e3 / new
+    families, top, busy = kernel_table(prof.key_averages(), new, on_gpu=True, top=12)
+    return dict(
+        new_tokens=new,
+        wall_ms_per_token=round(wall_ms, 3),
+        gpu_busy_ms_per_token=round(busy, 3),
+        idle_ms_per_token=round(wall_ms - busy, 3),
+        families=families,
+        top_kernels=top,
+    )
+
+
 def bench_generate(args, item):
     cfg = preset_config(args.preset)
     ours = build(cfg, "ours").eval()
@@ -83,6 +109,9 @@ def bench_generate(args, item):
                 graph_out[:, : args.prompt + args.check_tokens], eager_out, args.prompt
             )
             ours.set_decode(static_cache=None)
+            if args.profile:
+                ours.set_decode(static_cache=None, graphs=True, compile=True)
+                row["profile"] = profile_decode(ours, ids, min(args.new, 64))
         rows.append(row)
         print(json.dumps(row), flush=True)
         cleanup()
@@ -200,7 +229,8 @@ def reference_sft(args, work) -> float:
         gradient_accumulation_steps=1,
         max_steps=args.steps,
         learning_rate=4.6e-5,
-        bf16=True,
+        bf16=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         save_strategy="no",
         report_to="none",
@@ -255,6 +285,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference-new", type=int, default=32, help="new tokens for the reference (it is slow)")
     ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared between graph and eager (bf16)")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="generate: also profile the first batch's decode (GPU)")
     add_common_arguments(ap)
     return ap
 

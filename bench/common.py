@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from model import FalconH1ForCausalLM
+from model import FalconH1ForCausalLM, preset_config
+from model.kernels import get_ops
 from model.settings import configure, settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +48,14 @@ def add_common_arguments(parser: argparse.ArgumentParser, runtime: bool = True) 
 def apply_runtime(args: argparse.Namespace) -> None:
     if getattr(args, "runtime", None):
         configure(**args.runtime)
+
+
+def preset_on_gpu(args: argparse.Namespace):
+    """→ (the CUDA kernels, the preset's config with `--layers` applied and room for any length). Loading the
+    kernels first also makes mamba-ssm importable for transformers' model (the 2.3.x `__init__` issue)."""
+    ops = get_ops("cuda")
+    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
+    return ops, preset_config(args.preset, max_position_embeddings=1 << 20, **overrides)
 
 
 def reference_config(cfg):

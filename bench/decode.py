@@ -17,8 +17,6 @@ import time
 import torch
 
 from bench import common
-from model import preset_config
-from model.kernels import get_ops
 
 
 def decode_speed(model, batch, prompt=512, new=256, which="ours", graph=True, compile=False):
@@ -89,9 +87,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
     common.apply_runtime(args)
-    ops = get_ops("cuda")  # also makes mamba-ssm importable for transformers' model (2.3.x __init__ issue)
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    cfg = preset_config(args.preset, max_position_embeddings=1 << 20, **overrides)  # as `train` builds it
+    ops, cfg = common.preset_on_gpu(args)
     result = common.envelope(f"greedy decoding, {args.preset}", "decode", argv, args)
     result.update(preset=args.preset, kernels=ops.name)
     ours = common.build(cfg, "ours")

@@ -22,9 +22,7 @@ import torch
 
 from bench import common
 from bench.decode import decode_ours, decode_reference, print_decode
-from model import preset_config
 from model.graphs import disable_training_graphs, enable_training_graphs
-from model.kernels import get_ops
 
 # ours' columns in table order; the best of the one-document ones is compared with the reference
 COLUMNS = ("ours", "ours_packed", "ours_graphs", "ours_graphs_packed", "ours_compiled", "ours_compiled_packed")
@@ -223,9 +221,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> dict:
     args = parser().parse_args(argv)
     common.apply_runtime(args)
-    ops = get_ops("cuda")  # also makes mamba-ssm importable for transformers' model (2.3.x __init__ issue)
-    overrides = {"num_hidden_layers": args.layers} if args.layers else {}
-    cfg = preset_config(args.preset, max_position_embeddings=1 << 20, **overrides)
+    ops, cfg = common.preset_on_gpu(args)
     result = common.envelope(f"training throughput, {args.preset}", "train", argv, args)
     result.update(preset=args.preset, kernels=ops.name, training=[], decode=[], longest=None)
     print(json.dumps(result["versions"]), "kernels:", ops.name, flush=True)

@@ -2,12 +2,15 @@
 
     python -m bench user-paths generate --preset 0.5b --batches 1,64 --out bench/results/<card>-user-paths-<date>.json
     python -m bench user-paths sft --preset 0.5b --seq 8192 --out <json>
+    python -m bench user-paths dpo --preset 0.5b --seq 2048 --out <json>
     python -m bench user-paths demo --preset 0.5b --out <json>
 
 sft: `align/sft.py` itself (the Trainer, its default path) with a shipped recipe's settings, random weights of the
 preset's shape (`--init_preset`), packed 8K rows of synthetic chats, against TRL's SFTTrainer over transformers'
 FalconH1ForCausalLM (with mamba-ssm's kernels where installed) on the same data and settings. Real tokens/s: the
 micro-batches' tokens (no filler) over the median step time after warm-up steps (compilation, capture).
+
+dpo: `align/dpo.py` with the preset's full DPO recipe against TRL's DPOTrainer over transformers' model, pairs/s.
 
 generate: `model.generate` as users call it (its default path: static cache, compiled decode step in a CUDA graph),
 512-token prompts and 256 new tokens, greedy, against transformers' `generate` on the same weights (fewer new tokens:
@@ -156,28 +159,6 @@ def bench_sft(args, item):
     texts = synthetic_chats(work / "chats.jsonl", args.rows)
     build_tokenizer(texts[:4000]).save_pretrained(work / "tok")
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
-    common = [
-        "--model_name_or_path",
-        str(work / "tok"),
-        "--max_length",
-        str(args.seq),
-        "--max_steps",
-        str(args.steps),
-        "--gradient_accumulation_steps",
-        "1",
-        "--warmup_steps",
-        "0",
-        "--save_strategy",
-        "no",
-        "--report_to",
-        "none",
-        "--logging_steps",
-        "5",
-        "--include_num_input_tokens_seen",
-        "true",
-        "--dataloader_num_workers",
-        "0",
-    ]
     sources = json.dumps([{"path": str(work / "chats.jsonl"), "label": "synthetic", "language": "en"}])
     timer = StepTimer()
     sft.main(
@@ -190,7 +171,7 @@ def bench_sft(args, item):
             sources,
             "--output_dir",
             str(work / "ours"),
-            *common,
+            *trainer_flags(work, args),
             *args.trainer_args,
         ],
         callbacks=[timer],
@@ -242,6 +223,77 @@ def reference_sft(args, work) -> float:
     return timer.tokens_per_s(args.warmup)
 
 
+def trainer_flags(work: Path, args, tokens_seen: bool = True) -> list[str]:
+    """The flags both training paths add to a shipped recipe: the bench's tokenizer, length, steps, no saving."""
+    flags = ["--model_name_or_path", str(work / "tok"), "--max_length", str(args.seq), "--max_steps", str(args.steps)]
+    flags += ["--gradient_accumulation_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"]
+    flags += ["--report_to", "none", "--logging_steps", "5", "--dataloader_num_workers", "0"]
+    return flags + (["--include_num_input_tokens_seen", "true"] if tokens_seen else [])
+
+
+def bench_dpo(args, item):
+    """`align/dpo.py` with the 0.5B full DPO recipe's settings (padding-free pairs, precomputed reference
+    log-probs, dpo_norm, β 5) on synthetic pairs, against TRL's DPOTrainer over transformers' model with the same
+    settings where TRL has them (padded rows: its padding-free mode needs flash-attention). Pairs/s of the median
+    optimizer step after warm-up; `--seq` is max_length."""
+    import tempfile
+
+    from align import dpo
+    from align.offline.base import build_tokenizer
+    from bench.dpo import synthetic_pairs
+
+    work = Path(tempfile.mkdtemp())
+    pairs = synthetic_pairs(args.pairs * (args.steps + 1))
+    (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
+    recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
+    sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
+    timer = StepTimer()
+    flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
+    flags += ["--init_preset", args.preset, "--sources", sources, "--output_dir", str(work / "ours")]
+    dpo.main(["--config", str(recipe), *flags, *args.trainer_args], callbacks=[timer])
+    ours = round(args.pairs / timer.median_step_s(args.warmup), 2)
+    row = item("align/dpo.py", seq=args.seq, tokens_per_s=ours, unit="pairs/s", recipe=str(recipe.relative_to(ROOT)))
+    print(json.dumps(row), flush=True)
+    if not args.no_reference:
+        cleanup()
+        row["reference_tokens_per_s"] = reference_dpo(args, work, pairs)
+        print(json.dumps(row), flush=True)
+    return [row]
+
+
+def reference_dpo(args, work, pairs) -> float:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    cfg = preset_config(args.preset, vocab_size=600)
+    state = build(cfg, "ours").state_dict()
+    model = build(cfg, "reference", state)
+    config = DPOConfig(
+        output_dir=str(work / "ref"),
+        per_device_train_batch_size=args.pairs,
+        max_steps=args.steps,
+        learning_rate=5e-6,
+        bf16=True,
+        gradient_checkpointing=False,
+        loss_type=["sigmoid_norm"],
+        beta=5.0,
+        max_length=args.seq,
+        precompute_ref_log_probs=True,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=5,
+        dataloader_num_workers=0,
+    )
+    timer = StepTimer()
+    tok = AutoTokenizer.from_pretrained(work / "tok")
+    DPOTrainer(
+        model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tok, callbacks=[timer]
+    ).train()
+    return round(args.pairs / timer.median_step_s(args.warmup), 2)
+
+
 def bench_demo(args, item):
     """The demo's engine streaming one reply (greedy, `--new` tokens at most) from a saved checkpoint of the preset's
     shape: tokens/s as its pane shows them, after one warm-up reply."""
@@ -272,12 +324,13 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m bench user-paths", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("path", choices=["generate", "sft", "demo"])
+    ap.add_argument("path", choices=["generate", "sft", "dpo", "demo"])
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seq", type=int, default=8192, help="sft: max_length of the packed rows")
     ap.add_argument("--steps", type=int, default=20, help="sft: optimizer steps (one micro-batch each)")
     ap.add_argument("--warmup", type=int, default=5, help="sft: steps left out of the timing")
+    ap.add_argument("--pairs", type=int, default=8, help="dpo: pairs a step (the recipe's per-device batch)")
     ap.add_argument("--rows", type=int, default=3000, help="sft: synthetic chats")
     ap.add_argument("--trainer-args", nargs="*", default=[], help="sft: more flags for align/sft.py")
     ap.add_argument("--prompt", type=int, default=512)
@@ -299,7 +352,7 @@ def main(argv: list[str]) -> dict:
         base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
         return {**base, **fields, "card": result["card"], "command": result["command"], "commit": result["commit"]}
 
-    rows = {"generate": bench_generate, "sft": bench_sft, "demo": bench_demo}[args.path](args, item)
+    rows = {"generate": bench_generate, "sft": bench_sft, "dpo": bench_dpo, "demo": bench_demo}[args.path](args, item)
     result["user_paths"] = rows
     write_result(args.out, result)
     figures = [[r["path"], r.get("batch", r.get("seq")), r["tokens_per_s"], r["reference_tokens_per_s"]] for r in rows]

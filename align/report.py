@@ -74,7 +74,7 @@ def plot_per_language(results: dict, key: str, models, title: str, path: Path) -
 
     languages = sorted(results[models[0]][key]["per_language"])
     width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(12, 4))
+    fig, ax = plt.subplots(figsize=(max(8, 0.8 * len(languages)), 4))
     for i, name in enumerate(models):
         values = [results[name][key]["per_language"][lang] for lang in languages]
         ax.bar([x + i * width for x in range(len(languages))], values, width, label=LABELS[name])
@@ -106,7 +106,6 @@ def write(run: Path, report: dict) -> Path:
     )
     em = {m: results[m]["exact_match"] for m in MODELS}
     pref = {m: results[m]["preference"] for m in MODELS}
-    languages = sorted(em["base"]["per_language"])
     lines = [
         "# Offline default: Base → SFT → DPO",
         "",
@@ -135,12 +134,14 @@ def write(run: Path, report: dict) -> Path:
         "",
         "![preference accuracy per language](plots/preference_by_language.png)",
         "",
-        "| language | Base EM | SFT EM | DPO EM | SFT pref. | DPO pref. |",
-        "|---|---|---|---|---|---|",
+        "Held-out exact match per language:",
+        "",
+        *language_table(results, "exact_match", MODELS),
+        "",
+        "Held-out preference accuracy per language:",
+        "",
+        *language_table(results, "preference", MODELS),
     ]
-    for lang in languages:
-        row = [em[m]["per_language"][lang] for m in MODELS] + [pref[m]["per_language"][lang] for m in ("sft", "dpo")]
-        lines.append(f"| {lang} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
     lines += ["", "Sample DPO replies (held-out):", ""]
     lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in em["dpo"]["examples"]]
     lines += ["", "Timings: " + format_timings(report["timings"]), ""]
@@ -155,6 +156,16 @@ def write(run: Path, report: dict) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def language_table(results: dict, key: str, models) -> list[str]:
+    """Markdown rows: one per model, one column per language (`results[model][key]["per_language"]`)."""
+    languages = sorted(results[models[0]][key]["per_language"])
+    lines = ["| model | " + " | ".join(languages) + " |", "|---" * (len(languages) + 1) + "|"]
+    for name in models:
+        values = [results[name][key]["per_language"].get(lang) for lang in languages]
+        lines.append(f"| {LABELS[name]} | " + " | ".join("–" if v is None else f"{v:.1%}" for v in values) + " |")
+    return lines
 
 
 def format_timings(timings: dict) -> str:

@@ -24,7 +24,8 @@ SPECIAL = ["<|pad|>", "<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<
 
 
 def build_tokenizer(texts, vocab_size=768):
-    """Byte-level BPE trained on the project's own text; ids 0–4 are the special tokens (pad 0, bos 1)."""
+    """Byte-level BPE trained on the project's own text; ids 0–4 are the special tokens (pad 0, bos 1). Bytes
+    cover every script: no text is out of vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -48,6 +49,14 @@ def build_tokenizer(texts, vocab_size=768):
     fast.chat_template = falcon_h1_chat_template()
     fast.padding_side = "left"
     return fast
+
+
+def offline_tokenizer(docs):
+    """The base model's tokenizer: BPE over its pretraining documents and every training question and answer.
+    1536 asks for more merges than that text has (~1.3K tokens result), so every number a training reply gives
+    is one token in its language's digits (768 split the Arabic and Urdu numbers into 2-3 tokens)."""
+    texts = docs + [m["content"] for row in examples("train") for m in row["messages"]]
+    return build_tokenizer(texts, vocab_size=1536)
 
 
 def tiny_config(tokenizer) -> FalconH1Config:
@@ -117,8 +126,7 @@ def make_base(out: str | Path, steps: int = 250, seed: int = 0, n_docs: int = 40
     out = Path(out)
     torch.manual_seed(seed)
     docs = pretraining_documents(n_docs, seed=seed)
-    questions = [m["content"] for row in examples("train") for m in row["messages"]]
-    tokenizer = build_tokenizer(docs + questions)
+    tokenizer = offline_tokenizer(docs)
     token_docs = [[tokenizer.bos_token_id] + tokenizer(d)["input_ids"] + [tokenizer.eos_token_id] for d in docs]
     model = FalconH1ForCausalLM(tiny_config(tokenizer))
     n_params = sum(p.numel() for p in model.parameters())

@@ -1,10 +1,19 @@
-"""The embedded offline default's data: verifiable tasks in 12 of Falcon-H1's 18 languages.
+"""The embedded offline default's data: verifiable tasks in all 18 of Falcon-H1's languages.
 
 Two tasks with exactly checkable answers — adding two numbers (0–20) and naming the number after n (0–99) —
-asked in English, French, German, Spanish, Italian, Portuguese, Dutch, Polish, Swedish, Romanian, Czech and
-Russian. The same facts, written as plain sentences, form the pretraining text of the tiny base model, so SFT
-teaches the chat format and the question forms rather than the arithmetic. A fixed 15% of the questions (by a
-hash of language, task and operands) is held out: never in SFT, used by the evaluation.
+asked in English, French, German, Spanish, Italian, Portuguese, Dutch, Polish, Swedish, Romanian, Czech, Russian,
+Arabic, Hindi, Japanese, Korean, Urdu and Chinese (Simplified), each phrased as the language asks it. The same
+facts, written as plain sentences, form the pretraining text of the tiny base model, so SFT teaches the chat
+format and the question forms rather than the arithmetic. A fixed 15% of the questions (by a hash of language,
+task and operands) is held out: never in SFT, used by the evaluation.
+
+Digits: every number (operands, answers, the rejected near misses) is written in the digits the language uses
+for such sums. Arabic uses the Arabic-Indic digits of the Mashriq and the Gulf (٠–٩, U+0660–0669), Urdu its own
+Extended Arabic-Indic digits (۰–۹, U+06F0–06F9); Hindi uses the international digits 0–9 (India's official
+form, and what Hindi print and web write in arithmetic), as do Japanese, Korean and Chinese (half-width, as in
+their school arithmetic) and the other eleven languages. Exact match (align/eval.py) compares the reply with the
+answer as written here, digits included: an Arabic reply of "12" to a question whose answer is "١٢" is a miss,
+so the metric also checks that the model keeps the language's digits.
 
     python -m align.offline.tasks --out data/offline   # regenerates the shipped files byte for byte
 """
@@ -53,18 +62,64 @@ TEMPLATES = {
         "{a} плюс {b} будет {c}.",
         "После {n} идёт {m}.",
     ),
+    "ar": (
+        "كم يساوي {a} زائد {b}؟",
+        "ما العدد الذي يأتي بعد {n}؟",
+        "{a} زائد {b} يساوي {c}.",
+        "بعد {n} يأتي {m}.",
+    ),
+    "hi": (
+        "{a} और {b} का योग कितना है?",
+        "{n} के बाद कौन-सी संख्या आती है?",
+        "{a} और {b} का योग {c} है।",
+        "{n} के बाद {m} आता है।",
+    ),
+    "ja": ("{a}足す{b}はいくつですか？", "{n}の次の数は何ですか？", "{a}足す{b}は{c}です。", "{n}の次の数は{m}です。"),
+    "ko": (  # {topic}: the topic particle after {b}, 은 or 는 by how the number is read (korean_topic)
+        "{a} 더하기 {b}{topic} 얼마입니까?",
+        "{n} 다음에 오는 수는 무엇입니까?",
+        "{a} 더하기 {b}{topic} {c}입니다.",
+        "{n} 다음 수는 {m}입니다.",
+    ),
+    "ur": (
+        "{a} اور {b} کا حاصلِ جمع کتنا ہے؟",
+        "{n} کے بعد کون سا عدد آتا ہے؟",
+        "{a} اور {b} کا حاصلِ جمع {c} ہے۔",
+        "{n} کے بعد {m} آتا ہے۔",
+    ),
+    "zh": ("{a}加{b}等于多少？", "{n}的下一个数是多少？", "{a}加{b}等于{c}。", "{n}的下一个数是{m}。"),
 }
 LANGUAGES = list(TEMPLATES)
 HELD_OUT_PERCENT = 15
+DIGITS = {"ar": "٠١٢٣٤٥٦٧٨٩", "ur": "۰۱۲۳۴۵۶۷۸۹"}  # the rest write 0–9
+
+
+def written(number: int, language: str) -> str:
+    """`number` in the digits `language` writes it with (module docstring): 12 → "١٢" in Arabic."""
+    text = str(number)
+    digits = DIGITS.get(language)
+    return text.translate(str.maketrans("0123456789", digits)) if digits else text
+
+
+def korean_topic(number: int) -> str:
+    """The topic particle after a number read in Sino-Korean: 은 after a final consonant (영 0, 일 1, 삼 3, 육 6,
+    칠 7, 팔 8, 십 10, 백 100), 는 after a vowel (이 2, 사 4, 오 5, 구 9)."""
+    return "는" if number % 10 in (2, 4, 5, 9) else "은"
+
+
+def _fields(language: str, **numbers) -> dict:
+    """A template's fields: the numbers as the language writes them, and Korean's particle after b."""
+    fields = {name: written(value, language) for name, value in numbers.items()}
+    return {**fields, "topic": korean_topic(numbers["b"]) if "b" in numbers else ""}
 
 
 def items():
-    """Every (task, operands, answer) pair of the two tasks."""
+    """Every (task, operands, answer) of the two tasks; the answer is a number, written per language by `_split`."""
     for a in range(21):
         for b in range(21):
-            yield "add", (a, b), str(a + b)
+            yield "add", (a, b), a + b
     for n in range(100):
-        yield "next", (n,), str(n + 1)
+        yield "next", (n,), n + 1
 
 
 def is_held_out(language: str, task: str, operands) -> bool:
@@ -74,7 +129,9 @@ def is_held_out(language: str, task: str, operands) -> bool:
 
 def question(language: str, task: str, operands) -> str:
     add_q, next_q, _, _ = TEMPLATES[language]
-    return add_q.format(a=operands[0], b=operands[1]) if task == "add" else next_q.format(n=operands[0])
+    if task == "add":
+        return add_q.format(**_fields(language, a=operands[0], b=operands[1]))
+    return next_q.format(**_fields(language, n=operands[0]))
 
 
 def _split(split: str):
@@ -82,7 +139,7 @@ def _split(split: str):
     for language in LANGUAGES:
         for task, operands, answer in items():
             if is_held_out(language, task, operands) == (split == "heldout"):
-                yield language, task, operands, answer
+                yield language, task, operands, written(answer, language)
 
 
 def examples(split: str):
@@ -110,10 +167,10 @@ def pretraining_documents(n_docs: int, seed: int = 0, sentences_per_doc: int = 8
         for _ in range(sentences_per_doc):
             if rng.random() < 0.6:
                 a, b = rng.randrange(21), rng.randrange(21)
-                sentences.append(add_fact.format(a=a, b=b, c=a + b))
+                sentences.append(add_fact.format(**_fields(language, a=a, b=b, c=a + b)))
             else:
                 n = rng.randrange(100)
-                sentences.append(next_fact.format(n=n, m=n + 1))
+                sentences.append(next_fact.format(**_fields(language, n=n, m=n + 1)))
         docs.append(" ".join(sentences))
     return docs
 
@@ -125,7 +182,7 @@ def wrong_answer(language: str, task: str, operands) -> str:
     right = operands[0] + operands[1] if task == "add" else operands[0] + 1
     offsets = (-2, -1, 1, 2) if task == "add" else (-2, -1, 1)  # after 7: "6", "7" or "9"
     wrong = right + offsets[digest[0] % len(offsets)]
-    return str(wrong if wrong >= 0 else right + 1)
+    return written(wrong if wrong >= 0 else right + 1, language)
 
 
 def preference_pairs(split: str):

@@ -5,21 +5,21 @@ import json
 import pytest
 
 from align import report
+from align.offline.tasks import LANGUAGES
 from align.pipeline import check
 
 
 def _results(em, pref):
-    langs = ("en", "fr")
     out = {}
     for name in ("base", "sft", "dpo"):
         out[name] = {
             "exact_match": {
                 "overall": em[name],
-                "per_language": dict.fromkeys(langs, em[name]),
+                "per_language": {lang: em[name] * i / len(LANGUAGES) for i, lang in enumerate(LANGUAGES)},
                 "n": 4,
                 "examples": [{"q": "What is 1 plus 1?", "reply": "2", "answer": "2"}],
             },
-            "preference": {"accuracy": pref[name], "per_language": dict.fromkeys(langs, pref[name]), "n": 4},
+            "preference": {"accuracy": pref[name], "per_language": dict.fromkeys(LANGUAGES, pref[name]), "n": 4},
         }
     out["dpo"]["preference"].update(reward_accuracy=0.7, reward_margin=0.2, rewards_chosen=0.5, rewards_rejected=0.3)
     return out
@@ -36,6 +36,11 @@ def test_report_writes_tables_and_plots(tmp_path):
     path = report.write(tmp_path, {"results": results, "timings": {"base_s": 1.0}})
     text = path.read_text()
     assert "| DPO (Instruct) | 50.0% | 75.0% |" in text and "accuracy 70.0%" in text
+    # per language: a column each, in alphabetical order; a row per model (ar is 13th of 18: 0.5 · 12/18)
+    header = "| model | ar | cs | de | en | es | fr | hi | it | ja | ko | nl | pl | pt | ro | ru | sv | ur | zh |"
+    assert text.count(header) == 2
+    assert "| DPO (Instruct) | 33.3% | 27.8% | 5.6% | 0.0% | 8.3% |" in text
+    assert "| SFT | " + " | ".join(["60.0%"] * 18) + " |" in text
     for png in ("training_curves", "exact_match_by_language", "preference_by_language"):
         data = (tmp_path / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png

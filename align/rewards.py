@@ -77,7 +77,7 @@ _FRACTION = re.compile(r"^\\[dt]?frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}$")
 
 
 def as_number(text: str) -> Fraction | None:
-    """"1,234" → 1234, "-0.50" → -1/2, "3/4" and "\\frac{3}{4}" → 3/4, "$12$" → 12, "50%" → 50; else None."""
+    """ "1,234" → 1234, "-0.50" → -1/2, "3/4" and "\\frac{3}{4}" → 3/4, "$12$" → 12, "50%" → 50; else None."""
     t = text.strip().strip("$").strip().rstrip(".").replace("\\!", "").replace("\\,", "")
     t = t.replace("−", "-").rstrip("%").strip()
     if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", t):

@@ -3,7 +3,8 @@
 What TRL 1.16 leaves out and this adds:
 - **Generation by falcon-align's `generate`** (the static cache and CUDA-graph decode step on CUDA, model/decode.py),
   keeping the log-prob of every sampled token from the decode step's raw logits, in fp32, with the temperature the
-  training forward divides by (TRL's fused LM head). TRL then carries them as `sampling_per_token_logps`.
+  training forward divides by (TRL's fused LM head), one step at a time (`SampledLogps`). TRL then carries them as
+  `sampling_per_token_logps`.
 - **Log-prob agreement, measured every step**: the training forward's log-probs of the same tokens before the
   update (the policy's own when generation and optimizer steps are aligned, else TRL's `old_per_token_logps`)
   against the decode step's, logged as `logprobs/abs_diff_mean`, `logprobs/abs_diff_max` and the importance
@@ -17,7 +18,6 @@ What TRL 1.16 leaves out and this adds:
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import torch
@@ -48,6 +48,52 @@ def sampled_token_logps(step_logits, tokens: torch.Tensor, temperature: float) -
         z = logits.float() / temperature  # fp32 as TRL's fused LM head: scores in bf16 differ by ~1e-2
         out[:, t] = z.gather(-1, tokens[:, t, None].to(z.device))[:, 0].to(out.device) - z.logsumexp(-1).to(out.device)
     return out
+
+
+class SampledLogps:
+    """The log-prob of every sampled token, recorded during one `generate` from each decode step's raw logits (fp32,
+    divided by the temperature): each forward's last-position distribution is kept until the next forward shows the
+    token sampled from it, so memory holds one (B, V) distribution, not all T of them. A forward hook on the model;
+    the CUDA-graph decode step's warm-up and capture forwards are skipped (the replays are recorded)."""
+
+    def __init__(self, model, temperature: float):
+        self.temperature = temperature
+        self.previous = None  # (B, V) log-probs of the last forward's next token
+        self.steps: list[torch.Tensor] = []
+        self.handle = model.register_forward_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs, output):
+        cache = kwargs.get("past_key_values") or kwargs.get("cache")
+        if getattr(getattr(cache, "decoder", None), "capturing", False):
+            return
+        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        if self.previous is not None:  # ids[:, -1] was sampled from the previous forward's distribution
+            self.steps.append(self.previous.gather(-1, ids[:, -1:])[:, 0])
+        z = output.logits[:, -1].float() / self.temperature  # fp32 as TRL's fused LM head
+        self.previous = z - z.logsumexp(-1, keepdim=True)
+
+    def finish(self, completion: torch.Tensor) -> torch.Tensor:
+        """completion (B, T) the sampled tokens → (B, T) their log-probs; removes the hook."""
+        self.handle.remove()
+        if completion.size(1):
+            self.steps.append(self.previous.gather(-1, completion[:, -1:])[:, 0])
+        if len(self.steps) != completion.size(1):
+            raise RuntimeError(f"recorded {len(self.steps)} decode steps for {completion.size(1)} sampled tokens")
+        return torch.stack(self.steps, 1) if self.steps else completion.new_zeros(completion.shape, dtype=torch.float)
+
+
+def generate_with_logps(model, input_ids, attention_mask, temperature: float, **generate_kwargs):
+    """`model.generate` on a left-padded batch → (completion (B, T), the sampled tokens' log-probs (B, T) fp32)."""
+    from .fast_path import falcon_model
+
+    recorder = SampledLogps(falcon_model(model) or model, temperature)
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    except BaseException:
+        recorder.handle.remove()
+        raise
+    completion = out[:, input_ids.size(1) :]
+    return completion, recorder.finish(completion)
 
 
 def completion_lengths(completion: torch.Tensor, stop_ids) -> torch.Tensor:
@@ -142,21 +188,16 @@ class FalconGRPOTrainer(GRPOTrainer):
             torch.no_grad(),
             self._dist.summon_full_params(self.model_wrapped, recurse=False),
         ):
-            out = unwrapped.generate(input_ids=ids, attention_mask=mask, generation_config=self._logits_config())
-        completion = out.sequences[:, ids.size(1) :]  # (B, T)
-        logps = sampled_token_logps(out.logits, completion, self.temperature).cpu()
+            completion, logps = generate_with_logps(
+                unwrapped, ids, mask, self.temperature, generation_config=self.generation_config
+            )  # (B, T) each
+        logps = logps.cpu()
         lengths = completion_lengths(completion, self.eos_token_ids).tolist()
         completion = completion.cpu()
         return (
             [completion[i, :n].tolist() for i, n in enumerate(lengths)],
             [logps[i, :n].tolist() for i, n in enumerate(lengths)],
         )
-
-    def _logits_config(self):
-        """TRL's generation config, also returning each step's raw logits."""
-        config = copy.deepcopy(self.generation_config)
-        config.output_logits, config.return_dict_in_generate = True, True
-        return config
 
     # ------------------------------------------------------------------ agreement
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):

@@ -9,7 +9,8 @@ train the same token counts. Ours: generation by falcon-align's `generate` (stat
 padding-free training rows on our model and kernels. Reference: TRL's own generation (transformers' `generate`) and
 padded training forward on transformers' model. Reported per side: the rollout's seconds and completion tokens/s
 (generation), the rest of the step's seconds and tokens/s over prompt + completion (training), and the agreement of
-the sampled tokens' log-probs between that side's `generate` (its raw logits, fp32, at the sampling temperature)
+the sampled tokens' log-probs between that side's `generate` (its raw logits, fp32, at the sampling temperature,
+recorded step by step: align.grpo_trainer.generate_with_logps)
 and that side's training forward (TRL's fused LM head) before any update: mean and max |Δ| and the spread of the
 importance ratio exp(train − sampled). Random weights are fine: the shapes are real.
 """
@@ -28,7 +29,7 @@ import torch
 # Triton modules (get_ops on CUDA), so the reference gets what a plain install gives (see bench/dpo.py)
 import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: F401
 
-from align.grpo_trainer import completion_lengths, left_pad, logprob_agreement, sampled_token_logps
+from align.grpo_trainer import completion_lengths, generate_with_logps, left_pad, logprob_agreement
 from align.offline.base import build_tokenizer
 from bench import common
 from model import preset_config
@@ -106,12 +107,10 @@ def agreement(trainer, prompts, args) -> dict:
     rows = [list(trainer._tokenize_prompts([p])[0][0]) for p in prompts]
     ids, mask = left_pad(rows, tok.pad_token_id, model.device)
     torch.manual_seed(1)
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.completion,
-        min_new_tokens=args.completion, output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id,
+    completion, sampled = generate_with_logps(
+        model, ids, mask, 1.0, do_sample=True, temperature=1.0, top_k=0, max_new_tokens=args.completion,
+        min_new_tokens=args.completion, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
-    completion = out.sequences[:, ids.size(1) :]
-    sampled = sampled_token_logps(out.logits, completion, 1.0)
     n = completion_lengths(completion, trainer.eos_token_ids)
     keep = torch.arange(completion.size(1), device=completion.device)[None] < n[:, None]
     full_mask = torch.cat([mask, keep.long()], 1)
@@ -219,8 +218,8 @@ def main(argv: list[str]) -> dict:
     rows = []
     for side, r in sides.items():
         agree = r.get("logprob_agreement", {})
-        rows.append([side, r.get("generation_tokens_per_s", r.get("error")), r.get("training_tokens_per_s"),
-                     r.get("step_s"), agree.get("abs_diff_mean"), agree.get("abs_diff_max"), r.get("peak_gib")])  # fmt: skip
+        speeds = [r.get("generation_tokens_per_s", r.get("error")), r.get("training_tokens_per_s"), r.get("step_s")]
+        rows.append([side, *speeds, agree.get("abs_diff_mean"), agree.get("abs_diff_max"), r.get("peak_gib")])
     title = (
         f"GRPO, {args.preset}, {record['card']}: generation ×{common.cell(record.get('speedup_generation'))}, "
         f"training ×{common.cell(record.get('speedup_training'))}"

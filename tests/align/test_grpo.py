@@ -10,7 +10,13 @@ from transformers import AutoTokenizer
 from trl.trainer.utils import add_fused_lm_head
 
 from align import grpo
-from align.grpo_trainer import completion_lengths, left_pad, logprob_agreement, sampled_token_logps
+from align.grpo_trainer import (
+    completion_lengths,
+    generate_with_logps,
+    left_pad,
+    logprob_agreement,
+    sampled_token_logps,
+)
 from align.offline.tasks import examples
 from align.preference import set_padding_free
 from align.templates import falcon_h1_chat_template
@@ -54,13 +60,15 @@ def test_decode_logps_equal_training_forward_fp32(base, temperature):
     prompts = [list(p["input_ids"] if hasattr(p, "keys") else p) for p in prompts]
     assert len({len(p) for p in prompts}) == 3  # left padding differs per row
     ids, mask = left_pad(prompts, tok.pad_token_id, "cpu")
+    settings = dict(do_sample=True, temperature=temperature, max_new_tokens=6, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, max_new_tokens=6,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=tok.pad_token_id, eos_token_id=[2**20],
-    )  # fmt: skip
-    completion = out.sequences[:, ids.size(1) :]  # (3, 6)
-    sampled = sampled_token_logps(out.logits, completion, temperature)
+    completion, sampled = generate_with_logps(model, ids, mask, temperature, eos_token_id=[2**20], **settings)
+    assert completion.shape == sampled.shape == (3, 6)
+    torch.manual_seed(0)  # the same draw, its logits kept whole: the step-by-step record equals them
+    out = model.generate(input_ids=ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
+                         eos_token_id=[2**20], **settings)  # fmt: skip
+    assert torch.equal(out.sequences[:, ids.size(1) :], completion)
+    torch.testing.assert_close(sampled_token_logps(out.logits, completion, temperature), sampled, rtol=0, atol=1e-6)
 
     add_fused_lm_head(model, temperature=temperature)
     full = torch.cat([ids, completion], 1)

@@ -45,7 +45,7 @@ def sampled_token_logps(step_logits, tokens: torch.Tensor, temperature: float) -
     tokens: (B, T) the tokens sampled from them. → (B, T) fp32. One step at a time: no (B, T, V) tensor."""
     out = torch.empty(tokens.shape, dtype=torch.float32, device=tokens.device)
     for t, logits in enumerate(step_logits):
-        z = logits.float() / temperature  # fp32 as TRL's fused LM head: scores in bf16 differ by ~1e-2
+        z = logits.float() / temperature  # fp32, as TRL's fused LM head scores
         out[:, t] = z.gather(-1, tokens[:, t, None].to(z.device))[:, 0].to(out.device) - z.logsumexp(-1).to(out.device)
     return out
 
@@ -82,11 +82,13 @@ class SampledLogps:
         return torch.stack(self.steps, 1) if self.steps else completion.new_zeros(completion.shape, dtype=torch.float)
 
 
-def generate_with_logps(model, input_ids, attention_mask, temperature: float, **generate_kwargs):
-    """`model.generate` on a left-padded batch → (completion (B, T), the sampled tokens' log-probs (B, T) fp32)."""
+def generate_with_logps(model, input_ids, attention_mask, sampling_temperature: float, **generate_kwargs):
+    """`model.generate` on a left-padded batch → (completion (B, T), the sampled tokens' log-probs (B, T) fp32 at
+    `sampling_temperature`, the temperature the generation config samples at)."""
     from .fast_path import falcon_model
 
-    recorder = SampledLogps(falcon_model(model) or model, temperature)
+    scored = falcon_model(model) or (model.get_base_model() if hasattr(model, "get_base_model") else model)
+    recorder = SampledLogps(scored, sampling_temperature)  # the module whose forward returns the logits (PEFT: the one inside)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     except BaseException:

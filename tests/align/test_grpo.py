@@ -163,7 +163,7 @@ def test_unknown_recipe_key_and_bad_values_are_refused(tmp_path):
         grpo.parse(["--config", str(bad)])
     with pytest.raises(ValueError, match="loss_type"):
         grpo.parse(["--config", RECIPE, "--loss_type", "ppo"])
-    with pytest.raises(ValueError, match="num_generations"):
+    with pytest.raises(ValueError, match="at least 2 generations"):
         grpo.parse(["--config", RECIPE, "--num_generations", "1"])
     align_args, args, _ = grpo.parse(["--config", RECIPE, "--beta", "0"])  # GRPO's beta 0: no KL term
     assert args.beta == 0.0 and align_args.reward_funcs == ["exact_answer", "language_consistency"]

@@ -33,6 +33,7 @@ from align.grpo_trainer import completion_lengths, generate_with_logps, left_pad
 from align.offline.base import build_tokenizer
 from bench import common
 from model import preset_config
+from model.kernels import get_ops
 
 WORDS = "the a model token layer state scan attention memory fast slow river cloud seven green answer data".split()
 
@@ -209,7 +210,8 @@ def main(argv: list[str]) -> dict:
         del model
     name = f"GRPO step, {args.preset} preset, full fine-tune: generation and training, ours against TRL + transformers"
     record = common.envelope(name, "grpo", argv, args)
-    record.update(setup={k: v for k, v in vars(args).items() if k != "commit"}, **sides)
+    record.update(kernels=get_ops(args.device).name, setup={k: v for k, v in vars(args).items() if k != "commit"})
+    record.update(sides)
     ours, ref = sides.get("ours", {}), sides.get("reference", {})
     for key in ("generation_tokens_per_s", "training_tokens_per_s"):
         if key in ours and key in ref:

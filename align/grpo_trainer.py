@@ -87,8 +87,9 @@ def generate_with_logps(model, input_ids, attention_mask, sampling_temperature: 
     `sampling_temperature`, the temperature the generation config samples at)."""
     from .fast_path import falcon_model
 
+    # the module whose forward returns the logits (under PEFT, the one inside)
     scored = falcon_model(model) or (model.get_base_model() if hasattr(model, "get_base_model") else model)
-    recorder = SampledLogps(scored, sampling_temperature)  # the module whose forward returns the logits (PEFT: the one inside)
+    recorder = SampledLogps(scored, sampling_temperature)
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
     except BaseException:

@@ -232,3 +232,27 @@ def lora_targets(requested) -> list[str]:
             if target == refused or target.endswith("." + refused):
                 raise ValueError(f"LoRA target {target!r} refused: {why} Safe targets: {SAFE_LORA_TARGETS}")
     return list(requested)
+
+
+@dataclass
+class GRPOArguments(AlignArguments):
+    """AlignArguments plus what GRPO adds: the rewards, and the reference for full fine-tuning."""
+
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_answer"],
+        metadata={
+            "help": "Rewards by name (align/rewards.py: exact_answer, answer_format, language_consistency, "
+            "length_penalty) or import path 'package.module:function'; reward_weights weighs them."
+        },
+    )
+    overlong_buffer: int = field(
+        default=256,
+        metadata={"help": "length_penalty: tokens before max_completion_length where the penalty starts (DAPO)."},
+    )
+    ref_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning with beta > 0 only: the KL reference (default: the starting model). LoRA uses "
+            "the starting model with its adapters disabled, with no second copy in memory."
+        },
+    )

@@ -56,7 +56,7 @@ def falcon_model(model) -> FalconH1ForCausalLM | None:
 def row_tokens(train_args, pairs: bool) -> int | None:
     """The most tokens one padding-free micro-batch holds: per_device_train_batch_size × max_length (× 2 for DPO's
     chosen and rejected sequences)."""
-    if not train_args.max_length:
+    if not getattr(train_args, "max_length", None):  # GRPO's rows have no max_length
         return None
     return train_args.per_device_train_batch_size * train_args.max_length * (2 if pairs else 1)
 

@@ -1,10 +1,10 @@
-"""The offline default, end to end: base → SFT → DPO → evaluation → report. `make run` runs this.
+"""The offline default, end to end: base → SFT → DPO → GRPO → evaluation → report. `make run` runs this.
 
     python -m align.pipeline [--out runs/offline] [--force]
 
 Each stage skips work already done (its output directory holds a finished model); `--force` redoes all.
 Everything runs on CPU with no network: the base model and tokenizer are made by align/offline/base.py, the
-data ship in data/offline (made by align/offline/tasks.py). Recipes: recipes/tiny/{sft,dpo}.yaml.
+data ship in data/offline (made by align/offline/tasks.py). Recipes: recipes/tiny/{sft,dpo,grpo}.yaml.
 The run fails when a stage does not improve on the one before (held-out figures, align/eval.py).
 """
 
@@ -16,12 +16,14 @@ import shutil
 import time
 from pathlib import Path
 
-from . import dpo, report, sft
+from . import dpo, grpo, report, sft
 from .eval import exact_match_by_language, load_for_eval, load_jsonl, pairs_from_rows, preference_metrics, subsample
 from .offline.base import make_base
 
 SFT_RECIPE = "recipes/tiny/sft.yaml"
 DPO_RECIPE = "recipes/tiny/dpo.yaml"
+GRPO_RECIPE = "recipes/tiny/grpo.yaml"
+STAGES = 5  # base, SFT, DPO, GRPO, evaluation
 BETA = 5.0  # the DPO recipe's β, for the implicit rewards of the report
 
 
@@ -38,9 +40,9 @@ def stage(n, name, path, fn) -> float | None:
     if done(path):
         seconds = recorded_seconds(path)
         took = f"made in {seconds} s" if seconds is not None else "no timing recorded"
-        print(f"[{n}/4] {name}: {path} exists, skipped ({took})", flush=True)
+        print(f"[{n}/{STAGES}] {name}: {path} exists, skipped ({took})", flush=True)
         return seconds
-    print(f"[{n}/4] {name} → {path}", flush=True)
+    print(f"[{n}/{STAGES}] {name} → {path}", flush=True)
     t = time.perf_counter()
     fn()
     seconds = round(time.perf_counter() - t, 1)
@@ -73,7 +75,7 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
     out = Path(out)
     if force and out.exists():
         shutil.rmtree(out)
-    dirs = {name: out / name for name in ("base", "sft", "dpo")}
+    dirs = {name: out / name for name in report.MODELS}
     timings = {
         "base_s": stage(1, "base model", dirs["base"], lambda: make_base(dirs["base"], steps=base_steps)),
         "sft_s": stage(
@@ -92,10 +94,20 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
                 ["--config", DPO_RECIPE, "--model_name_or_path", str(dirs["sft"]), "--output_dir", str(dirs["dpo"])]
             ),
         ),
+        "grpo_s": stage(
+            4,
+            f"GRPO ({GRPO_RECIPE})",
+            dirs["grpo"],
+            lambda: grpo.main(
+                ["--config", GRPO_RECIPE, "--model_name_or_path", str(dirs["dpo"]), "--output_dir", str(dirs["grpo"])]
+            ),
+        ),
     }
     t = time.perf_counter()
     print(
-        "[4/4] held-out evaluation of Base, SFT and DPO (exact match, preference accuracy) and the report", flush=True
+        f"[{STAGES}/{STAGES}] held-out evaluation of Base, SFT, DPO and GRPO (exact match, preference accuracy) and "
+        "the report",
+        flush=True,
     )
     results = evaluate(dirs, per_language)
     timings["eval_s"] = round(time.perf_counter() - t, 1)
@@ -111,14 +123,17 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
     path = report.write(out, summary)
     print_table(results)
     print(f"\nreport: {path} (plots in {out / 'plots'})")
-    print(f"checkpoints: {dirs['base']} (Base), {dirs['sft']} (SFT), {dirs['dpo']} (DPO, the Instruct model)")
+    print(
+        f"checkpoints: {dirs['base']} (Base), {dirs['sft']} (SFT), {dirs['dpo']} (DPO, the Instruct model), "
+        f"{dirs['grpo']} (GRPO)"
+    )
     print(f"chat with both: python demo/app.py --base {dirs['base']} --instruct {dirs['dpo']}")
     return summary
 
 
 def print_table(results: dict) -> None:
     print("\n| model | exact match | preference accuracy |\n|---|---|---|")
-    for name in ("base", "sft", "dpo"):
+    for name in report.MODELS:
         r = results[name]
         print(f"| {report.LABELS[name]} | {r['exact_match']['overall']:.1%} | {r['preference']['accuracy']:.1%} |")
 
@@ -134,6 +149,8 @@ def check(results: dict) -> list[str]:
         problems.append(f"DPO preference accuracy {pref['dpo']:.1%} does not beat SFT {pref['sft']:.1%}")
     if em["dpo"] <= em["base"]:
         problems.append(f"DPO exact match {em['dpo']:.1%} does not beat Base {em['base']:.1%}")
+    if em["grpo"] <= em["dpo"]:
+        problems.append(f"GRPO exact match {em['grpo']:.1%} does not beat DPO, where it starts, {em['dpo']:.1%}")
     return problems
 
 

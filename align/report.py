@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-MODELS = ("base", "sft", "dpo")
-LABELS = {"base": "Base", "sft": "SFT", "dpo": "DPO (Instruct)"}
+MODELS = ("base", "sft", "dpo", "grpo")
+LABELS = {"base": "Base", "sft": "SFT", "dpo": "DPO (Instruct)", "grpo": "GRPO"}
 
 
 def log_history(run_dir: Path) -> list[dict]:
@@ -38,7 +38,7 @@ def plot_training(run: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     base = (
         json.loads((run / "base" / "base_report.json").read_text())
         if (run / "base" / "base_report.json").exists()
@@ -59,11 +59,22 @@ def plot_training(run: Path, out: Path) -> Path:
     twin.set_ylabel("reward accuracy")
     handles = axes[2].get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     axes[2].legend(handles=handles, loc="lower left", fontsize=8)
+    plot_rewards(axes[3], log_history(run / "grpo"))
     fig.tight_layout()
     path = out / "training_curves.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_rewards(ax, history) -> None:
+    """GRPO's reward curve: the weighted reward and each reward's mean per logged step (sampled completions)."""
+    ax.plot(*series(history, "reward"), color="black", label="reward (weighted sum)")
+    names = sorted({k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")})
+    for name in names:
+        ax.plot(*series(history, name), linewidth=1, label=name.removeprefix("rewards/").removesuffix("/mean"))
+    ax.set(title="GRPO", xlabel="step", ylabel="mean reward of sampled completions")
+    ax.legend(loc="lower right", fontsize=8)
 
 
 def plot_per_language(results: dict, key: str, models, title: str, path: Path) -> Path:
@@ -107,7 +118,7 @@ def write(run: Path, report: dict) -> Path:
     em = {m: results[m]["exact_match"] for m in MODELS}
     pref = {m: results[m]["preference"] for m in MODELS}
     lines = [
-        "# Offline default: Base → SFT → DPO",
+        "# Offline default: Base → SFT → DPO → GRPO",
         "",
         f"Metrics on held-out data ({em['base']['n']} questions, {pref['sft']['n']} preference pairs; "
         "never trained on):",

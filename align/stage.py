@@ -12,10 +12,11 @@ from .validate import InputError
 logger = logging.getLogger("falcon_align")
 
 
-def mixture_rows(align_args, kind, tokenizer, args):
-    """→ (train_rows, eval_rows); writes `<kind>` mixture reports next to the run (args.output_dir, or report_dir)
-    and logs what was dropped. Rows are measured through the chat template, as the trainer will tokenize them."""
-    name = "mixture_report" if kind == "sft" else "preference_mixture_report"
+def mixture_rows(align_args, kind, tokenizer, args, name=None):
+    """→ (train_rows, eval_rows); writes `<kind>` mixture reports (or `name`) next to the run (args.output_dir, or
+    report_dir) and logs what was dropped. Rows are measured through the chat template, as the trainer will
+    tokenize them."""
+    name = name or ("mixture_report" if kind == "sft" else "preference_mixture_report")
     if not align_args.sources:
         raise InputError("no data sources given", "sources")
     mixture = align_args.mixture(kind, max_length=cut_length(args, kind))
@@ -50,7 +51,7 @@ def cut_length(args, kind) -> int | None:
     the overflow into other rows)."""
     if kind == "sft" and getattr(args, "packing", False):
         return args.max_length if args.packing_strategy == "bfd" else None
-    return args.max_length if args.truncation_mode == "keep_start" else None
+    return args.max_length if getattr(args, "truncation_mode", None) == "keep_start" else None  # GRPO: no cut
 
 
 class TokenLengths:

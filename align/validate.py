@@ -162,15 +162,30 @@ RANGES = {
     "lora_r": _at_least(1, integer=True),
 }
 CHOICES = {"chat_template": ("auto", "falcon_h1", "tokenizer"), "truncation_mode": ("keep_start", "keep_end")}
+# every policy loss TRL 1.16's GRPOTrainer implements, by the name its `loss_type` takes
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo", "luspo", "cispo", "sapo", "vespo")
+# where a trainer's config reads a name differently: GRPO's beta 0 means no KL term (DPO's needs beta > 0)
+RANGES_OF = {
+    "GRPOConfig": {
+        "beta": _at_least(0),
+        "num_generations": _at_least(2, integer=True),
+        "max_completion_length": _at_least(1, integer=True),
+        "temperature": _at_least(0, strict=True),
+        "epsilon": _at_least(0),
+    },
+    "GRPOArguments": {"overlong_buffer": _at_least(0, integer=True)},
+}
+CHOICES_OF = {"GRPOConfig": {"loss_type": GRPO_LOSS_TYPES}}
 
 
 def range_problems(config) -> list[tuple[str, str]]:
     """(field, problem) for every ranged or enumerated field of a config object that is out of bounds."""
     problems = []
-    for name, (ok, rule) in RANGES.items():
+    kind = type(config).__name__
+    for name, (ok, rule) in {**RANGES, **RANGES_OF.get(kind, {})}.items():
         if hasattr(config, name) and not ok(getattr(config, name)):
             problems.append((name, f"{rule}, got {shown(getattr(config, name))}"))
-    for name, choices in CHOICES.items():
+    for name, choices in {**CHOICES, **CHOICES_OF.get(kind, {})}.items():
         if hasattr(config, name) and getattr(config, name) not in choices:
             problems.append((name, f"must be one of {', '.join(choices)}; got {shown(getattr(config, name))}"))
     return problems

@@ -14,6 +14,7 @@ BENCHMARKS = {
     "train": ("bench.train", "training tokens/s and MFU, ours against transformers on the same weights"),
     "decode": ("bench.decode", "greedy decoding tokens/s, ours (static cache, CUDA graph) against transformers"),
     "dpo": ("bench.dpo", "DPO pairs/s, FalconDPOTrainer against TRL's DPOTrainer over transformers"),
+    "grpo": ("bench.grpo", "a GRPO step's generation and training, ours against TRL's GRPOTrainer over transformers"),
     "long": ("bench.long_context", "longest trainable row: checkpointing, offload, context parallelism (torchrun)"),
     "profile": ("bench.profile_step", "a training step's GPU time by kernel family (torch.profiler)"),
     "streams": ("bench.stream_probe", "one layer's two mixers on one CUDA stream against two"),

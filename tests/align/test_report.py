@@ -8,10 +8,12 @@ from align import report
 from align.offline.tasks import LANGUAGES
 from align.pipeline import check
 
+PREF = {"base": 0.5, "sft": 0.6, "dpo": 0.7, "grpo": 0.7}
+
 
 def _results(em, pref):
     out = {}
-    for name in ("base", "sft", "dpo"):
+    for name in report.MODELS:
         out[name] = {
             "exact_match": {
                 "overall": em[name],
@@ -28,11 +30,12 @@ def _results(em, pref):
 def test_report_writes_tables_and_plots(tmp_path):
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "base_report.json").write_text(json.dumps({"losses": [5.0, 4.0, 3.0]}))
-    for stage, keys in (("sft", ["loss"]), ("dpo", ["loss", "rewards/accuracies"])):
+    grpo_keys = ["reward", "rewards/exact_answer/mean"]
+    for stage, keys in (("sft", ["loss"]), ("dpo", ["loss", "rewards/accuracies"]), ("grpo", grpo_keys)):
         (tmp_path / stage).mkdir()
         history = [{"step": s, **{k: 0.7 - 0.01 * s for k in keys}} for s in range(1, 6)]
         (tmp_path / stage / "trainer_state.json").write_text(json.dumps({"log_history": history}))
-    results = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5}, {"base": 0.5, "sft": 0.6, "dpo": 0.75})
+    results = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5, "grpo": 0.6}, {**PREF, "dpo": 0.75})
     path = report.write(tmp_path, {"results": results, "timings": {"base_s": 1.0}})
     text = path.read_text()
     assert "| DPO (Instruct) | 50.0% | 75.0% |" in text and "accuracy 70.0%" in text
@@ -41,6 +44,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     assert text.count(header) == 2
     assert "| DPO (Instruct) | 33.3% | 27.8% | 5.6% | 0.0% | 8.3% |" in text
     assert "| SFT | " + " | ".join(["60.0%"] * 18) + " |" in text
+    assert "| GRPO | 60.0% | 70.0% |" in text and "| GRPO | 40.0% | 33.3% | 6.7% | 0.0% |" in text  # its row per language
     for png in ("training_curves", "exact_match_by_language", "preference_by_language"):
         data = (tmp_path / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png
@@ -48,11 +52,12 @@ def test_report_writes_tables_and_plots(tmp_path):
 
 
 def test_check_names_every_broken_promise():
-    good = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5}, {"base": 0.5, "sft": 0.6, "dpo": 0.75})
+    good = _results({"base": 0.0, "sft": 0.4, "dpo": 0.5, "grpo": 0.6}, {**PREF, "dpo": 0.75})
     assert check(good) == []
-    bad = _results({"base": 0.3, "sft": 0.2, "dpo": 0.1}, {"base": 0.5, "sft": 0.6, "dpo": 0.55})
+    bad = _results({"base": 0.3, "sft": 0.2, "dpo": 0.1, "grpo": 0.1}, {**PREF, "dpo": 0.55})
     problems = check(bad)
-    assert len(problems) == 3 and "DPO preference accuracy 55.0% does not beat SFT 60.0%" in problems
+    assert len(problems) == 4 and "DPO preference accuracy 55.0% does not beat SFT 60.0%" in problems
+    assert "GRPO exact match 10.0% does not beat DPO, where it starts, 10.0%" in problems
 
 
 def test_a_rerun_keeps_each_skipped_stage_timing(tmp_path, capsys):

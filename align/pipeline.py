@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from . import dpo, report, sft
+from . import dpo, release, report, sft
 from .eval import exact_match_by_language, load_for_eval, load_jsonl, pairs_from_rows, preference_metrics, subsample
 from .offline.base import make_base
 
@@ -107,12 +107,15 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
         "timings": timings,
         "results": results,
     }
+    summary["release"] = release.offline_release(out, dirs["dpo"], results, per_language, (SFT_RECIPE, DPO_RECIPE))
+    timings["release_s"] = summary["release"]["seconds"]
     (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     path = report.write(out, summary)
     print_table(results)
     print(f"\nreport: {path} (plots in {out / 'plots'})")
     print(f"checkpoints: {dirs['base']} (Base), {dirs['sft']} (SFT), {dirs['dpo']} (DPO, the Instruct model)")
     print(f"chat with both: python demo/app.py --base {dirs['base']} --instruct {dirs['dpo']}")
+    print(f"release (safetensors, NF4, GGUF, model card): {out / 'release'}")
     return summary
 
 
@@ -144,7 +147,7 @@ def main(argv=None):
     parser.add_argument("--base-steps", type=int, default=150)
     args = parser.parse_args(argv)
     summary = run(Path(args.out), args.force, args.base_steps)
-    problems = check(summary["results"])
+    problems = check(summary["results"]) + summary["release"]["problems"]
     if problems:
         raise SystemExit("; ".join(problems))
 

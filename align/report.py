@@ -143,6 +143,7 @@ def write(run: Path, report: dict) -> Path:
         lines.append(f"| {lang} | " + " | ".join(f"{v:.1%}" for v in row) + " |")
     lines += ["", "Sample DPO replies (held-out):", ""]
     lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in em["dpo"]["examples"]]
+    lines += release_table(report.get("release"))
     lines += ["", "Timings: " + format_timings(report["timings"]), ""]
     lines += [
         "For real checkpoints, run lm-eval-harness on the saved model (it loads in vanilla transformers):",
@@ -155,6 +156,25 @@ def write(run: Path, report: dict) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def release_table(checks: dict | None) -> list[str]:
+    """The release's formats, one row each: who loaded it, answers equal to the Instruct model's, exact match."""
+    if not checks:
+        return []
+    lines = [
+        "",
+        "Release (`release/`, align/release.py): each format answers the held-out questions, loaded by the program "
+        "that serves it.",
+        "",
+        "| format | loaded by | answers equal ours | exact match |",
+        "|---|---|---|---|",
+    ]
+    for fmt, r in checks["formats"].items():
+        lines.append(f"| {fmt} | {r['loaded_by']} | {r['agreement']:.1%} | {r['exact_match']:.1%} |")
+    if checks.get("problems"):
+        return lines + ["", "Release checks failed: " + "; ".join(checks["problems"])]
+    return lines + ["", "Release checks: all hold."]
 
 
 def format_timings(timings: dict) -> str:

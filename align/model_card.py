@@ -16,6 +16,12 @@ DEFAULT_LIMITATIONS = [
     "safetensors release, never a GGUF.",
 ]
 
+NF4_ON_CPU = [
+    "NF4 on a CPU with AVX512-BF16: bitsandbytes 0.50's packed CPU kernel needs output widths divisible by 32, "
+    "which Mamba's in_proj does not have; set `support_avx512bf16_for_cpu = False` on those layers "
+    "(`align.release_checks.cpu_safe_4bit`). GPUs are unaffected."
+]
+
 
 @dataclass
 class CardFacts:
@@ -109,7 +115,7 @@ def write_card(path, config, manifest: dict, facts: CardFacts, checks: dict | No
         "llama.cpp (stop tokens and chat template are in the file):",
         "",
         "```bash",
-        f"llama-cli -m {_first_gguf(manifest)} -cnv",
+        f"llama-cli -m {_first_gguf(manifest)} -cnv --no-repack  # repacking crashed on small models' quantised files",
         "```",
         "",
         "## Intended use",
@@ -118,7 +124,7 @@ def write_card(path, config, manifest: dict, facts: CardFacts, checks: dict | No
         "",
         "## Limitations",
         "",
-        *[f"- {item}" for item in facts.limitations],
+        *[f"- {item}" for item in facts.limitations + (NF4_ON_CPU if "nf4" in manifest["formats"] else [])],
         "",
         f"## License\n\n{facts.license}",
         "",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import hashlib
 import json
 import re
@@ -241,8 +242,7 @@ def build(model_dir, out, formats=tuple(FORMATS), *, base=None, tokenizer=None, 
     name = (facts.name if facts else Path(model_dir).resolve().name).replace(" ", "-")
     t0 = time.perf_counter()
     with staging(out, overwrite) as tmp:
-        write_bf16(source_model_copy := _copy(source_model), tok, tmp)
-        del source_model_copy
+        write_bf16(copy.deepcopy(source_model), tok, tmp)  # a copy: saving casts it to bf16
         manifest = {"source": source, "parameters": sum(p.numel() for p in model.parameters()), "formats": {}}
         manifest["formats"]["bf16"] = {"file": "model.safetensors", "bytes": (tmp / "model.safetensors").stat().st_size}
         if "nf4" in formats:
@@ -267,12 +267,6 @@ def build(model_dir, out, formats=tuple(FORMATS), *, base=None, tokenizer=None, 
         (tmp / "release.json").write_text(json.dumps(manifest, indent=2))
     manifest["checks"] = checks
     return manifest
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 # ----------------------------------------------------------------------------------------------- the offline default

@@ -14,6 +14,7 @@ the share whose first line equals the answer (align/eval.py's metric).
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -58,11 +59,29 @@ def transformers_logits(release_dir, ours, ids: torch.Tensor) -> dict:
     }
 
 
-def transformers_replies(path, tokenizer, rows, max_new_tokens=8) -> list[str]:
-    """Greedy replies from vanilla transformers' AutoModelForCausalLM (bnb-quantised where the config says so)."""
+def load_transformers(path):
+    """Vanilla transformers' AutoModelForCausalLM (bnb-quantised where the config says so), for inference on CPU."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    return cpu_safe_4bit(AutoModelForCausalLM.from_pretrained(path).eval())
+
+
+def cpu_safe_4bit(model):
+    """bitsandbytes (0.50) repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first no-grad forward and
+    fails there unless the output width is a multiple of 32 and the input width of the quantisation block (64).
+    Falcon-H1's in_proj has 2·d_ssm + 2·G·N + H outputs (3352 for the 0.5B), so such layers use bitsandbytes'
+    generic 4-bit path instead. GPUs are unaffected."""
+    for module in model.modules():
+        if not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        block = getattr(getattr(module.weight, "quant_state", None), "blocksize", 64)
+        if module.out_features % 32 or module.in_features % block:
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def transformers_replies(path, tokenizer, rows, max_new_tokens=8) -> list[str]:
+    model = load_transformers(path)
     return generate_replies(model, tokenizer, [r["messages"][:-1] for r in rows], max_new_tokens=max_new_tokens)
 
 
@@ -80,10 +99,32 @@ def _quiet_stderr():
             os.close(saved)
 
 
+@contextlib.contextmanager
+def _no_weight_repacking():
+    """llama.cpp repacks quantised weights for its CPU kernels (its "extra buffer types"); in llama-cpp-python 0.3.36
+    that crashes (segfault in decode) on the Q8_0/Q4 files of the small Falcon-H1 models tested here, while the same
+    files run with repacking off (llama-cli: --no-repack). `Llama()` takes no argument for it, so its default
+    model parameters are patched while it loads. Repacking changes speed only, never the numbers."""
+    import llama_cpp.llama as module
+
+    original = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_cpp.llama_model_default_params = original
+
+
 def load_gguf(path, n_ctx: int = 512):
     import llama_cpp
 
-    with _quiet_stderr():
+    with _quiet_stderr(), _no_weight_repacking():
         return llama_cpp.Llama(
             model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_threads=2, logits_all=True, verbose=False, seed=0
         )
@@ -131,6 +172,38 @@ def gguf_replies(llm, prompts_ids: list[list[int]], stops, max_new_tokens=8) -> 
     return replies
 
 
+def gguf_checks(paths: dict, tokenizer_dir, prompts, stops, probe_ids, max_new_tokens=8) -> dict:
+    """{format: GGUF path} → {format: {tokenisation, replies, probe_logits}}, computed by llama.cpp in one fresh
+    process: llama.cpp's threads never share a process with torch's and bitsandbytes' (a segfault inside llama.cpp's
+    decode was seen after they had run in the same process), and a crash becomes an error naming the files."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_gguf_checks, paths, str(tokenizer_dir), prompts, sorted(stops), probe_ids, max_new_tokens)
+        try:
+            return job.result()
+        except BrokenProcessPool as e:
+            raise RuntimeError(f"llama.cpp crashed while checking {sorted(paths.values())}") from e
+
+
+def _gguf_checks(paths, tokenizer_dir, prompts, stops, probe_ids, max_new_tokens) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    out = {}
+    for fmt, path in paths.items():
+        llm = load_gguf(path)
+        prompt_ids = [llm.tokenize(p.encode("utf-8"), add_bos=False, special=True) for p in prompts]
+        out[fmt] = {
+            "tokenisation": tokenisation(llm, tokenizer, prompts),
+            "replies": gguf_replies(llm, prompt_ids, set(stops), max_new_tokens),
+            "probe_logits": gguf_logits(llm, probe_ids),
+        }
+        llm.close()
+    return out
+
+
 # ----------------------------------------------------------------------------------------------- one release
 def score(replies, reference, rows) -> dict:
     agree = sum(first_line(a) == first_line(b) for a, b in zip(replies, reference))
@@ -148,7 +221,8 @@ def check_release(release_dir, source_model, tokenizer, rows, manifest: dict, ma
     ours = generate_replies(source_model, tokenizer, conversations, max_new_tokens=max_new_tokens)
     prompts = prompts_of(rows, tokenizer)
     probe = torch.tensor([tokenizer(prompts[0], add_special_tokens=False)["input_ids"]])
-    result = {"ours": score(ours, ours, rows), "formats": {}}
+    distinct = len({first_line(r) for r in ours})
+    result = {"ours": {**score(ours, ours, rows), "distinct_answers": distinct}, "formats": {}}
     result["transformers_logits"] = transformers_logits(release_dir, source_model, probe)
     result["formats"]["bf16"] = {
         "loaded_by": "transformers AutoModelForCausalLM",
@@ -159,23 +233,18 @@ def check_release(release_dir, source_model, tokenizer, rows, manifest: dict, ma
             "loaded_by": "transformers + bitsandbytes",
             **score(transformers_replies(release_dir / "nf4", tokenizer, rows, max_new_tokens), ours, rows),
         }
-    stops = set(stop_ids(tokenizer))
-    for fmt, info in manifest["formats"].items():
-        if not fmt.startswith("gguf-"):
-            continue
-        llm = load_gguf(release_dir / info["file"])
-        tok = tokenisation(llm, tokenizer, prompts)
-        prompt_ids = [llm.tokenize(p.encode("utf-8"), add_bos=False, special=True) for p in prompts]
-        replies = gguf_replies(llm, prompt_ids, stops, max_new_tokens)
+    ggufs = {f: str(release_dir / info["file"]) for f, info in manifest["formats"].items() if f.startswith("gguf-")}
+    llama = gguf_checks(ggufs, release_dir, prompts, stop_ids(tokenizer), probe[0].tolist(), max_new_tokens)
+    ours_probe = source_model(probe).logits[0].double().numpy()
+    for fmt, got in llama.items():
         result["formats"][fmt] = {
             "loaded_by": "llama.cpp (llama-cpp-python)",
-            **score(replies, ours, rows),
-            "logit_error": gguf_logit_error(llm, source_model, probe[0].tolist()),
-            "tokenisation_equal": tok["equal"] / tok["n"],
+            **score(got["replies"], ours, rows),
+            "logit_error": float(np.abs(got["probe_logits"] - ours_probe).max() / np.abs(ours_probe).max()),
+            "tokenisation_equal": got["tokenisation"]["equal"] / got["tokenisation"]["n"],
         }
-        if tok["mismatches"]:
-            result["formats"][fmt]["tokenisation_mismatches"] = tok["mismatches"]
-        del llm
+        if got["tokenisation"]["mismatches"]:
+            result["formats"][fmt]["tokenisation_mismatches"] = got["tokenisation"]["mismatches"]
     result["problems"] = problems(result)
     return result
 

@@ -13,7 +13,8 @@ $(STAMP): pyproject.toml constraints/tested.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# CPU torch where none is installed: an unpinned torch would pull several GB of CUDA wheels
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -c constraints/tested.txt -e ".[dev]"
+	# release: llama-cpp-python compiles from source (about 8 min on 2 cores), without its multimodal part
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/python -m pip install -q -c constraints/tested.txt -e ".[dev,release]"
 	touch $(STAMP)
 
 install: $(STAMP)

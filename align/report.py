@@ -155,6 +155,7 @@ def write(run: Path, report: dict) -> Path:
     ]
     lines += ["", "Sample DPO replies (held-out):", ""]
     lines += [f"- {e['q']} → `{e['reply'].strip()}` (answer {e['answer']})" for e in em["dpo"]["examples"]]
+    lines += release_table(report.get("release"))
     lines += ["", "Timings: " + format_timings(report["timings"]), ""]
     lines += [
         "For real checkpoints, run lm-eval-harness on the saved model (it loads in vanilla transformers):",
@@ -177,6 +178,25 @@ def language_table(results: dict, key: str, models) -> list[str]:
         values = [results[name][key]["per_language"].get(lang) for lang in languages]
         lines.append(f"| {LABELS[name]} | " + " | ".join("–" if v is None else f"{v:.1%}" for v in values) + " |")
     return lines
+
+
+def release_table(checks: dict | None) -> list[str]:
+    """The release's formats, one row each: who loaded it, answers equal to the Instruct model's, exact match."""
+    if not checks:
+        return []
+    lines = [
+        "",
+        "Release (`release/`, align/release.py): each format answers the held-out questions, loaded by the program "
+        "that serves it.",
+        "",
+        "| format | loaded by | answers equal ours | exact match |",
+        "|---|---|---|---|",
+    ]
+    for fmt, r in checks["formats"].items():
+        lines.append(f"| {fmt} | {r['loaded_by']} | {r['agreement']:.1%} | {r['exact_match']:.1%} |")
+    if checks.get("problems"):
+        return lines + ["", "Release checks failed: " + "; ".join(checks["problems"])]
+    return lines + ["", "Release checks: all hold."]
 
 
 def format_timings(timings: dict) -> str:

@@ -137,16 +137,19 @@ def _by_language(rows, values, name):
     }
 
 
-def passkey_accuracy(model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), per_cell=4, count_tokens=None):
+def passkey_accuracy(
+    model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), per_cell=4, count_tokens=None, digits=5
+):
     """Passkey retrieval (align/offline/longctx.py) by exact match over lengths × depths →
-    {"overall": acc, "grid": {length: {depth: acc}}}. Lengths are in the tokenizer's tokens."""
+    {"overall": acc, "grid": {length: {depth: acc}}}. Lengths are in the tokenizer's tokens unless count_tokens
+    says otherwise; the rows (seeds from 1000) are not among the training files' (seeds below 1000)."""
     from .offline.longctx import passkey_example
 
     if count_tokens is None:
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     grid, hits, total = {}, 0, 0
     for n in lengths:
-        rows = [passkey_example(n, d, count_tokens, seed=1000 + i) for d in depths for i in range(per_cell)]
+        rows = [passkey_example(n, d, count_tokens, 1000 + i, digits) for d in depths for i in range(per_cell)]
         replies = generate_replies(model, tokenizer, [r["messages"][:-1] for r in rows], batch_size=8)
         scores = [int(reply.strip().split("\n")[0].strip() == r["answer"]) for r, reply in zip(rows, replies)]
         grid[n] = {d: sum(scores[j * per_cell : (j + 1) * per_cell]) / per_cell for j, d in enumerate(depths)}

@@ -1,9 +1,9 @@
 """Synthetic long-context tasks, made offline at any length: passkey retrieval and multi-document lookup.
 
-Passkey: a five-digit key hidden at a chosen depth (0 = start, 1 = end) of filler text; the question asks for it.
-Lookup: numbered documents, each with its own code; the question names one document. Both are verifiable by
-exact match and scale to any length, so the same generator serves the tiny CPU recipe (a few hundred tokens) and
-real 256K runs.
+Passkey: a five-digit key (or `digits`) hidden at a chosen depth (0 = start, 1 = end) of filler
+text; the question asks for it. Lookup: numbered documents, each with its own code; the question names one
+document. Both are verifiable by exact match and scale to any length, so the same generator serves the tiny CPU
+recipe (a few hundred tokens) and real 256K runs.
 
     python -m align.offline.longctx --out data/longctx --tokenizer tiiuae/Falcon-H1-7B-Instruct \\
         --lengths 16384,65536,262144 --per-length 200       # training/eval files for the long recipes
@@ -33,10 +33,17 @@ def _filler_to(n_tokens: int, count_tokens, rng: random.Random) -> list[str]:
     return pieces
 
 
-def passkey_example(n_tokens: int, depth: float, count_tokens, seed: int = 0) -> dict:
-    """{messages: [user, assistant], answer, length, depth}: the key sits at `depth` of ~n_tokens of filler."""
+def _number(rng: random.Random, digits: int) -> str:
+    if digits < 1:
+        raise ValueError(f"digits must be at least 1, got {digits}")
+    return str(rng.randrange(10 ** (digits - 1), 10**digits))
+
+
+def passkey_example(n_tokens: int, depth: float, count_tokens, seed: int = 0, digits: int = 5) -> dict:
+    """{messages: [user, assistant], answer, length, depth}: a `digits`-digit key sits at `depth` of ~n_tokens of
+    filler."""
     rng = random.Random(f"passkey|{n_tokens}|{depth}|{seed}")
-    key = str(rng.randrange(10000, 100000))
+    key = _number(rng, digits)
     pieces = _filler_to(n_tokens, count_tokens, rng)
     pieces.insert(round(depth * len(pieces)), f"The pass key is {key}. Remember it. {key} is the pass key. ")
     question = "".join(pieces) + "\nWhat is the pass key?"
@@ -49,10 +56,10 @@ def passkey_example(n_tokens: int, depth: float, count_tokens, seed: int = 0) ->
     }
 
 
-def lookup_example(n_tokens: int, n_docs: int, count_tokens, seed: int = 0) -> dict:
-    """Numbered documents of filler, each stating its code; the question asks for one document's code."""
+def lookup_example(n_tokens: int, n_docs: int, count_tokens, seed: int = 0, digits: int = 3) -> dict:
+    """Numbered documents of filler, each stating its `digits`-digit code; the question asks for one document's."""
     rng = random.Random(f"lookup|{n_tokens}|{n_docs}|{seed}")
-    codes = [str(rng.randrange(100, 1000)) for _ in range(n_docs)]
+    codes = [_number(rng, digits) for _ in range(n_docs)]
     docs = []
     for i, code in enumerate(codes):
         body = "".join(_filler_to(n_tokens // n_docs, count_tokens, rng))
@@ -68,15 +75,24 @@ def lookup_example(n_tokens: int, n_docs: int, count_tokens, seed: int = 0) -> d
     }
 
 
-def examples(lengths, count_tokens, per_length: int, depths=(0.0, 0.25, 0.5, 0.75, 1.0), seed: int = 0):
-    """Passkey rows over lengths × depths, plus one lookup row per length and seed, deterministic."""
+def examples(
+    lengths,
+    count_tokens,
+    per_length: int,
+    depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+    seed: int = 0,
+    digits=(5, 3),
+    lookup_every: int = 4,
+):
+    """Passkey rows over lengths × depths, plus one lookup row per `lookup_every` passkeys (0: none),
+    deterministic. digits: (passkey digits, lookup code digits)."""
     rows = []
     for n in lengths:
         for i in range(per_length):
             depth = depths[i % len(depths)]
-            rows.append(passkey_example(n, depth, count_tokens, seed=seed * 100_000 + i))
-            if i % 4 == 3:
-                rows.append(lookup_example(n, 4, count_tokens, seed=seed * 100_000 + i))
+            rows.append(passkey_example(n, depth, count_tokens, seed=seed * 100_000 + i, digits=digits[0]))
+            if lookup_every and i % lookup_every == lookup_every - 1:
+                rows.append(lookup_example(n, 4, count_tokens, seed=seed * 100_000 + i, digits=digits[1]))
     return rows
 
 

@@ -6,7 +6,7 @@ from transformers import AutoTokenizer
 
 from align import sft
 from align.eval import passkey_accuracy
-from align.offline.longctx import lookup_example, passkey_example
+from align.offline.longctx import examples, lookup_example, passkey_example
 from model import FalconH1ForCausalLM
 from tests.align.test_sft import base  # noqa: F401  (the tiny base checkpoint fixture)
 
@@ -25,6 +25,11 @@ def test_passkey_sits_at_its_depth_and_lengths_scale():
     assert positions[0] < 0.05 and 0.4 < positions[1] < 0.6 and positions[2] > 0.9
     short, long = passkey_example(200, 0.5, _words), passkey_example(2000, 0.5, _words)
     assert 8 < _words(long["messages"][0]["content"]) / _words(short["messages"][0]["content"]) < 12
+    two = passkey_example(400, 0.5, _words, seed=3, digits=2)
+    assert len(two["answer"]) == 2 and f"The pass key is {two['answer']}." in two["messages"][0]["content"]
+    assert [r["task"] for r in examples((60,), _words, 8)].count("lookup") == 2
+    assert {r["task"] for r in examples((60,), _words, 8, lookup_every=0)} == {"passkey"}
+    assert all(len(r["answer"]) == 2 for r in examples((60,), _words, 8, digits=(2, 2)))
     lookup = lookup_example(600, 4, _words, seed=1)
     question = lookup["messages"][0]["content"]
     n = int(question.rsplit("document ", 1)[1].rstrip("?"))
@@ -44,6 +49,29 @@ def test_tiny_long_context_recipe_runs_and_the_passkey_eval_scores_it(base, tmp_
     result = passkey_accuracy(model, tokenizer, lengths=(48, 96), depths=(0.0, 1.0), per_cell=2)
     assert set(result["grid"]) == {48, 96} and set(result["grid"][48]) == {0.0, 1.0}
     assert 0.0 <= result["overall"] <= 1.0
+
+
+def test_passkey_accuracy_asks_keys_of_the_given_digits(monkeypatch):
+    """A reader that finds the key in the prompt scores 1; one that answers a fixed key scores near 0."""
+    import re
+
+    from align import eval as evaluation
+
+    asked = []
+
+    def reader(model, tokenizer, conversations, **kw):
+        keys = [re.search(r"pass key is (\d+)", c[0]["content"]).group(1) for c in conversations]
+        asked.extend(keys)
+        return [k if model == "reads" else "12" for k in keys]
+
+    monkeypatch.setattr(evaluation, "generate_replies", reader)
+    kw = dict(lengths=(20, 40), depths=(0.0, 1.0), per_cell=3, count_tokens=_words)
+    assert passkey_accuracy("reads", None, digits=2, **kw)["overall"] == 1.0
+    assert len(asked) == 12 and all(len(k) == 2 for k in asked)
+    assert passkey_accuracy("fixed", None, digits=2, **kw)["overall"] < 0.2
+    asked.clear()
+    passkey_accuracy("reads", None, **kw)
+    assert all(len(k) == 5 for k in asked)  # five digits by default, as the long recipes' rows
 
 
 def test_long_rows_ask_for_expandable_segments(monkeypatch):

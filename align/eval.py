@@ -138,7 +138,7 @@ def _by_language(rows, values, name):
 
 
 def passkey_accuracy(
-    model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), per_cell=4, count_tokens=None, digits=5
+    model, tokenizer, lengths, depths=(0.0, 0.25, 0.5, 0.75, 1.0), per_cell=4, count_tokens=None, digits=5, spaced=False
 ):
     """Passkey retrieval (align/offline/longctx.py) by exact match over lengths × depths →
     {"overall": acc, "grid": {length: {depth: acc}}}. Lengths are in the tokenizer's tokens unless count_tokens
@@ -149,7 +149,7 @@ def passkey_accuracy(
         count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])
     grid, hits, total = {}, 0, 0
     for n in lengths:
-        rows = [passkey_example(n, d, count_tokens, 1000 + i, digits) for d in depths for i in range(per_cell)]
+        rows = [passkey_example(n, d, count_tokens, 1000 + i, digits, spaced) for d in depths for i in range(per_cell)]
         replies = generate_replies(model, tokenizer, [r["messages"][:-1] for r in rows], batch_size=8)
         scores = [int(reply.strip().split("\n")[0].strip() == r["answer"]) for r, reply in zip(rows, replies)]
         grid[n] = {d: sum(scores[j * per_cell : (j + 1) * per_cell]) / per_cell for j, d in enumerate(depths)}

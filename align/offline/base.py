@@ -27,7 +27,6 @@ def build_tokenizer(texts, vocab_size=768):
     """Byte-level BPE trained on the project's own text; ids 0–4 are the special tokens (pad 0, bos 1). Bytes
     cover every script: no text is out of vocabulary."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -39,6 +38,16 @@ def build_tokenizer(texts, vocab_size=768):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(texts, trainer)
+    fast = as_chat_tokenizer(tok)
+    fast.padding_side = "left"
+    return fast
+
+
+def as_chat_tokenizer(tok):
+    """A trained `tokenizers.Tokenizer` → transformers' PreTrainedTokenizerFast with the offline special tokens
+    (Falcon-H1's names) and the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",
@@ -47,7 +56,6 @@ def build_tokenizer(texts, vocab_size=768):
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
     )
     fast.chat_template = falcon_h1_chat_template()
-    fast.padding_side = "left"
     return fast
 
 

@@ -14,7 +14,7 @@ import torch
 from align import release
 from align.eval import load_jsonl
 from align.gguf_export import LLAMA3_SPLIT, MULTIPLIER_FIELDS, multipliers, pre_tokenizer_name, write_gguf
-from align.offline.base import build_tokenizer, pretrain
+from align.offline.base import as_chat_tokenizer, build_tokenizer, pretrain
 from align.offline.tasks import LANGUAGES, examples, pretraining_documents
 from align.release_checks import GGUF_LOGIT_TOLERANCE, gguf_logit_error, load_gguf, prompts_of, tokenisation
 from align.validate import InputError
@@ -42,9 +42,7 @@ def falcon_h1_style_tokenizer(texts, vocab_size=500):
     tokenizers split digits: they are kept single while training, so the released vocabulary holds no multi-digit
     token), and Falcon-H1's special tokens at their ids (pad 0, BOS 1, EOS 11) plus ChatML's."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from align.templates import falcon_h1_chat_template
 
     special = ["<|pad|>", "<|begin_of_text|>"] + [f"<|reserved_{i}|>" for i in range(2, 11)]
     special += ["<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
@@ -57,15 +55,7 @@ def falcon_h1_style_tokenizer(texts, vocab_size=500):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(texts, trainer)
     tok.pre_tokenizer = pre_tokenizers.Sequence([split, byte_level])
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = falcon_h1_chat_template()
-    return fast
+    return as_chat_tokenizer(tok)
 
 
 def corpus():

@@ -15,7 +15,6 @@ log-probs are precomputed, which needs no copy at all.
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import sys
@@ -29,7 +28,7 @@ from trl import DPOConfig, ModelConfig  # noqa: E402
 
 from align.args import PreferenceArguments, RecipeParser  # noqa: E402
 from align.fast_path import apply, decide  # noqa: E402
-from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_reference, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
@@ -53,9 +52,7 @@ def reference_model(model_args, align_args, dpo_args, trust):
     fsdp = bool(dpo_args.fsdp) or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true")
     if model_args.use_peft or (dpo_args.precompute_ref_log_probs and not fsdp):
         return None
-    ref_args = copy.copy(model_args)
-    ref_args.model_name_or_path = align_args.ref_model_name_or_path or model_args.model_name_or_path
-    return load_model(ref_args, align_args, trust).eval()
+    return load_reference(model_args, align_args, trust)
 
 
 def main(argv=None, callbacks=()):

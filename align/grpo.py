@@ -16,7 +16,6 @@ fine-tuning, a second copy (`ref_model_name_or_path`, default the starting model
 
 from __future__ import annotations
 
-import copy
 import logging
 import sys
 from pathlib import Path
@@ -30,7 +29,7 @@ from trl import GRPOConfig, ModelConfig  # noqa: E402
 from align.args import GRPOArguments, RecipeParser  # noqa: E402
 from align.fast_path import apply, decide  # noqa: E402
 from align.grpo_trainer import FalconGRPOTrainer, check_loss_type  # noqa: E402
-from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
+from align.models import load_model, load_reference, load_tokenizer, peft_config  # noqa: E402
 from align.rewards import reference_answer, resolve  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
@@ -64,9 +63,7 @@ def reference_model(model_args, align_args, grpo_args, trust):
     """The frozen KL reference for full fine-tuning with beta > 0; None where none is needed (beta 0, or LoRA)."""
     if grpo_args.beta == 0.0 or model_args.use_peft:
         return None
-    ref_args = copy.copy(model_args)
-    ref_args.model_name_or_path = align_args.ref_model_name_or_path or model_args.model_name_or_path
-    return load_model(ref_args, align_args, trust).eval()
+    return load_reference(model_args, align_args, trust)
 
 
 def main(argv=None, callbacks=()):

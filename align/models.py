@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -78,6 +79,13 @@ def load_model(model_args, align_args: AlignArguments, trust_remote_code: bool =
     if align_args.activation_offload and not configure_backbones(model, **long_rows):
         raise ValueError("activation_offload needs falcon-align's Falcon-H1 model (model_type falcon_h1)")
     return model
+
+
+def load_reference(model_args, align_args: AlignArguments, trust_remote_code: bool = False):
+    """The frozen reference of a preference or RL stage: `ref_model_name_or_path`, else the starting weights."""
+    ref_args = copy.copy(model_args)
+    ref_args.model_name_or_path = align_args.ref_model_name_or_path or model_args.model_name_or_path
+    return load_model(ref_args, align_args, trust_remote_code).eval()
 
 
 def expandable_segments() -> bool:

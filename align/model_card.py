@@ -100,7 +100,7 @@ def write_card(path, config, manifest: dict, facts: CardFacts, checks: dict | No
         "",
         *format_table(checks, manifest),
         "",
-        "Answers: greedy replies to the held-out questions through the chat template; \"answers equal ours\" is the "
+        'Answers: greedy replies to the held-out questions through the chat template; "answers equal ours" is the '
         "share whose first line equals the source model's in falcon-align. The GGUF files carry the µP multipliers "
         "folded into their weights. Quantised GGUF files were made by llama.cpp's own quantiser.",
         "",

@@ -7,13 +7,13 @@ facts, written as plain sentences, form the pretraining text of the tiny base mo
 format and the question forms rather than the arithmetic. A fixed 15% of the questions (by a hash of language,
 task and operands) is held out: never in SFT, used by the evaluation.
 
-Digits: every number (operands, answers, the rejected near misses) is written in the digits the language uses
-for such sums. Arabic uses the Arabic-Indic digits of the Mashriq and the Gulf (٠–٩, U+0660–0669), Urdu its own
-Extended Arabic-Indic digits (۰–۹, U+06F0–06F9); Hindi uses the international digits 0–9 (India's official
-form, and what Hindi print and web write in arithmetic), as do Japanese, Korean and Chinese (half-width, as in
-their school arithmetic) and the other eleven languages. Exact match (align/eval.py) compares the reply with the
-answer as written here, digits included: an Arabic reply of "12" to a question whose answer is "١٢" is a miss,
-so the metric also checks that the model keeps the language's digits.
+Digits: every number (operands, answers, the rejected near misses) is written in the international digits 0–9,
+in all 18 languages. Hindi, Japanese, Korean and Chinese write arithmetic that way (half-width in the CJK
+languages, as in their school arithmetic), and so do Arabic across the Maghreb and much Arabic and Urdu print and
+web text, beside the Arabic-Indic digits (٠–٩, ۰–۹) of the Mashriq and of Urdu. The tiny base cannot learn the
+Arabic-Indic form: its numbers then open a reply in no pretraining sentence (where a space always precedes them),
+and Arabic and Urdu scored 0% exact match at every stage. Exact match (align/eval.py) compares the reply with the
+answer as written here: a reply of "١٢" to the answer "12" is a miss.
 
     python -m align.offline.tasks --out data/offline   # regenerates the shipped files byte for byte
 """
@@ -91,14 +91,6 @@ TEMPLATES = {
 }
 LANGUAGES = list(TEMPLATES)
 HELD_OUT_PERCENT = 15
-DIGITS = {"ar": "٠١٢٣٤٥٦٧٨٩", "ur": "۰۱۲۳۴۵۶۷۸۹"}  # the rest write 0–9
-
-
-def written(number: int, language: str) -> str:
-    """`number` in the digits `language` writes it with (module docstring): 12 → "١٢" in Arabic."""
-    text = str(number)
-    digits = DIGITS.get(language)
-    return text.translate(str.maketrans("0123456789", digits)) if digits else text
 
 
 def korean_topic(number: int) -> str:
@@ -108,13 +100,13 @@ def korean_topic(number: int) -> str:
 
 
 def _fields(language: str, **numbers) -> dict:
-    """A template's fields: the numbers as the language writes them, and Korean's particle after b."""
-    fields = {name: written(value, language) for name, value in numbers.items()}
+    """A template's fields: the numbers, and Korean's particle after b."""
+    fields = {name: str(value) for name, value in numbers.items()}
     return {**fields, "topic": korean_topic(numbers["b"]) if "b" in numbers else ""}
 
 
 def items():
-    """Every (task, operands, answer) of the two tasks; the answer is a number, written per language by `_split`."""
+    """Every (task, operands, answer) of the two tasks."""
     for a in range(21):
         for b in range(21):
             yield "add", (a, b), a + b
@@ -139,7 +131,7 @@ def _split(split: str):
     for language in LANGUAGES:
         for task, operands, answer in items():
             if is_held_out(language, task, operands) == (split == "heldout"):
-                yield language, task, operands, written(answer, language)
+                yield language, task, operands, str(answer)
 
 
 def examples(split: str):
@@ -182,7 +174,7 @@ def wrong_answer(language: str, task: str, operands) -> str:
     right = operands[0] + operands[1] if task == "add" else operands[0] + 1
     offsets = (-2, -1, 1, 2) if task == "add" else (-2, -1, 1)  # after 7: "6", "7" or "9"
     wrong = right + offsets[digest[0] % len(offsets)]
-    return written(wrong if wrong >= 0 else right + 1, language)
+    return str(wrong if wrong >= 0 else right + 1)
 
 
 def preference_pairs(split: str):
@@ -224,7 +216,7 @@ def write_shipped(out: Path) -> None:
     ]
     _write_jsonl(out / "dpo_pairs.jsonl", pairs)
     _write_jsonl(out / "heldout_pairs.jsonl", list(preference_pairs("heldout")))
-    write_longctx(out)  # the tiny long-context recipe's passkey/lookup rows
+    write_longctx(out)  # the tiny long-context recipe's passkey rows
     heldout = list(examples("heldout"))
     (out / "heldout.jsonl").write_text(
         "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in heldout), encoding="utf-8"

@@ -10,11 +10,10 @@ import torch
 
 from align import eval as evaluation
 from align.offline import tasks
-from align.offline.tasks import LANGUAGES, korean_topic, pretraining_documents, written
+from align.offline.tasks import LANGUAGES, korean_topic, pretraining_documents
 
 SHIPPED = Path(__file__).resolve().parents[2] / "data" / "offline"
 FALCON_H1 = {"en", "fr", "de", "es", "it", "pt", "nl", "pl", "sv", "ro", "cs", "ru", "ar", "hi", "ja", "ko", "ur", "zh"}
-DIGITS = {"ar": "٠١٢٣٤٥٦٧٨٩", "ur": "۰۱۲۳۴۵۶۷۸۹"}
 
 
 def _jsonl(name):
@@ -22,7 +21,7 @@ def _jsonl(name):
 
 
 def _numbers(text):
-    """The numbers in `text`, read in whatever decimal digits they are written."""
+    """The numbers in `text`, read in whatever decimal digits they are written (Arabic-Indic ones included)."""
     return [int("".join(str(unicodedata.digit(c)) for c in m)) for m in re.findall(r"\d+", text)]
 
 
@@ -46,25 +45,19 @@ def test_shipped_files_regenerate_byte_for_byte(tmp_path):
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-def test_every_answer_is_right_and_in_its_languages_digits():
+def test_every_answer_is_right_and_in_the_digits_0_to_9():
     for row in _jsonl("heldout.jsonl") + _jsonl("sft_addition.jsonl"):
         if "task" not in row:
             continue
-        question, answer, language = row["messages"][0]["content"], row["answer"], row["language"]
+        question, answer = row["messages"][0]["content"], row["answer"]
         operands = _numbers(question)
         assert _numbers(answer) == [sum(operands) if row["task"] == "add" else operands[0] + 1], row
         assert row["messages"][1]["content"] == answer
-        allowed = set(DIGITS.get(language, "0123456789"))
-        assert set(answer) <= allowed and set(re.findall(r"\d", question)) <= allowed, row
+        assert set(answer) <= set("0123456789") and set(re.findall(r"\d", question)) <= set("0123456789"), row
     for pair in _jsonl("heldout_pairs.jsonl"):
         right, wrong = _numbers(pair["chosen"])[0], _numbers(pair["rejected"])[0]
-        assert 1 <= abs(right - wrong) <= 2 and set(pair["rejected"]) <= set(DIGITS.get(pair["language"], "0123456789"))
-    assert (
-        written(1, "ar") == "١"
-        and written(40, "ar") == "٤٠"
-        and written(47, "ur") == "۴۷"
-        and written(47, "hi") == "47"
-    )
+        assert 1 <= abs(right - wrong) <= 2 and set(pair["rejected"]) <= set("0123456789")
+    assert tasks.question("ar", "add", (12, 7)) == "كم يساوي 12 زائد 7؟"
 
 
 def test_korean_topic_particle_follows_the_numbers_reading():
@@ -76,7 +69,7 @@ def test_korean_topic_particle_follows_the_numbers_reading():
     assert tasks.question("ko", "add", (4, 3)) == "4 더하기 3은 얼마입니까?"
 
 
-def test_the_base_tokenizer_covers_every_script_with_numbers_of_one_token():
+def test_the_base_tokenizer_covers_every_script_and_every_answer_is_one_token():
     from align.offline.base import offline_tokenizer
 
     tokenizer = offline_tokenizer(pretraining_documents(4000))
@@ -85,12 +78,11 @@ def test_the_base_tokenizer_covers_every_script_with_numbers_of_one_token():
         question = row["messages"][0]["content"]
         assert tokenizer.decode(tokenizer(question)["input_ids"]) == question
         lengths[len(tokenizer(row["answer"])["input_ids"])] += 1
-    # a number that opens a reply in no training row (e.g. ٥٠, only ever a held-out answer) splits in two
-    assert set(lengths) == {1, 2} and lengths[2] < 0.02 * lengths[1], lengths
-    assert len(tokenizer) < 1536
+    assert lengths == {1: 1438}, lengths  # held-out answers included: never split in two
+    assert len(tokenizer) < 1024  # the text has fewer merges than asked for: every one was made
 
 
-def test_exact_match_counts_only_the_languages_digits(monkeypatch):
+def test_exact_match_wants_the_answer_as_written(monkeypatch):
     rows = [
         {
             "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
@@ -98,12 +90,12 @@ def test_exact_match_counts_only_the_languages_digits(monkeypatch):
             "answer": a,
         }
         for q, a, lang in (
-            ("كم يساوي ٥ زائد ٧؟", "١٢", "ar"),
-            ("كم يساوي ٥ زائد ٧؟", "١٢", "ar"),
+            ("كم يساوي 5 زائد 7؟", "12", "ar"),
+            ("كم يساوي 5 زائد 7؟", "12", "ar"),
             ("5加7等于多少？", "12", "zh"),
         )
     ]
-    replies = ["١٢\n", "12", " 12"]  # the right number, once in the wrong digits
+    replies = ["12\n", "١٢", " 12"]  # the right number, once in Arabic-Indic digits
     monkeypatch.setattr(evaluation, "generate_replies", lambda model, tokenizer, conversations, **kw: replies)
     result = evaluation.exact_match_by_language(None, None, rows)
     assert result["per_language"] == {"ar": 0.5, "zh": 1.0}

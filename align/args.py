@@ -96,9 +96,9 @@ class AlignArguments:
     runtime: dict | None = field(  # a mapping in YAML; JSON on the command line (RecipeParser reads it)
         default=None,
         metadata={
-            "help": "Run-time choices of the fast path (model.settings): kernels (auto|reference), fused_projections, "
-            "mixer_streams, ssd_recompute, compile_backend, compile_loss. A mapping in the recipe; JSON on the "
-            "command line."
+            "help": "Run-time choices of the fast path (model.settings): kernels (auto|triton|mamba-ssm|reference), "
+            "fused_projections, mixer_streams, ssd_recompute, compile_backend, compile_loss. A mapping in the "
+            "recipe; JSON on the command line."
         },
     )
     report_dir: str | None = field(default=None, metadata={"help": "Where mixture reports go; default output_dir."})

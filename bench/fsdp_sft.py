@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from bench import common
+from model.settings import KERNEL_PROVIDERS
 
 # the Trainer's log lines: a dict per logging step, then the run's summary
 LOG_LINE = re.compile(r"\{'(?:loss|train_runtime)'[^{}]*\}")
@@ -90,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--kernels", choices=("auto", "reference"), default="reference")
+    ap.add_argument("--kernels", choices=KERNEL_PROVIDERS, default="reference")
     ap.add_argument("--timeout", type=int, default=300, help="seconds for each of the two runs")
     ap.add_argument("--logs", default=None, help="folder for the two runs' logs (default: a temporary one)")
     common.add_common_arguments(ap, runtime=False)

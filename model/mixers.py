@@ -39,7 +39,7 @@ class FalconH1RMSNormGated(nn.Module):
 
     def forward(self, y, z, ops):
         # under torch.compile the reference: inductor fuses it with the gate and the casts around it (forward and
-        # backward), where mamba-ssm's Triton norm is an autograd.Function that torch.compile cannot trace
+        # backward), where the fast kernel would stay one opaque op with those as kernels of their own
         norm = rmsnorm_gated_ref if torch.compiler.is_compiling() else ops.rmsnorm_gated
         return norm(y, z, self.weight, self.variance_epsilon, self.group_size, self.norm_before_gate)
 

@@ -18,12 +18,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 ENV_PREFIX = "FALCON_ALIGN_"
+KERNEL_PROVIDERS = ("auto", "triton", "mamba-ssm", "reference")
 
 
 @dataclass(frozen=True)
 class Settings:
-    # "auto": mamba-ssm's Triton kernels and flash attention on CUDA where installed; "reference": the pure-PyTorch
-    # ops (model/kernels/ref.py) everywhere
+    # who supplies the fast ops on CUDA (model/kernels; the CPU always runs the reference):
+    #   "auto"      our Triton kernels where triton imports (it comes with PyTorch's CUDA wheels), else the reference
+    #   "triton"    our Triton kernels, an error where triton does not import
+    #   "mamba-ssm" mamba-ssm's Triton kernels and causal-conv1d's conv (the `mamba` extra), an error without mamba-ssm
+    #   "reference" the pure-PyTorch ops (model/kernels/ref.py) everywhere
+    # The SSD scan is mamba-ssm's under every fast provider where it is installed (model/kernels/cuda.py
+    # `_ssd_scan_for`); PyTorch's flash varlen attention under every one where it exists.
     kernels: str = "auto"
     # a layer's q, k, v and in_proj as one GEMM, gate and up as another, on the fast ops (not in training graphs, where
     # the fused gradients' assembly costs more than the launches it saves; not with a cache)
@@ -39,8 +45,8 @@ class Settings:
     compile_loss: bool = True
 
     def __post_init__(self):
-        if self.kernels not in ("auto", "reference"):
-            raise ValueError(f"kernels must be 'auto' or 'reference', got {self.kernels!r}")
+        if self.kernels not in KERNEL_PROVIDERS:
+            raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNEL_PROVIDERS))}, got {self.kernels!r}")
 
 
 def _parse(name: str, raw: str, default):
@@ -63,7 +69,11 @@ def _from_environment(base: Settings) -> Settings:
         raw = os.environ.get(ENV_PREFIX + f.name.upper())
         if raw is not None:
             changes[f.name] = _parse(f.name, raw, f.default)
-    return replace(base, **changes)
+    try:
+        return replace(base, **changes)
+    except ValueError as err:
+        names = ", ".join(ENV_PREFIX + name.upper() for name in changes)
+        raise ValueError(f"from the environment ({names}): {err}") from err
 
 
 _current = _from_environment(Settings())

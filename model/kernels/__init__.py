@@ -1,8 +1,10 @@
 """The one place that decides which kernels run.
 
 `get_ops(device)` returns an `Ops` bundle. The reference bundle (pure PyTorch, `ref.py`) runs anywhere and is
-the oracle the fast kernels are tested against. On CUDA, `cuda.py` may supply fast twins with the same
-signatures; any op it cannot supply falls back to the reference. The choice is logged once per device.
+the oracle the fast kernels are tested against. On CUDA, `cuda.py` supplies fast twins with the same signatures
+from the provider `model.settings.kernels` names ("auto" and "triton": our Triton kernels, `state_update.py` and
+`gated_norm.py`; "mamba-ssm": mamba-ssm's and causal-conv1d's); any op the provider cannot supply falls back to
+the reference. The choice is logged once per device, naming each fast op's supplier.
 `model.settings.configure(kernels="reference")` forces the reference path everywhere.
 """
 
@@ -49,32 +51,35 @@ REFERENCE = Ops(
 _chosen: dict[str, Ops] = {}
 
 
-def _fast_ops() -> Ops | None:
+def _fast_ops(provider: str) -> Ops | None:
+    """The reference bundle with `provider`'s fast twins in place (model/kernels/cuda.py), or None if it has none."""
     try:
         from . import cuda
     except ImportError as err:  # the module itself guards its imports; this is belt and braces
         logger.info("falcon-align kernels: CUDA ops unavailable (%s)", err)
         return None
-    overrides = cuda.available_ops()
-    if not overrides:
+    supplied = cuda.available_ops(provider)  # {op: (supplier, callable)}
+    if not supplied:
         return None
     return replace(
         REFERENCE,
-        name="cuda[" + ",".join(sorted(overrides)) + "]",
-        varlen_for_packing="varlen_attention" in overrides,
+        name="cuda[" + ",".join(f"{op}:{supplier}" for op, (supplier, _) in sorted(supplied.items())) + "]",
+        varlen_for_packing="varlen_attention" in supplied,
         fast=True,
-        **overrides,
+        **{op: fn for op, (_, fn) in supplied.items()},
     )
 
 
 def get_ops(device: torch.device | str) -> Ops:
-    """The kernels for `device`: chosen once per device type (model.settings.kernels), logged once."""
+    """The kernels for `device`: chosen once per device type (model.settings.kernels), logged once. Raises where
+    an explicit provider ("triton", "mamba-ssm") cannot run on a CUDA device."""
     device = torch.device(device)
     key = device.type
     if key not in _chosen:
+        provider = settings().kernels
         ops = REFERENCE
-        if device.type == "cuda" and settings().kernels == "auto":
-            ops = _fast_ops() or REFERENCE
+        if device.type == "cuda" and provider != "reference":
+            ops = _fast_ops(provider) or REFERENCE
         logger.info("falcon-align kernels on %s: %s", key, ops.name)
         _chosen[key] = ops
     return _chosen[key]

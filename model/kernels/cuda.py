@@ -1,8 +1,14 @@
 """Fast CUDA twins of the reference ops, each with the reference signature.
 
-`available_ops()` returns {op_name: callable} for what can run here; `get_ops` falls back to `ref.py` for
-the rest. Every import is guarded: this module imports on a CPU machine without mamba-ssm or causal-conv1d.
+`available_ops(provider)` returns {op_name: (supplier, callable)} for what runs here; `get_ops` falls back to
+`ref.py` for the rest. The provider is `model.settings.kernels`:
+- "auto" / "triton": our Triton kernels (`state_update.py`, `gated_norm.py`); nothing to compile at install, triton
+  comes with PyTorch's CUDA wheels. The conv runs the reference: ATen's depthwise conv eagerly, and under
+  torch.compile (compiled layers, the compiled decode step) shifted multiply-adds that inductor fuses with the SiLU.
+- "mamba-ssm": mamba-ssm's Triton kernels, and causal-conv1d's conv where installed.
+The SSD scan is picked in one place, `_ssd_scan_for`. PyTorch's flash varlen attention serves every provider.
 
+Every import is guarded: this module imports on a CPU machine without triton, mamba-ssm or causal-conv1d.
 mamba-ssm 2.3.0–2.3.2.post1: `import mamba_ssm` runs its package `__init__`, which needs the Mamba-1 CUDA
 extension `selective_scan_cuda` (and the Mamba-3 stack) although every Mamba-2 op we use is pure Triton. When
 that import fails we register the package without running its `__init__` and import the Triton modules
@@ -17,6 +23,7 @@ import inspect
 import logging
 import sys
 import types
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -309,7 +316,7 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c,
     return dx, ddt_in, dA, dB, dC, dD, dinit
 
 
-def _state_update(ssu):
+def _mamba_state_update(ssu):
     from .ref import _discretize_dt
 
     update = ssu.selective_state_update
@@ -341,7 +348,7 @@ def _state_update(ssu):
     return selective_state_update
 
 
-def _rmsnorm_gated(layernorm_gated):
+def _mamba_rmsnorm_gated(layernorm_gated):
     fn = layernorm_gated.rmsnorm_fn
 
     def rmsnorm_gated(x, z, weight, eps, group_size, norm_before_gate=False):
@@ -394,32 +401,70 @@ def _varlen_attention():
     return varlen_attention
 
 
-def available_ops() -> dict:
+def available_ops(provider: str) -> dict[str, tuple[str, Callable]]:
+    """{op name: (supplier, callable)} of the fast ops `provider` ("auto", "triton", "mamba-ssm") supplies here;
+    empty without CUDA. An explicit provider that cannot run here is an error; "auto" takes what imports."""
     if not torch.cuda.is_available():
         return {}
-    ops = {}
-    mamba = _import_mamba_triton()
-    if mamba is not None:
-        ssd_combined, ssu, layernorm_gated = mamba
-        ops.update(
-            ssd_scan=_ssd_scan(ssd_combined),
-            selective_state_update=_state_update(ssu),
-            rmsnorm_gated=_rmsnorm_gated(layernorm_gated),
-        )
-    try:
-        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
-    except ImportError:
-        pass
-    else:
-        ops.update(
-            causal_conv1d=_causal_conv1d(causal_conv1d_fn),
-            causal_conv1d_update=lambda x, s, w, b=None, activation=None: causal_conv1d_update(
-                x, s, w, b, activation=activation
-            ),
-        )
+    ops = _mamba_ops() if provider == "mamba-ssm" else _triton_ops(required=provider == "triton")
+    scan = _ssd_scan_for(provider)
+    if scan is not None:
+        ops["ssd_scan"] = scan
     attention = _varlen_attention()
     if attention is not None:
-        ops["varlen_attention"] = attention
+        ops["varlen_attention"] = ("torch", attention)
+    return ops
+
+
+def _ssd_scan_for(provider: str) -> tuple[str, Callable] | None:
+    """The one place that picks the SSD scan: mamba-ssm's chunked kernels (as our custom op) where they import, under
+    every provider, until our own Triton scan exists; None → the reference."""
+    mamba = _import_mamba_triton()
+    return None if mamba is None else ("mamba-ssm", _ssd_scan(mamba[0]))
+
+
+def _triton_ops(required: bool) -> dict[str, tuple[str, Callable]]:
+    """Our Triton kernels: the decode step's state update and the gated RMSNorm."""
+    try:
+        from .gated_norm import rmsnorm_gated
+        from .state_update import selective_state_update
+    except ImportError as err:
+        if required:
+            raise RuntimeError(
+                f"kernels='triton' but triton does not import here ({err}); install PyTorch's CUDA build (it brings "
+                "triton) or `pip install triton`, or choose kernels='auto' or 'reference'"
+            ) from err
+        logger.info("falcon-align Triton kernels unavailable: %s", err)
+        return {}
+    return {
+        "selective_state_update": ("triton", selective_state_update),
+        "rmsnorm_gated": ("triton", rmsnorm_gated),
+    }
+
+
+def _mamba_ops() -> dict[str, tuple[str, Callable]]:
+    """mamba-ssm's state update and gated RMSNorm, and causal-conv1d's conv where it is installed."""
+    mamba = _import_mamba_triton()
+    if mamba is None:
+        raise RuntimeError(
+            "kernels='mamba-ssm' but mamba-ssm's Triton kernels do not import here (see the log line above); "
+            "install them (`pip install \".[mamba]\"`) or choose kernels='auto'"
+        )
+    _, ssu, layernorm_gated = mamba
+    ops = {
+        "selective_state_update": ("mamba-ssm", _mamba_state_update(ssu)),
+        "rmsnorm_gated": ("mamba-ssm", _mamba_rmsnorm_gated(layernorm_gated)),
+    }
+    try:
+        from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    except ImportError as err:
+        logger.info("causal-conv1d unavailable (%s): the reference conv runs", err)
+        return ops
+    ops["causal_conv1d"] = ("causal-conv1d", _causal_conv1d(causal_conv1d_fn))
+    ops["causal_conv1d_update"] = (
+        "causal-conv1d",
+        lambda x, s, w, b=None, activation=None: causal_conv1d_update(x, s, w, b, activation=activation),
+    )
     return ops
 
 

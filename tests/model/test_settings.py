@@ -19,8 +19,20 @@ def test_environment_overrides_parse_one_way(monkeypatch):
         settings._from_environment(settings.Settings())
     monkeypatch.setenv("FALCON_ALIGN_SSD_RECOMPUTE", "0")
     monkeypatch.setenv("FALCON_ALIGN_KERNELS", "ref")
-    with pytest.raises(ValueError, match="'auto' or 'reference'"):
+    with pytest.raises(ValueError, match="FALCON_ALIGN_KERNELS.*'auto', 'triton', 'mamba-ssm', 'reference', got 'ref'"):
         settings._from_environment(settings.Settings())
+    for provider in ("auto", "triton", "mamba-ssm", "reference"):
+        monkeypatch.setenv("FALCON_ALIGN_KERNELS", provider)
+        assert settings._from_environment(settings.Settings()).kernels == provider
+
+
+@pytest.mark.parametrize("wrong", ["mamba_ssm", "Triton", "ours", "", None])
+def test_kernel_provider_names_are_checked(wrong):
+    with pytest.raises(ValueError, match=f"kernels must be one of 'auto', 'triton', 'mamba-ssm', 'reference', got {wrong!r}"):
+        settings.Settings(kernels=wrong)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        settings.configure(kernels=wrong)
+    assert settings.settings().kernels in settings.KERNEL_PROVIDERS  # a refused change leaves the settings as they were
 
 
 def test_configure_refuses_unknown_names_and_overridden_restores():
@@ -32,6 +44,9 @@ def test_configure_refuses_unknown_names_and_overridden_restores():
         assert settings.settings() is now
         assert kernels.get_ops("cpu") is kernels.REFERENCE
     assert settings.settings() == before
+    for provider in settings.KERNEL_PROVIDERS:  # the CPU runs the reference whoever supplies the fast ops
+        with settings.overridden(kernels=provider):
+            assert kernels.get_ops("cpu") is kernels.REFERENCE
 
 
 def test_no_environment_read_outside_the_settings_module():

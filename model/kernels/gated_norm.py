@@ -69,7 +69,7 @@ def _gated_norm_bwd_kernel(
         live = ok & (row < rows)  # the last program's rows past the end read zeros: no share of dw
         x = tl.load(x_ptr + row * x_row + c, mask=live, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + row * dy_row + c, mask=live, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row * n_groups + grp)
+        rstd = tl.load(rstd_ptr + row * n_groups + grp, mask=row < rows, other=0.0)
         u = x
         if HAS_Z:
             z = tl.load(z_ptr + row * z_row + c, mask=live, other=0.0).to(tl.float32)
@@ -78,22 +78,18 @@ def _gated_norm_bwd_kernel(
             dgate = sig * (1.0 + z * (1.0 - sig))  # silu'(z)
             if not NORM_BEFORE_GATE:
                 u = x * gate
-        n = u * rstd
+        n = u * rstd  # the normalised group
         g = dy * w
-        if HAS_Z:
-            if NORM_BEFORE_GATE:
-                dw += dy * n * gate
-                tl.store(dz_ptr + row * dz_row + c, (g * n * dgate).to(dz_ptr.dtype.element_ty), mask=live)
-                g *= gate
-            else:
-                dw += dy * n
-        else:
-            dw += dy * n
+        scaled = n
+        if HAS_Z and NORM_BEFORE_GATE:  # y = n · w · silu(z)
+            tl.store(dz_ptr + row * dz_row + c, (g * n * dgate).to(dz_ptr.dtype.element_ty), mask=live)
+            scaled = n * gate
+            g *= gate
+        dw += dy * scaled
         du = rstd * (g - n * (tl.sum(g * n, axis=0) / group_size))
-        if HAS_Z:
-            if not NORM_BEFORE_GATE:
-                tl.store(dz_ptr + row * dz_row + c, (du * x * dgate).to(dz_ptr.dtype.element_ty), mask=live)
-                du *= gate
+        if HAS_Z and not NORM_BEFORE_GATE:  # u = x · silu(z)
+            tl.store(dz_ptr + row * dz_row + c, (du * x * dgate).to(dz_ptr.dtype.element_ty), mask=live)
+            du *= gate
         tl.store(dx_ptr + row * dx_row + c, du.to(dx_ptr.dtype.element_ty), mask=live)
     tl.store(dw_ptr + pid * d + c, dw, mask=ok)
 

@@ -24,12 +24,17 @@ _NO_LIMIT = (0.0, math.inf)
 
 @triton.jit
 def softplus(v):
-    """log(1 + exp(v)) as F.softplus computes it (v itself above 20), with log1p's accuracy for very negative v:
-    log(w)·u/(w − 1) with w = 1 + u rounded is exact to a few ulps where log(w) alone would lose u's digits."""
-    u = tl.exp(tl.minimum(v, 20.0))
-    w = 1.0 + u
-    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
-    return tl.where(v > 20.0, v, log1p_u)
+    """F.softplus (v itself above 20) to a few fp32 ulps everywhere, with no log of a number near 1 (whose fast
+    approximation loses the digits of small u): softplus(v) = max(v, 0) + log1p(u), u = exp(−|v|) in (0, 1], and
+    log1p(u) = 2·atanh(s) = 2·(s + s³/3 + s⁵/5 + …) with s = u / (2 + u) ≤ 1/3, whose terms past s¹⁹ are below
+    fp32's resolution."""
+    u = tl.exp(-tl.abs(v))
+    s = u / (2.0 + u)
+    s2 = s * s
+    series = 1.0 / 19.0
+    for k in tl.static_range(9):  # Horner in s²: 1/17, 1/15, …, 1/1
+        series = series * s2 + 1.0 / (17 - 2 * k)
+    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + 2.0 * s * series)
 
 
 @triton.jit

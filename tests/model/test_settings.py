@@ -28,7 +28,9 @@ def test_environment_overrides_parse_one_way(monkeypatch):
 
 @pytest.mark.parametrize("wrong", ["mamba_ssm", "Triton", "ours", "", None])
 def test_kernel_provider_names_are_checked(wrong):
-    with pytest.raises(ValueError, match=f"kernels must be one of 'auto', 'triton', 'mamba-ssm', 'reference', got {wrong!r}"):
+    with pytest.raises(
+        ValueError, match=f"kernels must be one of 'auto', 'triton', 'mamba-ssm', 'reference', got {wrong!r}"
+    ):
         settings.Settings(kernels=wrong)
     with pytest.raises(ValueError, match="kernels must be one of"):
         settings.configure(kernels=wrong)

@@ -447,8 +447,8 @@ def _mamba_ops() -> dict[str, tuple[str, Callable]]:
     mamba = _import_mamba_triton()
     if mamba is None:
         raise RuntimeError(
-            "kernels='mamba-ssm' but mamba-ssm's Triton kernels do not import here (see the log line above); "
-            "install them (`pip install \".[mamba]\"`) or choose kernels='auto'"
+            "kernels='mamba-ssm' but mamba-ssm's Triton kernels do not import here (the falcon_align.kernels log "
+            "says why); install them (`pip install \".[mamba]\"`) or choose kernels='auto'"
         )
     _, ssu, layernorm_gated = mamba
     ops = {

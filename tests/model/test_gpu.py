@@ -198,7 +198,7 @@ def test_auto_runs_without_mamba_ssm_or_causal_conv1d(monkeypatch, configured):
     loss, grads = _loss_and_grads(model, ids)
     tokens = model.eval().set_decode(static_cache=None, graphs=True, compile=True).generate(ids[:, :12], **kw)
     configured(kernels="reference")
-    ref_loss, ref_grads = _loss_and_grads(model.train(), ids)
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
     ref_tokens = model.eval().set_decode(static_cache=False).generate(ids[:, :12], **kw)
     assert rel_err(loss, ref_loss) < TOL[torch.float32]
     for n in ref_grads:

@@ -202,6 +202,44 @@ def softplus_error() -> float:
     return ((out.double() - want).abs() / want).max().item()
 
 
+def model_errors() -> dict[str, float]:
+    """A tiny Falcon-H1 (2 groups, the gate before and after the norm) on the reference ops with our two kernels in
+    place, against the reference ops alone, fp32: the loss and every gradient of a training step; logits of a cached
+    prefill, a chunk on the non-empty cache and decode steps (the state update) against the full forward."""
+    from dataclasses import replace
+
+    import model.modeling as modeling
+    from model.kernels import REFERENCE
+    from model.kernels.gated_norm import rmsnorm_gated
+    from model.kernels.state_update import selective_state_update
+    from tests.conftest import tiny_model
+
+    ours = replace(REFERENCE, selective_state_update=selective_state_update, rmsnorm_gated=rmsnorm_gated)
+    ids = torch.randint(1, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for before in (False, True):
+        model = tiny_model(seed=2, mamba_n_groups=2, mamba_norm_before_gate=before, time_step_limit=(0.01, 0.5))
+        runs = {}
+        for name, ops in (("ours", ours), ("reference", REFERENCE)):
+            modeling.get_ops = lambda device, ops=ops: ops
+            model.zero_grad()
+            model(ids, labels=ids).loss.backward()
+            runs[name] = {n: p.grad.clone() for n, p in model.named_parameters()}
+            with torch.no_grad():
+                full = model(ids, use_cache=False).logits
+                out = model(ids[:, :10], use_cache=True)
+                cache = out.past_key_values
+                steps = [out.logits, model(ids[:, 10:16], past_key_values=cache).logits]
+                steps += [model(ids[:, t : t + 1], past_key_values=cache).logits for t in range(16, 24)]
+            if name == "ours":
+                errors[f"gate {'after' if before else 'before'} the norm/cached logits"] = rel_err(
+                    torch.cat(steps, 1), full
+                )
+        for n, grad in runs["reference"].items():
+            errors[f"gate {'after' if before else 'before'} the norm/grad {n}"] = rel_err(runs["ours"][n], grad)
+    return errors
+
+
 def main():
     """Our kernels on CPU (run under TRITON_INTERPRET=1): every error and failure as one JSON object."""
     from model.kernels.gated_norm import rmsnorm_gated
@@ -214,6 +252,7 @@ def main():
         "compiled": compiled_errors("cpu"),
         "opcheck_failures": opcheck_failures("cpu"),
         "softplus": softplus_error(),
+        "model": model_errors(),
     }
     errors = [v for part in record.values() if isinstance(part, dict) for v in part.values()] + [record["softplus"]]
     assert all(math.isfinite(v) for v in errors), record

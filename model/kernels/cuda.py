@@ -329,8 +329,11 @@ def _mamba_state_update(ssu):
             dt_bias, dt_softplus = None, False
         h, p = x.shape[1], x.shape[2]
         n = state.shape[-1]
-        if dt_bias is None:  # the kernel reads dt_bias's strides unconditionally
+        # the kernel reads dt_bias's and D's strides unconditionally (2.3.2.post1 raises a TypeError on D=None)
+        if dt_bias is None:
             dt_bias = torch.zeros(h, device=x.device, dtype=torch.float32)
+        if D is None:
+            D = torch.zeros(h, device=x.device, dtype=torch.float32)
         # the Triton kernel takes per-(head, channel) parameters: broadcast ours over P (views, no copies)
         return update(
             state,
@@ -339,9 +342,9 @@ def _mamba_state_update(ssu):
             A.float()[:, None, None].expand(h, p, n),
             B,
             C,
-            D=None if D is None else D[:, None].expand(h, p),
+            D=D[:, None].expand(h, p),
             z=z,
-            dt_bias=None if dt_bias is None else dt_bias[:, None].expand(h, p),
+            dt_bias=dt_bias[:, None].expand(h, p),
             dt_softplus=dt_softplus,
         )
 

@@ -1,11 +1,14 @@
-"""The offline default, end to end: base → SFT → DPO → GRPO → evaluation → report. `make run` runs this.
+"""The offline default, end to end: base → SFT → DPO, SFT → GRPO → evaluation → report → release. `make run` runs this.
 
     python -m align.pipeline [--out runs/offline] [--force]
 
 Each stage skips work already done (its output directory holds a finished model); `--force` redoes all.
 Everything runs on CPU with no network: the base model and tokenizer are made by align/offline/base.py, the
 data ship in data/offline (made by align/offline/tasks.py). Recipes: recipes/tiny/{sft,dpo,grpo}.yaml.
-The run fails when a stage does not improve on the one before (held-out figures, align/eval.py).
+The run fails when a stage does not improve on the one it starts from (held-out figures, align/eval.py).
+
+GRPO starts from SFT, not DPO: over seeds it raised held-out exact match by 6–10 points from SFT, and by −2 to +0.4
+from DPO (recipes/tiny/grpo.yaml gives the figures). DPO's model is the Instruct model of the demo; GRPO's is released.
 """
 
 from __future__ import annotations
@@ -102,7 +105,7 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
             f"GRPO ({GRPO_RECIPE})",
             dirs["grpo"],
             lambda: grpo.main(
-                ["--config", GRPO_RECIPE, "--model_name_or_path", str(dirs["dpo"]), "--output_dir", str(dirs["grpo"])]
+                ["--config", GRPO_RECIPE, "--model_name_or_path", str(dirs["sft"]), "--output_dir", str(dirs["grpo"])]
             ),
         ),
     }
@@ -156,8 +159,8 @@ def check(results: dict) -> list[str]:
         problems.append(f"DPO preference accuracy {pref['dpo']:.1%} does not beat SFT {pref['sft']:.1%}")
     if em["dpo"] <= em["base"]:
         problems.append(f"DPO exact match {em['dpo']:.1%} does not beat Base {em['base']:.1%}")
-    if em["grpo"] <= em["dpo"]:
-        problems.append(f"GRPO exact match {em['grpo']:.1%} does not beat DPO, where it starts, {em['dpo']:.1%}")
+    if em["grpo"] <= em["sft"]:
+        problems.append(f"GRPO exact match {em['grpo']:.1%} does not beat SFT, where it starts, {em['sft']:.1%}")
     return problems
 
 

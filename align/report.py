@@ -118,7 +118,7 @@ def write(run: Path, report: dict) -> Path:
     em = {m: results[m]["exact_match"] for m in MODELS}
     pref = {m: results[m]["preference"] for m in MODELS}
     lines = [
-        "# Offline default: Base → SFT → DPO → GRPO",
+        "# Offline default: Base → SFT → DPO, and SFT → GRPO",
         "",
         f"Metrics on held-out data ({em['base']['n']} questions, {pref['sft']['n']} preference pairs; "
         "never trained on):",

@@ -57,7 +57,7 @@ def test_check_names_every_broken_promise():
     bad = _results({"base": 0.3, "sft": 0.2, "dpo": 0.1, "grpo": 0.1}, {**PREF, "dpo": 0.55})
     problems = check(bad)
     assert len(problems) == 4 and "DPO preference accuracy 55.0% does not beat SFT 60.0%" in problems
-    assert "GRPO exact match 10.0% does not beat DPO, where it starts, 10.0%" in problems
+    assert "GRPO exact match 10.0% does not beat SFT, where it starts, 20.0%" in problems
 
 
 def test_a_rerun_keeps_each_skipped_stage_timing(tmp_path, capsys):

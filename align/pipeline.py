@@ -1,4 +1,5 @@
-"""The offline default, end to end: base → SFT → DPO, SFT → GRPO → evaluation → report → release. `make run` runs this.
+"""The offline default, end to end: base → SFT → DPO, SFT → GRPO → evaluation → report → release of the Instruct
+(DPO) model. `make run` runs this.
 
     python -m align.pipeline [--out runs/offline] [--force]
 
@@ -8,7 +9,7 @@ data ship in data/offline (made by align/offline/tasks.py). Recipes: recipes/tin
 The run fails when a stage does not improve on the one it starts from (held-out figures, align/eval.py).
 
 GRPO starts from SFT, not DPO: over seeds it raised held-out exact match by 6–10 points from SFT, and by −2 to +0.4
-from DPO (recipes/tiny/grpo.yaml gives the figures). DPO's model is the Instruct model of the demo; GRPO's is released.
+from DPO (recipes/tiny/grpo.yaml gives the figures). DPO's model is the Instruct model: the demo chats with it.
 """
 
 from __future__ import annotations
@@ -125,8 +126,10 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
         "timings": timings,
         "results": results,
     }
-    recipes = (SFT_RECIPE, DPO_RECIPE, GRPO_RECIPE)
-    summary["release"] = release.offline_release(out, dirs["grpo"], results, RELEASE_PER_LANGUAGE, recipes)
+    # the Instruct model (DPO), the one the demo chats with, is what the run releases
+    summary["release"] = release.offline_release(
+        out, dirs["dpo"], results, RELEASE_PER_LANGUAGE, (SFT_RECIPE, DPO_RECIPE)
+    )
     timings["release_s"] = summary["release"]["seconds"]
     (out / "report.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
     path = report.write(out, summary)
@@ -137,7 +140,7 @@ def run(out: Path, force: bool = False, base_steps: int = 150, per_language: int
         f"{dirs['grpo']} (GRPO)"
     )
     print(f"chat with both: python demo/app.py --base {dirs['base']} --instruct {dirs['dpo']}")
-    print(f"release of GRPO (safetensors, NF4, GGUF, model card): {out / 'release'}")
+    print(f"release of the Instruct model (safetensors, NF4, GGUF, model card): {out / 'release'}")
     return summary
 
 

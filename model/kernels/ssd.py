@@ -1,0 +1,375 @@
+"""Our Triton kernels for the chunked Mamba-2 SSD scan, forward and backward. The twin is `ref.ssd_scan_ref`.
+
+Per batch row b and head h, the sequence is cut into chunks of Q positions. Within chunk c, with a_t = A·dt_t and
+cum_t = a_0 + ... + a_t (positions of the chunk):
+
+    y_t      = Σ_{s≤t, same doc} (C_t·B_s) · exp(cum_t − cum_s) · dt_s · x_s        (the chunk's own tokens)
+             + [doc_t = doc of S_in] · exp(cum_t) · S_in·C_t + D·x_t                 (the state entering the chunk)
+    St       = Σ_{s, doc_s = doc at the chunk's end} exp(cum_last − cum_s) · dt_s · x_s ⊗ B_s
+    S_in[c+1] = St[c] + [no document starts in chunk c] · exp(cum_last) · S_in[c]    (S_in[0]: the initial state)
+
+Forward, three kernels: (1) dt (bias, softplus, limit fused), its chunk cumsum and each chunk's own state;
+(2) the state passing over chunks; (3) the output, C·Bᵀ computed in place, the D skip fused.
+
+Documents packed in a row (`seq_idx`, non-decreasing) share nothing: no state and no in-chunk term crosses a change
+of seq_idx. The initial state belongs to the document of position 0. Positions past the row's end have dt = 0.
+
+Tensors: x (b, l, H, P); dt (b, l, H); A (H,); B, C (b, l, G, N), head h reading group h // (H/G); D (H,);
+initial and final states (b, H, P, N) fp32. Kept for the backward: dt and its chunk cumsum (b, H, c, Q) fp32 and
+the state entering each chunk (b, c, H, P, N) in `states_dtype`. Triton is optional: `available()` says whether
+these kernels can run here.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU installs: available() is False and nothing below is called
+    triton = tl = None
+
+NO_LIMIT = (0.0, math.inf)
+# block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop, the state's N
+# per program of the chunk-state kernel. Tests lower them to run every tiling loop on small shapes.
+CAPS = dict(rows=64, cols=32, state_n=128)
+
+
+def available() -> bool:
+    """Triton imports, and there is a GPU to run on (or Triton's CPU interpreter, TRITON_INTERPRET=1)."""
+    return triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# ---------------------------------------------------------------- device helpers
+
+
+@_jit
+def _discretize(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, dt_min, dt_max):
+    """raw dt (fp32) → dt = clamp(softplus(raw + bias)), each step where its flag says."""
+    v = raw + bias if HAS_BIAS else raw
+    if SOFTPLUS:  # torch's threshold: the identity above 20
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    if LIMIT:
+        v = tl.minimum(tl.maximum(v, dt_min), dt_max)
+    return v
+
+
+@_jit
+def _discretize_grad(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, dt_min, dt_max):
+    """d dt / d raw at `raw` (torch's conventions: softplus' = sigmoid below 20, clamp passes its closed range)."""
+    v = raw + bias if HAS_BIAS else raw
+    grad = tl.full(v.shape, 1.0, tl.float32)
+    if SOFTPLUS:
+        grad = tl.where(v > 20.0, 1.0, tl.sigmoid(v))
+        v = tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+    if LIMIT:
+        grad = tl.where((v >= dt_min) & (v <= dt_max), grad, 0.0)
+    return grad
+
+
+@_jit
+def _doc_in(seq_ptr, c, chunk, stride_l):
+    """The document of the state entering chunk c: that of the position before it (position 0's for chunk 0)."""
+    return tl.load(seq_ptr + tl.maximum(c * chunk - 1, 0) * stride_l)
+
+
+@_jit
+def _doc_out(seq_ptr, c, chunk, l, stride_l):
+    """The document of the state leaving chunk c: that of its last position in the row."""
+    return tl.load(seq_ptr + (tl.minimum((c + 1) * chunk, l) - 1) * stride_l)
+
+
+# ---------------------------------------------------------------- forward kernels
+
+
+@_jit
+def _chunk_state_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, seq_ptr,
+    dtc_ptr, cum_ptr, st_ptr,
+    l, H, P, N, chunk, nc, ratio, dt_min, dt_max,
+    sx_b, sx_l, sx_h, sx_p, sdt_b, sdt_l, sdt_h, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c, b·H, N blocks). Discretised dt and its cumsum → dt_c, cum (b, H, c, Q) (N block 0 writes them);
+    the chunk's own end state St = (x·dt·decay_to_end)ᵀ·B → (b, c, H, P, N) fp32."""
+    c, bh, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h = bh // H, bh % H
+    t = tl.arange(0, BLOCK_Q)
+    pos = c * chunk + t
+    valid = (t < chunk) & (pos < l)
+    b64 = b.to(tl.int64)
+    raw = tl.load(dt_ptr + b64 * sdt_b + pos * sdt_l + h * sdt_h, mask=valid, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
+    dt = tl.where(valid, _discretize(raw, bias, HAS_BIAS, SOFTPLUS, LIMIT, dt_min, dt_max), 0.0)  # (Q,)
+    a = dt * tl.load(A_ptr + h).to(tl.float32)
+    cum = tl.cumsum(a, axis=0)
+    if nb == 0:
+        row = ((b64 * H + h) * nc + c) * chunk
+        tl.store(dtc_ptr + row + t, dt, mask=t < chunk)
+        tl.store(cum_ptr + row + t, cum, mask=t < chunk)
+    scale = tl.exp(tl.sum(a, axis=0) - cum) * dt  # decay to the chunk's end · dt
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b64 * ss_b + pos * ss_l, mask=valid, other=-1)
+        scale = tl.where(seq == _doc_out(seq_ptr + b64 * ss_b, c, chunk, l, ss_l), scale, 0.0)
+    p = tl.arange(0, BLOCK_P)
+    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    x = tl.load(
+        x_ptr + b64 * sx_b + pos[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+        mask=valid[:, None] & (p[None, :] < P),
+        other=0.0,
+    )  # (Q, P)
+    Bm = tl.load(
+        B_ptr + b64 * sB_b + pos[:, None] * sB_l + (h // ratio) * sB_g + n[None, :] * sB_n,
+        mask=valid[:, None] & (n[None, :] < N),
+        other=0.0,
+    )  # (Q, BLOCK_N)
+    st = tl.dot(tl.trans((x * scale[:, None]).to(Bm.dtype)), Bm)  # (P, BLOCK_N) fp32
+    out = ((b64 * nc + c) * H + h) * P * N
+    tl.store(st_ptr + out + p[:, None] * N + n[None, :], st, mask=(p[:, None] < P) & (n[None, :] < N))
+
+
+@_jit
+def _state_passing_fwd_kernel(
+    st_ptr, cum_ptr, init_ptr, seq_ptr, sin_ptr, final_ptr,
+    l, H, PN, chunk, nc, ss_b, ss_l,
+    HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Grid (b·H, P·N blocks). S_in[c] (the state entering chunk c, (b, c, H, P, N)) and the final state (fp32):
+    S ← St[c] + exp(cum_last)·S, S dropped where a document starts inside chunk c."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    b64 = b.to(tl.int64)
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < PN
+    if HAS_INIT:
+        S = tl.load(init_ptr + (b64 * H + h) * PN + e, mask=mask, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK,), tl.float32)
+    if HAS_SEQ:
+        doc = _doc_in(seq_ptr + b64 * ss_b, 0, chunk, ss_l)
+    for c in range(nc):
+        at = ((b64 * nc + c) * H + h) * PN
+        tl.store(sin_ptr + at + e, S.to(sin_ptr.dtype.element_ty), mask=mask)
+        decay = tl.exp(tl.load(cum_ptr + ((b64 * H + h) * nc + c) * chunk + chunk - 1))
+        if HAS_SEQ:
+            doc_next = _doc_out(seq_ptr + b64 * ss_b, c, chunk, l, ss_l)
+            decay = tl.where(doc_next == doc, decay, 0.0)
+            doc = doc_next
+        S = tl.load(st_ptr + at + e, mask=mask, other=0.0) + decay * S
+    tl.store(final_ptr + (b64 * H + h) * PN + e, S, mask=mask)
+
+
+@_jit
+def _chunk_output_fwd_kernel(
+    x_ptr, dtc_ptr, cum_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, sin_ptr, y_ptr,
+    l, H, P, N, chunk, nc, ratio,
+    sx_b, sx_l, sx_h, sx_p, sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c · row blocks, b·H, P blocks). y rows t of chunk c: the entering state read out by C_t, the chunk's
+    own tokens through (C_t·B_s)·decay·dt_s (s ≤ t, s in blocks of BLOCK_S), D·x_t → y (b, l, H, P)."""
+    ct, bh, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    row_blocks = tl.cdiv(chunk, BLOCK_T)
+    c, tb = ct // row_blocks, ct % row_blocks
+    b, h = bh // H, bh % H
+    g = h // ratio
+    b64 = b.to(tl.int64)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_t = c * chunk + t
+    valid_t = (t < chunk) & (pos_t < l)
+    p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    n = tl.arange(0, BLOCK_N)
+    row = ((b64 * H + h) * nc + c) * chunk
+    cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
+    Ct = tl.load(
+        C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
+        mask=valid_t[:, None] & (n[None, :] < N),
+        other=0.0,
+    )  # (T, N)
+    S = tl.load(
+        sin_ptr + ((b64 * nc + c) * H + h) * P * N + p[None, :] * N + n[:, None],
+        mask=(n[:, None] < N) & (p[None, :] < P),
+        other=0.0,
+    )  # (N, P): S_inᵀ
+    readout = tl.exp(cum_t)
+    if HAS_SEQ:
+        seq_t = tl.load(seq_ptr + b64 * ss_b + pos_t * ss_l, mask=valid_t, other=-1)
+        readout = tl.where(seq_t == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l), readout, 0.0)
+    acc = tl.dot(Ct, S.to(Ct.dtype)) * readout[:, None]  # (T, P) fp32
+    s_end = tl.minimum((tb + 1) * BLOCK_T, chunk)
+    for s0 in range(0, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        pos_s = c * chunk + s
+        valid_s = (s < chunk) & (pos_s < l)
+        Bs = tl.load(
+            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
+            mask=valid_s[:, None] & (n[None, :] < N),
+            other=0.0,
+        )  # (S, N)
+        cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
+        dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
+        keep = t[:, None] >= s[None, :]
+        if HAS_SEQ:
+            seq_s = tl.load(seq_ptr + b64 * ss_b + pos_s * ss_l, mask=valid_s, other=-2)
+            keep &= seq_t[:, None] == seq_s[None, :]
+        decay = tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0))
+        K = tl.where(keep, tl.dot(Ct, tl.trans(Bs)) * decay * dt_s[None, :], 0.0)  # (T, S)
+        xs = tl.load(
+            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+            mask=valid_s[:, None] & (p[None, :] < P),
+            other=0.0,
+        )  # (S, P)
+        acc += tl.dot(K.to(xs.dtype), xs)
+    out_mask = valid_t[:, None] & (p[None, :] < P)
+    if HAS_D:
+        xt = tl.load(x_ptr + b64 * sx_b + pos_t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=out_mask,
+                     other=0.0)  # fmt: skip
+        acc += tl.load(D_ptr + h).to(tl.float32) * xt.to(tl.float32)
+    y_at = ((b64 * l + pos_t[:, None]) * H + h) * P + p[None, :]
+    tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+# ---------------------------------------------------------------- forward entry point
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    Q: int  # the chunk, padded
+    P: int
+    N: int
+    rows: int  # rows of an output tile
+    cols: int  # columns of the in-chunk loop
+    state_n: int  # N per program of the chunk-state kernel
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _blocks(chunk: int, P: int, N: int) -> _Blocks:
+    Q = _pow2(chunk)
+    return _Blocks(Q, _pow2(P), _pow2(N), min(CAPS["rows"], Q), min(CAPS["cols"], Q), min(CAPS["state_n"], _pow2(N)))
+
+
+@dataclass(frozen=True)
+class _Dt:
+    """How the kernels discretise dt: raw + bias → softplus → clamp, each where asked."""
+
+    bias: Tensor | None
+    softplus: bool
+    limit: tuple[float, float]
+
+    @property
+    def clamps(self) -> bool:
+        return tuple(self.limit) != NO_LIMIT
+
+    def args(self, like: Tensor) -> tuple:
+        """(bias pointer, dt_min, dt_max) for a kernel; a dummy pointer without a bias."""
+        lo, hi = (float(v) for v in self.limit)
+        return (self.bias if self.bias is not None else like, lo, min(hi, 3.0e38))
+
+    def flags(self) -> dict:
+        return dict(HAS_BIAS=self.bias is not None, SOFTPLUS=self.softplus, LIMIT=self.clamps)
+
+
+def _check(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx):
+    b, l, H, P = x.shape
+    G, N = B.shape[-2:]
+    if dt.shape != (b, l, H) or A.shape != (H,) or B.shape != (b, l, G, N) or C.shape != B.shape:
+        got = f"x {tuple(x.shape)}, dt {tuple(dt.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
+        raise ValueError(f"ssd: shapes {got}: want (b, l, H, P), (b, l, H), (H,), (b, l, G, N) twice")
+    if H % G:
+        raise ValueError(f"ssd: {H} heads do not split into {G} groups")
+    if D is not None and D.shape != (H,):
+        raise ValueError(f"ssd: D {tuple(D.shape)}, want ({H},)")
+    if initial_states is not None and initial_states.shape != (b, H, P, N):
+        raise ValueError(f"ssd: initial_states {tuple(initial_states.shape)}, want {(b, H, P, N)}")
+    if seq_idx is not None and seq_idx.shape != (b, l):
+        raise ValueError(f"ssd: seq_idx {tuple(seq_idx.shape)}, want {(b, l)}")
+    if chunk_size < 1:
+        raise ValueError(f"ssd: chunk_size {chunk_size}")
+
+
+def _seq(seq_idx, like):
+    """seq_idx as int32 → (pointer, stride_b, stride_l); a dummy without one."""
+    if seq_idx is None:
+        return like, 0, 0
+    seq_idx = seq_idx.to(torch.int32)
+    return seq_idx, seq_idx.stride(0), seq_idx.stride(1)
+
+
+def chunk_states(x, dt, A, B, chunk_size, dtd: _Dt, initial_states=None, seq_idx=None, states_dtype=None):
+    """Kernels (1) and (2) → dt_c, cum (b, H, c, Q) fp32; S_in (b, c, H, P, N) in states_dtype; final (b, H, P, N)
+    fp32. The backward calls it again where the forward kept nothing."""
+    b, l, H, P = x.shape
+    G, N = B.shape[-2:]
+    nc = -(-l // chunk_size)
+    blk = _blocks(chunk_size, P, N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    dt_c, cum = torch.empty(b, H, nc, chunk_size, **f32), torch.empty(b, H, nc, chunk_size, **f32)
+    st = torch.empty(b, nc, H, P, N, **f32)
+    seq, ss_b, ss_l = _seq(seq_idx, x)
+    bias, lo, hi = dtd.args(A)
+    grid = (nc, b * H, triton.cdiv(N, blk.state_n))
+    _chunk_state_fwd_kernel[grid](
+        x, dt, A, bias, B, seq, dt_c, cum, st,
+        l, H, P, N, chunk_size, nc, H // G, lo, hi,
+        *x.stride(), *dt.stride(), *B.stride(), ss_b, ss_l,
+        **dtd.flags(), HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.state_n,
+    )  # fmt: skip
+    states = torch.empty(b, nc, H, P, N, device=x.device, dtype=states_dtype or x.dtype)
+    final = torch.empty(b, H, P, N, **f32)
+    init = initial_states.contiguous() if initial_states is not None else st
+    block = min(1024, triton.next_power_of_2(P * N))
+    _state_passing_fwd_kernel[(b * H, triton.cdiv(P * N, block))](
+        st, cum, init, seq, states, final, l, H, P * N, chunk_size, nc, ss_b, ss_l,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
+    )  # fmt: skip
+    return dt_c, cum, states, final
+
+
+def ssd_forward(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False, dt_limit=NO_LIMIT,
+                initial_states=None, seq_idx=None, states_dtype=None):  # fmt: skip
+    """→ y (b, l, H, P) in x.dtype, final state (b, H, P, N) fp32, and for the backward dt_c, cum (b, H, c, Q)
+    fp32 and S_in (b, c, H, P, N) in states_dtype (default x.dtype). dt is raw when dt_bias / dt_softplus /
+    dt_limit ask for the discretisation, else already discretised."""
+    _check(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx)
+    dtd = _Dt(dt_bias, dt_softplus, tuple(dt_limit))
+    dt_c, cum, states, final = chunk_states(x, dt, A, B, chunk_size, dtd, initial_states, seq_idx, states_dtype)
+    b, l, H, P = x.shape
+    G, N = B.shape[-2:]
+    nc = dt_c.shape[2]
+    blk = _blocks(chunk_size, P, N)
+    y = torch.empty(b, l, H, P, device=x.device, dtype=x.dtype)
+    seq, ss_b, ss_l = _seq(seq_idx, x)
+    grid = (nc * triton.cdiv(chunk_size, blk.rows), b * H, triton.cdiv(P, blk.P))
+    _chunk_output_fwd_kernel[grid](
+        x, dt_c, cum, B, C, D if D is not None else A, seq, states, y,
+        l, H, P, N, chunk_size, nc, H // G,
+        *x.stride(), *B.stride(), *C.stride(), ss_b, ss_l,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
+        BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+    )  # fmt: skip
+    return y, final, dt_c, cum, states
+
+
+def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
+             dt_softplus=False, dt_limit=NO_LIMIT, return_final_states=False):  # fmt: skip
+    """`ref.ssd_scan_ref` on our kernels (forward only; the gate z in PyTorch after the scan)."""
+    y, final, *_ = ssd_forward(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, tuple(dt_limit), initial_states,
+                               seq_idx)  # fmt: skip
+    if z is not None:
+        y = (y.float() * torch.nn.functional.silu(z.float())).to(y.dtype)
+    return (y, final) if return_final_states else y

@@ -1,0 +1,162 @@
+"""The SSD kernels' checks (model/kernels/ssd.py), shared by tests/model/test_ssd_kernels.py: on a GPU in the test's
+own process, on CPU in a subprocess under Triton's interpreter (it must be switched on before the kernels are
+defined):
+
+    TRITON_INTERPRET=1 python -m tests.model.ssd_cases plain packed_many_docs   # → one JSON line of errors
+
+Each case draws inputs, runs our scan and the reference (`ref.ssd_scan_ref` in fp64, the truth) forward and
+and reports relative errors ‖ours − truth‖∞ / ‖truth‖∞
+for y and the final state. Cases in a low precision also report the reference's own
+error on the same low-precision inputs (`ref`), the bar ours is held to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+
+import torch
+
+# name → inputs: b, l, H, P, G, N, chunk; dtype; packed documents (a list of lengths to cycle, or None); an
+# initial state; D; a gradient on the final state; raw dt discretised in the kernel (bias, softplus, limit);
+# block caps (model.kernels.ssd.CAPS) lowered so that every tiling loop runs more than once
+CASES = {
+    "plain": dict(b=2, l=100, H=4, P=16, G=2, N=16, chunk=32),
+    "one_group_init": dict(b=1, l=90, H=4, P=16, G=1, N=16, chunk=32, init=True),
+    "packed_many_docs": dict(b=2, l=150, H=2, P=16, G=1, N=16, chunk=16, docs=[1, 3, 7, 2, 16, 1, 12, 5], init=True),
+    "ragged_tiles": dict(
+        b=1, l=150, H=4, P=16, G=2, N=32, chunk=64, docs=[40, 9, 70], init=True, caps=dict(rows=16, cols=16, state_n=16)
+    ),  # fmt: skip
+    "odd_chunk_no_D": dict(b=2, l=61, H=2, P=8, G=1, N=8, chunk=24, D=False, dfinal=False),
+    "dt_fused": dict(b=2, l=70, H=4, P=16, G=2, N=16, chunk=16, docs=[9, 30, 4], init=True, fused=True),
+    "bf16": dict(b=2, l=100, H=4, P=16, G=2, N=16, chunk=32, docs=[30, 21, 60], init=True, dtype="bfloat16"),
+}
+# what the GPU tests add: the released head sizes (P 64, N 128, chunk 128) over several chunks
+GPU_CASES = {
+    "released_fp32": dict(b=2, l=1000, H=8, P=64, G=1, N=128, chunk=128, docs=[300, 17, 500], init=True),
+    "released_bf16": dict(
+        b=2, l=1000, H=8, P=64, G=1, N=128, chunk=128, docs=[300, 17, 500], init=True, dtype="bfloat16"
+    ),  # fmt: skip
+    "released_two_groups_bf16": dict(b=1, l=2100, H=8, P=64, G=2, N=128, chunk=128, dtype="bfloat16", fused=True),
+}
+
+
+def _doc_ids(b: int, l: int, lengths: list[int]) -> torch.Tensor:
+    """(b, l) int32 document index, documents of `lengths` in turn (row i starts i entries later)."""
+    rows = []
+    for i in range(b):
+        ids, doc, k = [], 0, i
+        while len(ids) < l:
+            ids += [doc] * lengths[k % len(lengths)]
+            doc, k = doc + 1, k + 1
+        rows.append(ids[:l])
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def inputs(spec: dict, device: str = "cpu", seed: int = 0) -> dict:
+    """The scan's inputs in the case's dtype (dt, A, D, the bias and the initial state fp32, as the model has them)."""
+    gen = torch.Generator().manual_seed(seed)
+    b, l, H, P, G, N = (spec[k] for k in ("b", "l", "H", "P", "G", "N"))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    a = dict(x=r(b, l, H, P).to(dtype), A=-torch.rand(H, generator=gen) * 2 - 0.1, B=r(b, l, G, N).to(dtype),
+             C=r(b, l, G, N).to(dtype))  # fmt: skip
+    if spec.get("fused"):  # raw dt around the limit's ends: some steps clamp below, some above
+        a["dt"], a["dt_bias"] = r(b, l, H) * 2, r(H) * 0.5
+    else:
+        a["dt"] = torch.nn.functional.softplus(r(b, l, H)) * 0.5
+    if spec.get("D", True):
+        a["D"] = r(H)
+    if spec.get("init"):
+        a["initial_states"] = r(b, H, P, N)
+    out = {k: v.to(device) for k, v in a.items()}
+    if spec.get("docs"):
+        out["seq_idx"] = _doc_ids(b, l, spec["docs"]).to(device)
+    return out
+
+
+def _options(spec: dict) -> dict:
+    fused = dict(dt_softplus=True, dt_limit=(0.05, 0.9)) if spec.get("fused") else {}
+    return dict(chunk_size=spec["chunk"], return_final_states=True, **fused)
+
+
+def _outputs_and_grads(scan, a: dict, spec: dict, probes: dict) -> dict:
+    """y and the final state (the backward comes next)."""
+    y, final = scan(**{k: v for k, v in a.items() if k != "seq_idx"}, seq_idx=a.get("seq_idx"), **_options(spec))
+    return dict(y=y, final=final)
+
+
+def _rel_errors(got: dict, truth: dict) -> dict:
+    return {k: ((got[k].double() - v).abs().max() / v.abs().max().clamp(min=1e-30)).item() for k, v in truth.items()}
+
+
+@contextmanager
+def _caps(caps: dict | None):
+    from model.kernels import ssd
+
+    saved = dict(ssd.CAPS)
+    ssd.CAPS.update(caps or {})
+    try:
+        yield
+    finally:
+        ssd.CAPS.clear()
+        ssd.CAPS.update(saved)
+
+
+def errors(name: str, device: str = "cpu", scans: dict | None = None) -> dict:
+    """{"ours": {quantity: relative error}, "ref": ... (low precision only), and one entry per extra scan in `scans`}
+    against the reference in fp64."""
+    from model.kernels import ssd
+    from model.kernels.ref import ssd_scan_ref
+
+    spec = {**CASES, **GPU_CASES}[name]
+    a = inputs(spec, device)
+    gen = torch.Generator().manual_seed(1)
+    b, l, H, P, N = (spec[k] for k in ("b", "l", "H", "P", "N"))
+    probes = dict(y=torch.randn(b, l, H, P, generator=gen, dtype=torch.float64).to(device),
+                  final=torch.randn(b, H, P, N, generator=gen, dtype=torch.float64).to(device))  # fmt: skip
+    as64 = {k: (v.double() if v.is_floating_point() else v) for k, v in a.items()}
+    truth = _outputs_and_grads(ssd_scan_ref, as64, spec, probes)
+    with _caps(spec.get("caps")):
+        out = dict(ours=_rel_errors(_outputs_and_grads(ssd.ssd_scan, a, spec, probes), truth))
+    if spec.get("dtype", "float32") != "float32":
+        out["ref"] = _rel_errors(_outputs_and_grads(ssd_scan_ref, a, spec, probes), truth)
+    for label, scan in (scans or {}).items():
+        out[label] = _rel_errors(_outputs_and_grads(scan, a, spec, probes), truth)
+    return out
+
+
+def strided_difference(name: str, device: str = "cpu") -> float:
+    """Largest difference between x, B, C read as views of one (b, l, H·P + 2·G·N) tensor (the
+    conv output's layout) and the same values contiguous."""
+    from model.kernels import ssd
+
+    spec = CASES[name]
+    a = inputs(spec, device)
+    b, l = a["x"].shape[:2]
+    packed = torch.cat([a["x"].flatten(2), a["B"].flatten(2), a["C"].flatten(2)], dim=-1)
+    x, B, C = packed.split([a["x"][0, 0].numel(), a["B"][0, 0].numel(), a["C"][0, 0].numel()], dim=-1)
+    views = dict(a, x=x.view(a["x"].shape), B=B.view(a["B"].shape), C=C.view(a["C"].shape))
+    assert not views["x"].is_contiguous()
+    probes = dict(y=torch.ones(*a["x"].shape, dtype=torch.float64, device=device),
+                  final=torch.ones(*a["initial_states"].shape, dtype=torch.float64, device=device))  # fmt: skip
+    with_views = _outputs_and_grads(ssd.ssd_scan, views, spec, probes)
+    plain = _outputs_and_grads(ssd.ssd_scan, a, spec, probes)
+    return max((with_views[k].double() - v.double()).abs().max().item() for k, v in plain.items())
+
+
+def main(names: list[str]) -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        from tests.model.triton_interpreter import patch
+
+        patch()
+    out = {name: errors(name) for name in names if name in CASES}
+    if "strided" in names:
+        out["strided"] = strided_difference("one_group_init")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,102 @@
+"""Our SSD kernels (model/kernels/ssd.py) against the reference scan in fp64: y and the final state, with packed
+documents (many short ones), lengths that are not multiples of the chunk, a chunk that is not a power of two, 1 and 2
+groups, dt discretised in the kernel, and x / B / C read as strided views of the conv output.
+The cases are tests/model/ssd_cases.py.
+
+On CPU the kernels run in Triton's interpreter, in a subprocess (the interpreter is chosen when the kernels are
+defined), once for every case: tolerances there, relative to the largest true value: fp32 1e-5 (the interpreter's
+dots are exact fp32; measured ≤ 1.1e-6), bf16 1e-2 (measured ≤ 4.2e-3). On a GPU (marker `gpu`) the same cases and
+the released head sizes run natively: fp32 5e-3 (Triton's fp32 dots are tf32), bf16 3e-2.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.model import ssd_cases
+from tests.model.ssd_cases import CASES, GPU_CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+TRITON = importlib.util.find_spec("triton")
+FP32_CASES = [name for name, spec in CASES.items() if spec.get("dtype", "float32") == "float32"]
+INTERPRETED_TOL = {"float32": 1e-5, "bfloat16": 1e-2}
+GPU_TOL = {"float32": 5e-3, "bfloat16": 3e-2}
+
+
+def _expected(spec: dict) -> set[str]:
+    """Every quantity a case must report."""
+    return {"y", "final"}
+
+
+def _too_large(errs: dict, tol: float) -> dict:
+    return {k: v for k, v in errs.items() if not v < tol}
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    """Every case's errors from one subprocess under TRITON_INTERPRET=1."""
+    if TRITON is None:
+        pytest.skip("triton is not installed: the kernels' CPU checks run in Triton's interpreter")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs the kernels natively (test_gpu_*)")
+    site = str(Path(TRITON.origin).parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
+    command = [sys.executable, "-m", "tests.model.ssd_cases", *CASES, "strided"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_kernels_match_reference(interpreted, case):
+    spec, errs = CASES[case], interpreted[case]["ours"]
+    assert set(errs) == _expected(spec)
+    assert _too_large(errs, INTERPRETED_TOL[spec.get("dtype", "float32")]) == {}
+
+
+def test_interpreted_strided_views_read_like_contiguous_tensors(interpreted):
+    assert interpreted["strided"] == 0.0
+
+
+def test_bad_shapes_are_errors_naming_the_tensor():
+    from model.kernels import ssd
+
+    a = ssd_cases.inputs(CASES["one_group_init"])
+    with pytest.raises(ValueError, match=r"initial_states \(1, 4, 16, 8\), want \(1, 4, 16, 16\)"):
+        ssd.ssd_forward(a["x"], a["dt"], a["A"], a["B"], a["C"], 32, initial_states=a["initial_states"][..., :8])
+    with pytest.raises(ValueError, match=r"dt \(1, 90, 3\)"):
+        ssd.ssd_forward(a["x"], a["dt"][..., :3], a["A"], a["B"], a["C"], 32)
+    with pytest.raises(ValueError, match="4 heads do not split into 3 groups"):
+        B = a["B"].expand(-1, -1, 3, -1)
+        ssd.ssd_forward(a["x"], a["dt"], a["A"], B, B, 32)
+
+
+# ---------------------------------------------------------------- on a GPU
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or TRITON is None, reason="needs CUDA and triton")
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", list(CASES) + list(GPU_CASES))
+def test_gpu_kernels_match_reference(case):
+    spec = {**CASES, **GPU_CASES}[case]
+    errs = ssd_cases.errors(case, "cuda")["ours"]
+    assert set(errs) == _expected(spec)
+    assert _too_large(errs, GPU_TOL[spec.get("dtype", "float32")]) == {}
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("case", ["strided"])
+def test_gpu_recompute_and_strided_views(case):
+    if case == "recompute":
+        assert ssd_cases.recompute_difference("dt_fused", "cuda") == 0.0
+    else:
+        assert ssd_cases.strided_difference("one_group_init", "cuda") == 0.0

@@ -10,6 +10,12 @@ cum_t = a_0 + ... + a_t (positions of the chunk):
 
 Forward, three kernels: (1) dt (bias, softplus, limit fused), its chunk cumsum and each chunk's own state;
 (2) the state passing over chunks; (3) the output, C·Bᵀ computed in place, the D skip fused.
+Backward, five: (1) d S_in from y (and the y readout's term of d cum); (2) the state passing in reverse;
+(3) per head: dx, ddt (with d dt_bias through the discretisation), dA, dD; (4) and (5) per group: dC and dB,
+summed over the group's heads in registers.
+
+d a_k (the gradient of one step's log-decay) is built from sums that never subtract large terms: the in-chunk term
+is Σ_{t≥k} Σ_{s<k} T[t, s] with T[t, s] = (C_t·B_s)·exp(cum_t − cum_s)·dt_s·(dy_t·x_s), a prefix sum along s.
 
 Documents packed in a row (`seq_idx`, non-decreasing) share nothing: no state and no in-chunk term crosses a change
 of seq_idx. The initial state belongs to the document of position 0. Positions past the row's end have dt = 0.
@@ -241,6 +247,354 @@ def _chunk_output_fwd_kernel(
     tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
+# ---------------------------------------------------------------- backward kernels
+
+
+@_jit
+def _dstate_out_bwd_kernel(
+    dy_ptr, cum_ptr, C_ptr, seq_ptr, sin_ptr, ds_ptr, usuf_ptr,
+    l, H, P, N, chunk, nc, ratio,
+    sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
+    HAS_SEQ: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c, b·H). From y's readout of the entering state, w_t = exp(cum_t)·[doc_t = doc of S_in]:
+    d S_in[c] = (w·dy)ᵀ·C → ds (b, c, H, P, N) fp32, and that readout's term of d cum, U_t = w_t·dy_t·(S_in·C_t),
+    as the suffix sums Σ_{t≥k} U_t → usuf (b, H, c, Q) fp32 (cum_t depends on every a_k with k ≤ t)."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    b64 = b.to(tl.int64)
+    t = tl.arange(0, BLOCK_Q)
+    pos = c * chunk + t
+    valid = (t < chunk) & (pos < l)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    row = ((b64 * H + h) * nc + c) * chunk
+    w = tl.where(valid, tl.exp(tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)), 0.0)
+    if HAS_SEQ:
+        seq = tl.load(seq_ptr + b64 * ss_b + pos * ss_l, mask=valid, other=-1)
+        w = tl.where(seq == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l), w, 0.0)
+    dy = tl.load(
+        dy_ptr + b64 * sdy_b + pos[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+        mask=valid[:, None] & (p[None, :] < P),
+        other=0.0,
+    )  # (Q, P)
+    Cm = tl.load(
+        C_ptr + b64 * sC_b + pos[:, None] * sC_l + (h // ratio) * sC_g + n[None, :] * sC_n,
+        mask=valid[:, None] & (n[None, :] < N),
+        other=0.0,
+    )  # (Q, N)
+    at = ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    tl.store(ds_ptr + at, tl.dot(tl.trans((dy * w[:, None]).to(Cm.dtype)), Cm), mask=pn_mask)  # (P, N)
+    S = tl.load(sin_ptr + at, mask=pn_mask, other=0.0)  # (P, N)
+    CS = tl.dot(Cm, tl.trans(S.to(Cm.dtype)))  # (Q, P): S_in·C_t
+    U = w * tl.sum(dy.to(tl.float32) * CS, axis=1)
+    tl.store(usuf_ptr + row + t, tl.cumsum(U, axis=0, reverse=True), mask=t < chunk)
+
+
+@_jit
+def _state_passing_bwd_kernel(
+    ds_ptr, cum_ptr, dfinal_ptr, seq_ptr, dinit_ptr,
+    l, H, PN, chunk, nc, ss_b, ss_l,
+    HAS_DFINAL: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Grid (b·H, P·N blocks). In place over ds: d S_in[c] (from y) in, d St[c] = d S_in[c+1] out, where
+    d S_in[c] = (from y) + exp(cum_last)·[no document starts in chunk c]·d S_in[c+1] and d S_in[nc] = d final.
+    d S_in[0] → dinit (fp32)."""
+    bh, blk = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    b64 = b.to(tl.int64)
+    e = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = e < PN
+    if HAS_DFINAL:
+        dS = tl.load(dfinal_ptr + (b64 * H + h) * PN + e, mask=mask, other=0.0).to(tl.float32)
+    else:
+        dS = tl.zeros((BLOCK,), tl.float32)
+    for i in range(nc):
+        c = nc - 1 - i
+        at = ((b64 * nc + c) * H + h) * PN
+        from_y = tl.load(ds_ptr + at + e, mask=mask, other=0.0)
+        tl.store(ds_ptr + at + e, dS, mask=mask)
+        decay = tl.exp(tl.load(cum_ptr + ((b64 * H + h) * nc + c) * chunk + chunk - 1))
+        if HAS_SEQ:
+            same = _doc_out(seq_ptr + b64 * ss_b, c, chunk, l, ss_l) == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l)
+            decay = tl.where(same, decay, 0.0)
+        dS = from_y + decay * dS
+    if HAS_INIT:
+        tl.store(dinit_ptr + (b64 * H + h) * PN + e, dS, mask=mask)
+
+
+@_jit
+def _chunk_dx_bwd_kernel(
+    x_ptr, dy_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, D_ptr, seq_ptr,
+    dtc_ptr, cum_ptr, sin_ptr, ds_ptr, usuf_ptr,
+    dx_ptr, ddt_ptr, red_ptr,
+    l, H, P, N, chunk, nc, ratio, dt_min, dt_max,
+    sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sdt_b, sdt_l, sdt_h,
+    sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c, b·H): one head's chunk, every row t held, the columns s in blocks of BLOCK_S. Per column block:
+    dx_s = dt_s·Σ_t K[t, s]·dy_t + dt_s·decay_to_end_s·(d St·B_s) + D·dy_s, with K = (C_t·B_s)·exp(cum_t − cum_s);
+    ddt_s, its direct terms plus A·d a_s; d a_s from the in-chunk prefix sums, the state terms and the readout's
+    suffix sums (usuf); ddt chained through the discretisation → ddt (b, l, H). Per program: Σ dt·d a, Σ dy·x and
+    Σ d raw dt → red (b, c, H, 3) for dA, dD and d dt_bias."""
+    c, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    g = h // ratio
+    b64 = b.to(tl.int64)
+    t = tl.arange(0, BLOCK_Q)
+    pos_t = c * chunk + t
+    valid_t = (t < chunk) & (pos_t < l)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    row = ((b64 * H + h) * nc + c) * chunk
+    cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
+    cum_last = tl.load(cum_ptr + row + chunk - 1)
+    dy = tl.load(
+        dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+        mask=valid_t[:, None] & (p[None, :] < P),
+        other=0.0,
+    )  # (Q, P)
+    Ct = tl.load(
+        C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
+        mask=valid_t[:, None] & (n[None, :] < N),
+        other=0.0,
+    )  # (Q, N)
+    at = ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :]
+    pn_mask = (p[:, None] < P) & (n[None, :] < N)
+    dSt = tl.load(ds_ptr + at, mask=pn_mask, other=0.0)  # (P, N) fp32
+    # the chunk-end decay's term of d a (every step of the chunk): exp(cum_last)·<d S_in[c+1], S_in[c]>
+    carried = tl.exp(cum_last) * tl.sum(tl.sum(dSt * tl.load(sin_ptr + at, mask=pn_mask, other=0.0).to(tl.float32),
+                                               axis=1), axis=0)  # fmt: skip
+    if HAS_SEQ:
+        seq_base = seq_ptr + b64 * ss_b
+        seq_t = tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-1)
+        doc_end = _doc_out(seq_base, c, chunk, l, ss_l)
+        carried = tl.where(doc_end == _doc_in(seq_base, c, chunk, ss_l), carried, 0.0)
+    A = tl.load(A_ptr + h).to(tl.float32)
+    bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
+    Dh = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
+    row_prefix = tl.zeros((BLOCK_Q,), tl.float32)  # Σ_{s < this block} T[t, s]
+    state_prefix = 0.0  # Σ_{s < this block} V_s
+    dA_acc, dD_acc, dbias_acc = 0.0, 0.0, 0.0
+    for s0 in range(0, BLOCK_Q, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        pos_s = c * chunk + s
+        valid_s = (s < chunk) & (pos_s < l)
+        dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
+        cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
+        xs = tl.load(
+            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+            mask=valid_s[:, None] & (p[None, :] < P),
+            other=0.0,
+        )  # (S, P)
+        Bs = tl.load(
+            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
+            mask=valid_s[:, None] & (n[None, :] < N),
+            other=0.0,
+        )  # (S, N)
+        causal = t[:, None] >= s[None, :]
+        keep = causal
+        to_end = tl.exp(cum_last - cum_s)
+        if HAS_SEQ:
+            seq_s = tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-2)
+            keep &= seq_t[:, None] == seq_s[None, :]
+            to_end = tl.where(seq_s == doc_end, to_end, 0.0)
+        K = tl.where(keep, tl.dot(Ct, tl.trans(Bs)) * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)), 0.0)
+        dyx = tl.dot(dy, tl.trans(xs))  # (Q, S): dy_t·x_s
+        Kdyx = K * dyx
+        ddt = tl.sum(Kdyx, axis=0)  # (S,)
+        T = Kdyx * dt_s[None, :]
+        prefix = row_prefix[:, None] + tl.cumsum(T, axis=1) - T  # Σ_{s' < s} T[t, s']
+        da = tl.sum(tl.where(causal, prefix, 0.0), axis=0)  # Σ_{t ≥ s}
+        row_prefix += tl.sum(T, axis=1)
+        dx = tl.dot(tl.trans(K.to(dy.dtype)), dy) * dt_s[:, None]  # (S, P)
+        BdS = tl.dot(Bs, tl.trans(dSt.to(Bs.dtype)))  # (S, P): d St·B_s
+        dx += BdS * (to_end * dt_s)[:, None]
+        state = to_end * tl.sum(xs.to(tl.float32) * BdS, axis=1)  # (S,): d/d dt_s of St
+        ddt += state
+        V = state * dt_s
+        da += state_prefix + tl.cumsum(V, axis=0) - V
+        state_prefix += tl.sum(V, axis=0)
+        da += tl.load(usuf_ptr + row + s, mask=s < chunk, other=0.0) + carried
+        if HAS_D:
+            dys = tl.load(dy_ptr + b64 * sdy_b + pos_s[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+                          mask=valid_s[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)  # fmt: skip
+            dx += Dh * dys
+            dD_acc += tl.sum(tl.sum(dys * xs.to(tl.float32), axis=1), axis=0)
+        ddt += A * da
+        dA_acc += tl.sum(dt_s * da, axis=0)
+        if HAS_BIAS or SOFTPLUS or LIMIT:
+            raw = tl.load(dt_ptr + b64 * sdt_b + pos_s * sdt_l + h * sdt_h, mask=valid_s, other=0.0).to(tl.float32)
+            ddt *= _discretize_grad(raw, bias, HAS_BIAS, SOFTPLUS, LIMIT, dt_min, dt_max)
+            dbias_acc += tl.sum(tl.where(valid_s, ddt, 0.0), axis=0)
+        dx_at = ((b64 * l + pos_s[:, None]) * H + h) * P + p[None, :]
+        tl.store(dx_ptr + dx_at, dx.to(dx_ptr.dtype.element_ty), mask=valid_s[:, None] & (p[None, :] < P))
+        tl.store(ddt_ptr + (b64 * l + pos_s) * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=valid_s)
+    red = red_ptr + ((b64 * nc + c) * H + h) * 3
+    tl.store(red, dA_acc)
+    tl.store(red + 1, dD_acc)
+    tl.store(red + 2, dbias_acc)
+
+
+@_jit
+def _chunk_dC_bwd_kernel(
+    x_ptr, dy_ptr, B_ptr, seq_ptr, dtc_ptr, cum_ptr, sin_ptr, dC_ptr,
+    l, H, P, N, chunk, nc, ratio, G,
+    sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c · row blocks, b·G). dC rows t of one group, summed over its heads in registers:
+    Σ_h w_t·dy_t·S_in + Σ_{s ≤ t} (Σ_h dy_t·x_s·exp(cum_t − cum_s)·dt_s)·B_s → dC (b, l, G, N)."""
+    ct, bg = tl.program_id(0), tl.program_id(1)
+    row_blocks = tl.cdiv(chunk, BLOCK_T)
+    c, tb = ct // row_blocks, ct % row_blocks
+    b, g = bg // G, bg % G
+    b64 = b.to(tl.int64)
+    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    pos_t = c * chunk + t
+    valid_t = (t < chunk) & (pos_t < l)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    if HAS_SEQ:
+        seq_base = seq_ptr + b64 * ss_b
+        seq_t = tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-1)
+        doc_in = _doc_in(seq_base, c, chunk, ss_l)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
+    for i in range(ratio):  # the entering state's readout
+        h = g * ratio + i
+        row = ((b64 * H + h) * nc + c) * chunk
+        w = tl.where(valid_t, tl.exp(tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)), 0.0)
+        if HAS_SEQ:
+            w = tl.where(seq_t == doc_in, w, 0.0)
+        dy = tl.load(
+            dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+            mask=valid_t[:, None] & (p[None, :] < P),
+            other=0.0,
+        )  # (T, P)
+        S = tl.load(
+            sin_ptr + ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+            mask=(p[:, None] < P) & (n[None, :] < N),
+            other=0.0,
+        )  # (P, N)
+        acc += tl.dot((dy * w[:, None]).to(dy.dtype), S.to(dy.dtype))
+    s_end = tl.minimum((tb + 1) * BLOCK_T, chunk)
+    for s0 in range(0, s_end, BLOCK_S):  # the chunk's own tokens
+        s = s0 + tl.arange(0, BLOCK_S)
+        pos_s = c * chunk + s
+        valid_s = (s < chunk) & (pos_s < l)
+        keep = t[:, None] >= s[None, :]
+        if HAS_SEQ:
+            keep &= seq_t[:, None] == tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
+        dCB = tl.zeros((BLOCK_T, BLOCK_S), tl.float32)  # Σ_h dy_t·x_s·decay·dt_s
+        for i in range(ratio):
+            h = g * ratio + i
+            row = ((b64 * H + h) * nc + c) * chunk
+            cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
+            cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
+            dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
+            dy = tl.load(
+                dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+                mask=valid_t[:, None] & (p[None, :] < P),
+                other=0.0,
+            )  # (T, P)
+            xs = tl.load(
+                x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                mask=valid_s[:, None] & (p[None, :] < P),
+                other=0.0,
+            )  # (S, P)
+            decay = tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :]
+            dCB += tl.dot(dy, tl.trans(xs)) * decay
+        Bs = tl.load(
+            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
+            mask=valid_s[:, None] & (n[None, :] < N),
+            other=0.0,
+        )  # (S, N)
+        acc += tl.dot(tl.where(keep, dCB, 0.0).to(Bs.dtype), Bs)
+    dC_at = ((b64 * l + pos_t[:, None]) * G + g) * N + n[None, :]
+    tl.store(dC_ptr + dC_at, acc.to(dC_ptr.dtype.element_ty), mask=valid_t[:, None] & (n[None, :] < N))
+
+
+@_jit
+def _chunk_dB_bwd_kernel(
+    x_ptr, dy_ptr, C_ptr, seq_ptr, dtc_ptr, cum_ptr, ds_ptr, dB_ptr,
+    l, H, P, N, chunk, nc, ratio, G,
+    sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
+    HAS_SEQ: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Grid (c · row blocks, b·G). dB rows s of one group, summed over its heads in registers:
+    Σ_h decay_to_end_s·dt_s·x_s·d St + Σ_{t ≥ s} (Σ_h x_s·dy_t·exp(cum_t − cum_s)·dt_s)·C_t → dB (b, l, G, N)."""
+    cs, bg = tl.program_id(0), tl.program_id(1)
+    row_blocks = tl.cdiv(chunk, BLOCK_S)
+    c, sb = cs // row_blocks, cs % row_blocks
+    b, g = bg // G, bg % G
+    b64 = b.to(tl.int64)
+    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
+    pos_s = c * chunk + s
+    valid_s = (s < chunk) & (pos_s < l)
+    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    if HAS_SEQ:
+        seq_base = seq_ptr + b64 * ss_b
+        seq_s = tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-1)
+        doc_end = _doc_out(seq_base, c, chunk, l, ss_l)
+    acc = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
+    for i in range(ratio):  # the chunk's own end state
+        h = g * ratio + i
+        row = ((b64 * H + h) * nc + c) * chunk
+        cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
+        dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
+        scale = tl.exp(tl.load(cum_ptr + row + chunk - 1) - cum_s) * dt_s
+        if HAS_SEQ:
+            scale = tl.where(seq_s == doc_end, scale, 0.0)
+        xs = tl.load(
+            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+            mask=valid_s[:, None] & (p[None, :] < P),
+            other=0.0,
+        )  # (S, P)
+        dSt = tl.load(
+            ds_ptr + ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
+            mask=(p[:, None] < P) & (n[None, :] < N),
+            other=0.0,
+        )  # (P, N)
+        acc += tl.dot((xs * scale[:, None]).to(xs.dtype), dSt.to(xs.dtype))
+    for t0 in range(sb * BLOCK_S, chunk, BLOCK_T):  # the chunk's own tokens, t ≥ s
+        t = t0 + tl.arange(0, BLOCK_T)
+        pos_t = c * chunk + t
+        valid_t = (t < chunk) & (pos_t < l)
+        keep = t[None, :] >= s[:, None]
+        if HAS_SEQ:
+            keep &= seq_s[:, None] == tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-2)[None, :]
+        dBC = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # Σ_h x_s·dy_t·decay·dt_s
+        for i in range(ratio):
+            h = g * ratio + i
+            row = ((b64 * H + h) * nc + c) * chunk
+            cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
+            cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
+            dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
+            xs = tl.load(
+                x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
+                mask=valid_s[:, None] & (p[None, :] < P),
+                other=0.0,
+            )  # (S, P)
+            dy = tl.load(
+                dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
+                mask=valid_t[:, None] & (p[None, :] < P),
+                other=0.0,
+            )  # (T, P)
+            decay = tl.exp(tl.minimum(cum_t[None, :] - cum_s[:, None], 0.0)) * dt_s[:, None]
+            dBC += tl.dot(xs, tl.trans(dy)) * decay
+        Ct = tl.load(
+            C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
+            mask=valid_t[:, None] & (n[None, :] < N),
+            other=0.0,
+        )  # (T, N)
+        acc += tl.dot(tl.where(keep, dBC, 0.0).to(Ct.dtype), Ct)
+    dB_at = ((b64 * l + pos_s[:, None]) * G + g) * N + n[None, :]
+    tl.store(dB_ptr + dB_at, acc.to(dB_ptr.dtype.element_ty), mask=valid_s[:, None] & (n[None, :] < N))
+
+
 # ---------------------------------------------------------------- forward entry point
 
 
@@ -365,11 +719,101 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
     return y, final, dt_c, cum, states
 
 
+# ---------------------------------------------------------------- backward entry point
+
+
+def ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=False, dt_limit=NO_LIMIT,
+                 initial_states=None, seq_idx=None, dt_c=None, cum=None, states=None):  # fmt: skip
+    """→ dx, ddt, dA, dB, dC, dD (None without D), d initial states (None without them, fp32), d dt_bias (None
+    without it). dfinal: the final state's gradient, or None. dt_c, cum, states: what ssd_forward kept, or None to
+    recompute them (kernels (1) and (2) of the forward)."""
+    _check(x, dt, A, B, C, chunk_size, D, initial_states, seq_idx)
+    dtd = _Dt(dt_bias, dt_softplus, tuple(dt_limit))
+    if states is None:
+        dt_c, cum, states, _ = chunk_states(x, dt, A, B, chunk_size, dtd, initial_states, seq_idx)
+    b, l, H, P = x.shape
+    G, N = B.shape[-2:]
+    nc = dt_c.shape[2]
+    blk = _blocks(chunk_size, P, N)
+    f32 = dict(device=x.device, dtype=torch.float32)
+    seq, ss_b, ss_l = _seq(seq_idx, x)
+    shapes = dict(l=l, H=H, P=P, N=N, chunk=chunk_size, nc=nc)
+    ds, usuf = torch.empty(b, nc, H, P, N, **f32), torch.empty(b, H, nc, chunk_size, **f32)
+    _dstate_out_bwd_kernel[(nc, b * H)](
+        dy, cum, C, seq, states, ds, usuf, *shapes.values(), H // G, *dy.stride(), *C.stride(), ss_b, ss_l,
+        HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.N,
+    )  # fmt: skip
+    dinit = torch.empty(b, H, P, N, **f32) if initial_states is not None else None
+    block = min(1024, triton.next_power_of_2(P * N))
+    _state_passing_bwd_kernel[(b * H, triton.cdiv(P * N, block))](
+        ds, cum, dfinal.contiguous() if dfinal is not None else ds, seq, dinit if dinit is not None else ds,
+        l, H, P * N, chunk_size, nc, ss_b, ss_l,
+        HAS_DFINAL=dfinal is not None, HAS_INIT=dinit is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
+    )  # fmt: skip
+    dx, ddt = torch.empty(b, l, H, P, device=x.device, dtype=x.dtype), torch.empty(b, l, H, **f32)
+    red = torch.empty(b, nc, H, 3, **f32)
+    bias, lo, hi = dtd.args(A)
+    _chunk_dx_bwd_kernel[(nc, b * H)](
+        x, dy, dt, A, bias, B, C, D if D is not None else A, seq, dt_c, cum, states, ds, usuf, dx, ddt, red,
+        *shapes.values(), H // G, lo, hi,
+        *x.stride(), *dy.stride(), *dt.stride(), *B.stride(), *C.stride(), ss_b, ss_l,
+        HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **dtd.flags(),
+        BLOCK_Q=blk.Q, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+    )  # fmt: skip
+    dB, dC = (
+        torch.empty(b, l, G, N, device=x.device, dtype=B.dtype),
+        torch.empty(b, l, G, N, device=x.device, dtype=C.dtype),
+    )
+    rows = triton.cdiv(chunk_size, blk.rows)
+    _chunk_dC_bwd_kernel[(nc * rows, b * G)](
+        x, dy, B, seq, dt_c, cum, states, dC, *shapes.values(), H // G, G,
+        *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l,
+        HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+    )  # fmt: skip
+    _chunk_dB_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.cols), b * G)](
+        x, dy, C, seq, dt_c, cum, ds, dB, *shapes.values(), H // G, G,
+        *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l,
+        HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+    )  # fmt: skip
+    red = red.sum((0, 1))  # (H, 3)
+    dA = red[:, 0].to(A.dtype)
+    dD = red[:, 1].to(D.dtype) if D is not None else None
+    ddt_bias = red[:, 2].to(dt_bias.dtype) if dt_bias is not None else None
+    return dx, ddt.to(dt.dtype), dA, dB, dC, dD, dinit, ddt_bias
+
+
+# ---------------------------------------------------------------- the twin of ref.ssd_scan_ref
+
+
+class _SSDScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus, dt_limit):
+        y, final, dt_c, cum, states = ssd_forward(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit,
+                                                  initial_states, seq_idx)  # fmt: skip
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, dt_c, cum, states)
+        ctx.options = chunk_size, dt_softplus, dt_limit
+        ctx.mark_non_differentiable(dt_c, cum, states)
+        ctx.set_materialize_grads(False)
+        return y, final
+
+    @staticmethod
+    def backward(ctx, dy, dfinal):
+        x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, dt_c, cum, states = ctx.saved_tensors
+        chunk_size, dt_softplus, dt_limit = ctx.options
+        dy = torch.zeros_like(x) if dy is None else dy
+        dx, ddt, dA, dB, dC, dD, dinit, ddt_bias = ssd_backward(
+            dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, initial_states, seq_idx,
+            dt_c, cum, states,
+        )  # fmt: skip
+        dinit = dinit.to(initial_states.dtype) if dinit is not None else None
+        return dx, ddt, dA, dB, dC, dD, ddt_bias, dinit, None, None, None, None
+
+
 def ssd_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None, seq_idx=None,
              dt_softplus=False, dt_limit=NO_LIMIT, return_final_states=False):  # fmt: skip
-    """`ref.ssd_scan_ref` on our kernels (forward only; the gate z in PyTorch after the scan)."""
-    y, final, *_ = ssd_forward(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, tuple(dt_limit), initial_states,
-                               seq_idx)  # fmt: skip
+    """`ref.ssd_scan_ref` on our kernels, differentiable in every tensor (the gate z in PyTorch after the scan)."""
+    y, final = _SSDScan.apply(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, chunk_size, dt_softplus,
+                              tuple(dt_limit))  # fmt: skip
     if z is not None:
         y = (y.float() * torch.nn.functional.silu(z.float())).to(y.dtype)
     return (y, final) if return_final_states else y

@@ -5,8 +5,8 @@ defined):
     TRITON_INTERPRET=1 python -m tests.model.ssd_cases plain packed_many_docs   # → one JSON line of errors
 
 Each case draws inputs, runs our scan and the reference (`ref.ssd_scan_ref` in fp64, the truth) forward and
-and reports relative errors ‖ours − truth‖∞ / ‖truth‖∞
-for y and the final state. Cases in a low precision also report the reference's own
+backward through one loss that reaches y and the final state, and reports relative errors ‖ours − truth‖∞ / ‖truth‖∞
+for y, the final state and the gradient of every input. Cases in a low precision also report the reference's own
 error on the same low-precision inputs (`ref`), the bar ours is held to.
 """
 
@@ -83,9 +83,14 @@ def _options(spec: dict) -> dict:
 
 
 def _outputs_and_grads(scan, a: dict, spec: dict, probes: dict) -> dict:
-    """y and the final state (the backward comes next)."""
-    y, final = scan(**{k: v for k, v in a.items() if k != "seq_idx"}, seq_idx=a.get("seq_idx"), **_options(spec))
-    return dict(y=y, final=final)
+    """y, the final state and every input's gradient of Σ probe_y·y + Σ probe_final·final (fp64 probes)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in a.items() if k != "seq_idx"}
+    y, final = scan(**leaves, seq_idx=a.get("seq_idx"), **_options(spec))
+    loss = (y.double() * probes["y"]).sum()
+    if spec.get("dfinal", True):
+        loss = loss + (final.double() * probes["final"]).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return dict(y=y.detach(), final=final.detach(), **{"d" + k: g for k, g in zip(leaves, grads)})
 
 
 def _rel_errors(got: dict, truth: dict) -> dict:
@@ -128,8 +133,26 @@ def errors(name: str, device: str = "cpu", scans: dict | None = None) -> dict:
     return out
 
 
+def recompute_difference(name: str, device: str = "cpu") -> float:
+    """Largest difference between the backward from the forward's kept states and one that recomputes them."""
+    from model.kernels import ssd
+
+    spec = CASES[name]
+    a = inputs(spec, device)
+    opts = _options(spec)
+    kw = dict(D=a.get("D"), dt_bias=a.get("dt_bias"), initial_states=a.get("initial_states"),
+              seq_idx=a.get("seq_idx"), dt_softplus=opts.get("dt_softplus", False),
+              dt_limit=opts.get("dt_limit", ssd.NO_LIMIT))  # fmt: skip
+    args = (a["x"], a["dt"], a["A"], a["B"], a["C"], spec["chunk"])
+    y, final, dt_c, cum, states = ssd.ssd_forward(*args, **kw)
+    dy, dfinal = torch.ones_like(y), torch.ones_like(final)
+    kept = ssd.ssd_backward(dy, dfinal, *args, **kw, dt_c=dt_c, cum=cum, states=states)
+    again = ssd.ssd_backward(dy, dfinal, *args, **kw)
+    return max((k.double() - r.double()).abs().max().item() for k, r in zip(kept, again) if k is not None)
+
+
 def strided_difference(name: str, device: str = "cpu") -> float:
-    """Largest difference between x, B, C read as views of one (b, l, H·P + 2·G·N) tensor (the
+    """Largest difference, forward and backward, between x, B, C read as views of one (b, l, H·P + 2·G·N) tensor (the
     conv output's layout) and the same values contiguous."""
     from model.kernels import ssd
 
@@ -153,6 +176,8 @@ def main(names: list[str]) -> None:
 
         patch()
     out = {name: errors(name) for name in names if name in CASES}
+    if "recompute" in names:
+        out["recompute"] = recompute_difference("dt_fused")
     if "strided" in names:
         out["strided"] = strided_difference("one_group_init")
     print(json.dumps(out))

@@ -28,8 +28,8 @@ class Settings:
     #   "triton"    our Triton kernels, an error where triton does not import
     #   "mamba-ssm" mamba-ssm's Triton kernels and causal-conv1d's conv (the `mamba` extra), an error without mamba-ssm
     #   "reference" the pure-PyTorch ops (model/kernels/ref.py) everywhere
-    # The SSD scan is mamba-ssm's under every fast provider where it is installed (model/kernels/cuda.py
-    # `_ssd_scan_for`); PyTorch's flash varlen attention under every one where it exists.
+    # The SSD scan (model/kernels/cuda.py `_ssd_scan_for`): ours (model/kernels/ssd.py) under "triton"; under "auto"
+    # mamba-ssm's where it is installed, else ours. PyTorch's flash varlen attention under every one where it exists.
     kernels: str = "auto"
     # a layer's q, k, v and in_proj as one GEMM, gate and up as another, on the fast ops (not in training graphs, where
     # the fused gradients' assembly costs more than the launches it saves; not with a cache)

@@ -2,11 +2,13 @@
 
 `available_ops(provider)` returns {op_name: (supplier, callable)} for what runs here; `get_ops` falls back to
 `ref.py` for the rest. The provider is `model.settings.kernels`:
-- "auto" / "triton": our Triton kernels (`state_update.py`, `gated_norm.py`); nothing to compile at install, triton
-  comes with PyTorch's CUDA wheels. The conv runs the reference: ATen's depthwise conv eagerly, and under
-  torch.compile (compiled layers, the compiled decode step) shifted multiply-adds that inductor fuses with the SiLU.
+- "auto" / "triton": our Triton kernels (`state_update.py`, `gated_norm.py`, the SSD scan `ssd.py`); nothing to
+  compile at install, triton comes with PyTorch's CUDA wheels. The conv runs the reference: ATen's depthwise conv
+  eagerly, and under torch.compile (compiled layers, the compiled decode step) shifted multiply-adds that inductor
+  fuses with the SiLU.
 - "mamba-ssm": mamba-ssm's Triton kernels, and causal-conv1d's conv where installed.
-The SSD scan is picked in one place, `_ssd_scan_for`. PyTorch's flash varlen attention serves every provider.
+The SSD scan is picked in one place, `_ssd_scan_for` ("auto": mamba-ssm's where installed, else ours). PyTorch's
+flash varlen attention serves every provider.
 
 Every import is guarded: this module imports on a CPU machine without triton, mamba-ssm or causal-conv1d.
 mamba-ssm 2.3.0–2.3.2.post1: `import mamba_ssm` runs its package `__init__`, which needs the Mamba-1 CUDA
@@ -62,9 +64,9 @@ def _import_mamba_triton():
     return mods
 
 
-def _ssd_scan(ssd_combined):
-    scan = ssd_combined.mamba_chunk_scan_combined
-    chunked = _chunked_scan_op()
+def _with_reference_signature(chunked, general):
+    """The reference's signature over the chunked custom op (what the model runs) and `general`, a scan of the same
+    signature for the rest (z, dt_bias, softplus, a dt limit, no D)."""
 
     def ssd_scan(
         x,
@@ -90,7 +92,7 @@ def _ssd_scan(ssd_combined):
         if plain and D is not None:  # what the model runs: one op torch.compile sees through, no graph break
             y, final = chunked(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
             return (y, final) if return_final_states else y
-        out = scan(
+        return general(
             x,
             dt,
             A,
@@ -106,23 +108,44 @@ def _ssd_scan(ssd_combined):
             dt_limit=tuple(dt_limit),
             return_final_states=return_final_states,
         )
-        if return_final_states:
-            y, final = out
-            return y, final.float()
-        return out
 
     return ssd_scan
 
 
-_SCAN_OP = None
+def _mamba_general_scan(ssd_combined):
+    """mamba-ssm's `mamba_chunk_scan_combined` (an autograd.Function) with the final state in fp32."""
+
+    def scan(*args, return_final_states=False, **kwargs):
+        kwargs["dt_limit"] = tuple(kwargs["dt_limit"])
+        out = ssd_combined.mamba_chunk_scan_combined(*args, return_final_states=return_final_states, **kwargs)
+        return (out[0], out[1].float()) if return_final_states else out
+
+    return scan
+
+
+def _ssd_scan(ssd_combined):
+    """mamba-ssm's scan: its chunked kernels as our custom op, `mamba_chunk_scan_combined` for the rest."""
+    return _with_reference_signature(_chunked_scan_op("mamba-ssm"), _mamba_general_scan(ssd_combined))
+
+
+def _triton_ssd_scan():
+    """Our scan (model/kernels/ssd.py): its kernels as our custom op, `ssd.ssd_scan` (dt discretised in the kernel)
+    for the rest."""
+    from .ssd import ssd_scan
+
+    return _with_reference_signature(_chunked_scan_op("triton"), ssd_scan)
+
+
+_SCAN_OPS: dict[str, Callable] = {}
 # rows this long or longer recompute the chunk states in the backward (mamba-ssm's backward): long rows scan in
 # segments (model/modeling.py SCAN_SEGMENT_TOKENS) under activation checkpointing, and kept states would add up
 # over a layer's segments — ~3 GiB for the 7B at 256K tokens
 KEEP_STATES_BELOW_TOKENS = 32768
 
 
-def _chunked_scan_op():
-    """mamba-ssm's chunked SSD kernels as one `torch.library` custom op with its own backward (registered once).
+def _chunked_scan_op(provider: str = "mamba-ssm"):
+    """The chunked SSD kernels of `provider` ("mamba-ssm" or "triton") as one `torch.library` custom op with its own
+    backward (registered once each; the same signatures, ours named `ssd_scan_triton`, whose kept CB is empty).
 
     Why not `mamba_chunk_scan_combined`: (1) it is a Python autograd.Function that torch.compile cannot trace, so a
     compiled layer broke into four graphs around it and its ~20 eager kernels (grad adds, copies, casts) ran
@@ -133,12 +156,12 @@ def _chunked_scan_op():
     from mamba-ssm's backward: the state-passing backward reads those bf16 states where mamba-ssm recomputes fp32
     ones (the chunk-end term of dA and ddt). model.settings.ssd_recompute: mamba-ssm's own backward for every row.
     Kernels only: the reference twin is `ref.ssd_scan_ref`, and the GPU tests hold the two together."""
-    global _SCAN_OP
-    if _SCAN_OP is None:
-        forward, backward = _scan_forward_op(), _scan_backward_op()
+    if provider not in _SCAN_OPS:
+        ops = (_scan_forward_op(), _scan_backward_op()) if provider == "mamba-ssm" else _triton_scan_ops()
+        forward, backward = ops
         forward.register_autograd(partial(_scan_backward, backward), setup_context=_scan_setup_context)
-        _SCAN_OP = partial(_chunked_scan, forward)
-    return _SCAN_OP
+        _SCAN_OPS[provider] = partial(_chunked_scan, forward)
+    return _SCAN_OPS[provider]
 
 
 def _chunked_scan(forward, x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
@@ -254,6 +277,79 @@ def _scan_backward_op():
         return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
 
     return ssd_bwd
+
+
+def _triton_scan_ops():
+    """Our kernels (model/kernels/ssd.py) as the forward and backward custom ops, the signatures of mamba-ssm's pair
+    above. The forward keeps dA_cumsum, dt and the chunk states when `keep`; CB is never kept (the kernels compute
+    C·Bᵀ in place), so it is always the empty placeholder; without kept states the backward recomputes them."""
+    from . import ssd
+
+    @torch.library.custom_op("falcon_align::ssd_scan_triton", mutates_args=())
+    def ssd_fwd(
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        initial_states: Tensor | None,
+        seq_idx: Tensor | None,
+        chunk_size: int,
+        keep: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        y, final, dt_c, dA_cumsum, states = ssd.ssd_forward(
+            x, dt, A, B, C, chunk_size, D, initial_states=initial_states, seq_idx=seq_idx, states_dtype=C.dtype
+        )
+        if not keep:
+            dA_cumsum, dt_c, states = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
+        return y, final, dA_cumsum, dt_c, states, x.new_empty(0, dtype=torch.float32)
+
+    @ssd_fwd.register_fake
+    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep):
+        b, l, H, P = x.shape
+        N = B.shape[-1]
+        c = (l + chunk_size - 1) // chunk_size
+        f32 = dict(dtype=torch.float32, device=x.device)
+        y, final, cb = x.new_empty(b, l, H, P), x.new_empty(b, H, P, N, dtype=torch.float32), x.new_empty(0, **f32)
+        if not keep:
+            return (y, final, *(x.new_empty(0, **f32) for _ in range(3)), cb)
+        chunked = (x.new_empty(b, H, c, chunk_size, **f32) for _ in range(2))
+        return (y, final, *chunked, x.new_empty(b, c, H, P, N, dtype=C.dtype), cb)
+
+    @torch.library.custom_op("falcon_align::ssd_scan_triton_backward", mutates_args=())
+    def ssd_bwd(
+        dy: Tensor,
+        dfinal: Tensor | None,
+        x: Tensor,
+        dt: Tensor,
+        A: Tensor,
+        B: Tensor,
+        C: Tensor,
+        D: Tensor,
+        initial_states: Tensor | None,
+        seq_idx: Tensor | None,
+        y: Tensor,
+        dA_cumsum: Tensor,
+        dt_c: Tensor,
+        states: Tensor,
+        CB: Tensor,
+        chunk_size: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        kept = dict(dt_c=dt_c, cum=dA_cumsum, states=states) if states.numel() else {}
+        dx, ddt, dA, dB, dC, dD, dinit, _ = ssd.ssd_backward(
+            dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_states=initial_states, seq_idx=seq_idx, **kept
+        )
+        dinit = dinit.to(initial_states.dtype) if dinit is not None else x.new_empty(0, dtype=torch.float32)
+        return dx, ddt, dA, dB, dC, dD, dinit
+
+    @ssd_bwd.register_fake
+    def _(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, chunk_size):
+        like = lambda t: t.new_empty(t.shape)  # noqa: E731
+        dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
+        return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
+
+    return ssd_fwd, ssd_bwd
 
 
 def _scan_setup_context(ctx, inputs, output):
@@ -420,10 +516,17 @@ def available_ops(provider: str) -> dict[str, tuple[str, Callable]]:
 
 
 def _ssd_scan_for(provider: str) -> tuple[str, Callable] | None:
-    """The one place that picks the SSD scan: mamba-ssm's chunked kernels (as our custom op) where they import, under
-    every provider, until our own Triton scan exists; None → the reference."""
-    mamba = _import_mamba_triton()
-    return None if mamba is None else ("mamba-ssm", _ssd_scan(mamba[0]))
+    """The one place that picks the SSD scan → (supplier, scan), or None for the reference. "triton": ours
+    (model/kernels/ssd.py); "mamba-ssm": mamba-ssm's; "auto": mamba-ssm's where it imports, else ours. Ours goes
+    first under "auto" once the GPU tests and `python -m bench ssd-op` have passed on a card."""
+    from .ssd import available
+
+    mamba = _import_mamba_triton() if provider in ("auto", "mamba-ssm") else None
+    if mamba is not None:
+        return "mamba-ssm", _ssd_scan(mamba[0])
+    if provider in ("auto", "triton") and available():
+        return "triton", _triton_ssd_scan()
+    return None
 
 
 def _triton_ops(required: bool) -> dict[str, tuple[str, Callable]]:

@@ -170,6 +170,49 @@ def strided_difference(name: str, device: str = "cpu") -> float:
     return max((with_views[k].double() - v.double()).abs().max().item() for k, v in plain.items())
 
 
+def op_checks(device: str = "cpu") -> dict:
+    """Our scan through model/kernels/cuda.py's custom ops (`_ssd_scan_for("triton")`), the path the model runs:
+    errors against fp64 with the forward's states kept and recomputed ("op_kept", "op_recompute"); the largest
+    difference of y, the final state and the gradients between inductor (dynamic shapes, fake implementations
+    checked against the real outputs' sizes and strides) and eager ("compiled"); torch.library.opcheck's failures on
+    both ops ("opcheck")."""
+    from model.kernels import cuda
+    from model.settings import overridden
+
+    _, scan = cuda._ssd_scan_for("triton")
+    out = dict(op_kept=errors("packed_many_docs", device, scans={"op": scan})["op"])
+    with overridden(ssd_recompute=True):
+        out["op_recompute"] = errors("packed_many_docs", device, scans={"op": scan})["op"]
+    spec = CASES["packed_many_docs"]
+    a = inputs(spec, device)
+    probes = dict(y=torch.ones(*a["x"].shape, dtype=torch.float64, device=device),
+                  final=torch.ones(*a["initial_states"].shape, dtype=torch.float64, device=device))  # fmt: skip
+    compiled = torch.compile(scan, backend="inductor", dynamic=True, fullgraph=True)
+    eager, inductor = (_outputs_and_grads(fn, a, spec, probes) for fn in (scan, compiled))
+    out["compiled"] = max((inductor[k].double() - v.double()).abs().max().item() for k, v in eager.items())
+    out["opcheck"] = _opcheck_failures(a, spec["chunk"])
+    return out
+
+
+def _opcheck_failures(a: dict, chunk: int) -> list[str]:
+    """torch.library.opcheck on our forward op (kept states and not) and its backward op → the failures' messages."""
+    forward, backward = torch.ops.falcon_align.ssd_scan_triton.default, torch.ops.falcon_align.ssd_scan_triton_backward
+    args = [a[k] for k in ("x", "dt", "A", "B", "C", "D", "initial_states", "seq_idx")]
+    failures = []
+    for keep in (True, False):
+        leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in args]
+        try:
+            torch.library.opcheck(forward, (*leaves, chunk, keep))
+            with torch.no_grad():
+                y, final, *kept = forward(*args, chunk, keep)
+            torch.library.opcheck(
+                backward.default, (torch.ones_like(y), torch.ones_like(final), *args, y, *kept, chunk)
+            )
+        except Exception as err:  # opcheck raises OpCheckError naming the failed test
+            failures.append(f"keep={keep}: {type(err).__name__}: {err}"[:2000])
+    return failures
+
+
 def main(names: list[str]) -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         from tests.model.triton_interpreter import patch
@@ -180,6 +223,8 @@ def main(names: list[str]) -> None:
         out["recompute"] = recompute_difference("dt_fused")
     if "strided" in names:
         out["strided"] = strided_difference("one_group_init")
+    if "op" in names:
+        out.update(op_checks())
     print(json.dumps(out))
 
 

@@ -36,7 +36,7 @@ def configured():
 # the module supplying each fast op under the default provider, kernels="auto" (model/kernels/cuda.py); the conv is
 # the reference there (inductor fuses it under compile), causal-conv1d serves kernels="mamba-ssm" only
 SUPPLIERS = {
-    "ssd_scan": "mamba_ssm",
+    "ssd_scan": "triton",  # ours (model/kernels/ssd.py), or mamba-ssm's where installed
     "selective_state_update": "triton",
     "rmsnorm_gated": "triton",
     "varlen_attention": "torch.nn.attention.varlen",
@@ -180,7 +180,7 @@ def test_triton_ops_at_least_as_accurate_as_mamba_ssm(op):
 
 def test_auto_runs_without_mamba_ssm_or_causal_conv1d(monkeypatch, configured):
     """What a plain `pip install` gets: mamba-ssm and causal-conv1d hidden, kernels="auto" runs our Triton kernels
-    (the scan is the reference until ours lands). A training step's loss and every gradient, and greedy `generate`
+    (the SSD scan ours too). A training step's loss and every gradient, and greedy `generate`
     (our state update inside the compiled decode step's CUDA graph), equal the reference path's in fp32."""
     import sys
 
@@ -191,6 +191,7 @@ def test_auto_runs_without_mamba_ssm_or_causal_conv1d(monkeypatch, configured):
     configured(kernels="auto")  # forgets the choice made before the packages were hidden
     name = get_ops("cuda").name
     assert "selective_state_update:triton" in name and "rmsnorm_gated:triton" in name and "mamba" not in name
+    assert "ssd_scan:triton" in name
     model = tiny_model(seed=1, mamba_n_groups=2, mamba_chunk_size=16, time_step_limit=(0.01, 0.5)).to("cuda")
     model.generation_config.pad_token_id = 0
     ids = torch.randint(1, 97, (2, 64), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

@@ -125,23 +125,29 @@ def fake_cuda(monkeypatch):
 
 
 def _without_triton(monkeypatch):
+    """triton hidden; our kernel modules forgotten (in sys.modules and as attributes of model.kernels, both restored
+    after the test, so later tests get the modules built with triton)."""
+    import model.kernels
+
     monkeypatch.setitem(sys.modules, "triton", None)
-    for name in ("model.kernels.state_update", "model.kernels.gated_norm"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in ("state_update", "gated_norm", "ssd"):
+        monkeypatch.delitem(sys.modules, f"model.kernels.{name}", raising=False)
+        monkeypatch.delattr(model.kernels, name, raising=False)
 
 
 @needs_triton
-def test_auto_runs_our_triton_kernels_without_mamba_ssm(fake_cuda):
+def test_auto_runs_our_triton_kernels_without_mamba_ssm(fake_cuda, monkeypatch):
     from model.kernels.gated_norm import rmsnorm_gated
     from model.kernels.state_update import selective_state_update
 
+    monkeypatch.setattr(cuda, "_triton_ssd_scan", lambda: "our scan")
     for provider in ("auto", "triton"):
         ops = fake_cuda(provider)
-        assert ops.name == "cuda[rmsnorm_gated:triton,selective_state_update:triton]" and ops.fast
+        assert ops.name == "cuda[rmsnorm_gated:triton,selective_state_update:triton,ssd_scan:triton]" and ops.fast
         assert (ops.selective_state_update, ops.rmsnorm_gated) == (selective_state_update, rmsnorm_gated)
-        # until our own SSD scan lands, the scan without mamba-ssm is the reference; the conv is the reference
-        # (inductor fuses it under compile)
-        for name in ("ssd_scan", "causal_conv1d", "causal_conv1d_update", "varlen_attention"):
+        assert ops.ssd_scan == "our scan"  # model/kernels/ssd.py
+        # the conv is the reference (inductor fuses it under compile)
+        for name in ("causal_conv1d", "causal_conv1d_update", "varlen_attention"):
             assert getattr(ops, name) is getattr(REFERENCE, name), name
 
 

@@ -18,6 +18,7 @@ BENCHMARKS = {
     "long": ("bench.long_context", "longest trainable row: checkpointing, offload, context parallelism (torchrun)"),
     "profile": ("bench.profile_step", "a training step's GPU time by kernel family (torch.profiler)"),
     "streams": ("bench.stream_probe", "one layer's two mixers on one CUDA stream against two"),
+    "ssd-op": ("bench.ssd_op", "one layer's SSD scan forward + backward, our Triton kernels against mamba-ssm's"),
     "user-paths": ("bench.user_paths", "the paths users run: align/sft.py, model.generate, the demo"),
     "fsdp-sft": ("bench.fsdp_sft", "SFT through accelerate: FSDP2 on two GPUs against one GPU, first losses"),
     "gpu-tests": ("bench.gpu_tests", "the GPU test suite → JUnit XML and a summary in bench/results/"),

@@ -127,6 +127,34 @@ def step_times(step: Callable[[], object], steps: int, warmup: int = 0, on_warm:
     return times
 
 
+def graphed(fn, reps=3):
+    """fn captured once in a CUDA graph after warm-up on a side stream → replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(reps):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_us(fn, iters):
+    """µs per call of `fn` on the current CUDA stream (CUDA events), after 3 untimed calls."""
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / iters
+
+
 class StepTimer(TrainerCallback):
     """A Trainer's optimizer steps: each step's wall time (synchronised) and the input tokens it saw (with
     include_num_input_tokens_seen)."""

@@ -69,33 +69,6 @@ def make_branches(cfg, seq, with_projections):
     return attention, ssm
 
 
-def graphed(fn, reps=3):
-    """fn captured once in a CUDA graph after warm-up on a side stream → replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(reps):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
-def time_us(fn, iters):
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / iters
-
-
 def variants(attention, ssm):
     side = torch.cuda.Stream()
 
@@ -120,7 +93,7 @@ def probe(cfg, args, name: str, projections: bool) -> dict:
     us = {}
     for label, fn in variants(attention, ssm).items():
         try:
-            us[label] = round(time_us(graphed(fn), args.iters), 1)
+            us[label] = round(common.time_us(common.graphed(fn), args.iters), 1)
         except Exception as err:  # a capture failure is a finding too
             us[label] = repr(err)[:200]
     if all(isinstance(v, float) for v in us.values()):

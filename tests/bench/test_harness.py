@@ -13,7 +13,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 # every benchmark is also a result kind of bench/results/README.md
-BENCHMARKS = ["train", "decode", "dpo", "grpo", "long", "profile", "streams", "user-paths", "fsdp-sft", "gpu-tests"]
+BENCHMARKS = ["train", "decode", "dpo", "grpo", "long", "profile", "streams", "ssd-op", "user-paths", "fsdp-sft",
+              "gpu-tests"]  # fmt: skip
 
 
 def test_help_lists_every_benchmark():

@@ -1,0 +1,163 @@
+"""One layer's SSD scan, forward and backward, on our Triton kernels (model/kernels/ssd.py) against mamba-ssm's,
+through the custom ops the model runs (model/kernels/cuda.py), at a preset's layer shapes (CUDA).
+
+    python -m bench ssd-op --preset 0.5b --seqs 2048 8192 32768 --out <json>
+
+x, B and C come in bf16, dt, A and D in fp32, as the mixer passes them; one row of --seq tokens, packed documents of
+--doc-tokens each (0: one document). Each provider's forward and forward + backward are timed on the stream (CUDA
+events) and, on CUDA, the forward + backward replayed from a CUDA graph (what training graphs run). `speedup`:
+mamba-ssm's time over ours at each length; `agreement`: each provider's y and dx against the first provider's.
+Rows from 32K tokens on recompute the chunk states in the backward (model/kernels/cuda.py KEEP_STATES_BELOW_TOKENS),
+as the model does. `--device cpu` runs the harness: the reference scan, or ours in Triton's interpreter
+(TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from bench import common
+from model import preset_config
+from model.kernels import REFERENCE
+
+PROVIDERS = ("triton", "mamba-ssm", "reference")
+
+
+def scan_for(provider: str):
+    """The scan of `provider`, with the reference's signature."""
+    if provider == "reference":
+        return REFERENCE.ssd_scan
+    from model.kernels import cuda
+
+    chosen = cuda._ssd_scan_for(provider)
+    if chosen is None:
+        raise SystemExit(f"ssd-op: the {provider} kernels do not import here")
+    return chosen[1]
+
+
+def make_inputs(cfg, seq: int, args) -> dict:
+    """The scan's leaves for one row of `seq` tokens (seeded), and its seq_idx where documents are packed."""
+    H, P, G, N = args.heads or cfg.mamba_n_heads, cfg.mamba_d_head, cfg.mamba_n_groups, cfg.mamba_d_state
+    gen = torch.Generator().manual_seed(0)
+    low = getattr(torch, args.dtype)
+    r = lambda *s, dtype=torch.float32: torch.randn(*s, generator=gen).to(args.device, dtype)  # noqa: E731
+    A = -torch.rand(H, generator=gen).to(args.device) - 0.5
+    a = dict(x=r(1, seq, H, P, dtype=low), dt=F.softplus(r(1, seq, H) - 3.0), A=A, B=r(1, seq, G, N, dtype=low),
+             C=r(1, seq, G, N, dtype=low), D=r(H))  # fmt: skip
+    a = {k: v.requires_grad_() for k, v in a.items()}
+    seq_idx = None
+    if args.doc_tokens:
+        seq_idx = (torch.arange(seq, device=args.device) // args.doc_tokens).to(torch.int32)[None]
+    return dict(leaves=a, seq_idx=seq_idx, dy=r(1, seq, H, P, dtype=low))
+
+
+def steps(scan, inputs: dict, chunk: int):
+    """→ (forward, forward + backward) closures over one set of inputs."""
+    a, seq_idx, dy = inputs["leaves"], inputs["seq_idx"], inputs["dy"]
+    leaves = [a[k] for k in ("x", "dt", "A", "B", "C", "D")]
+
+    def forward():
+        with torch.no_grad():
+            return scan(**a, chunk_size=chunk, seq_idx=seq_idx, return_final_states=True)
+
+    def forward_backward():
+        y, _ = scan(**a, chunk_size=chunk, seq_idx=seq_idx, return_final_states=True)
+        return y.detach(), torch.autograd.grad(y, leaves, dy)
+
+    return forward, forward_backward
+
+
+def time_us(fn, args) -> float:
+    """µs per call: CUDA events on a GPU, the median of synchronised calls elsewhere."""
+    if args.device == "cuda":
+        return round(common.time_us(fn, args.iters), 1)
+    return round(statistics.median(common.step_times(fn, args.iters, warmup=1)) * 1e6, 1)
+
+
+def measure(provider: str, cfg, seq: int, args) -> tuple[dict, tuple]:
+    """One provider at one length → (its row, its y and dx for the agreement)."""
+    inputs = make_inputs(cfg, seq, args)
+    forward, forward_backward = steps(scan_for(provider), inputs, cfg.mamba_chunk_size)
+    y, grads = forward_backward()  # also the warm-up: compiles (mamba-ssm autotunes) before any timing
+    common.cleanup()
+    row = dict(
+        provider=provider,
+        seq=seq,
+        forward_us=time_us(forward, args),
+        forward_backward_us=time_us(forward_backward, args),
+    )
+    row["peak_gib"] = common.peak_gib()
+    if args.device == "cuda" and args.graphs:
+        try:
+            row["graphed_forward_backward_us"] = round(common.time_us(common.graphed(forward_backward), args.iters), 1)
+        except Exception as err:  # a capture failure is a finding too
+            row["graphed_forward_backward_us"] = repr(err)[:200]
+    return row, (y.float(), grads[0].float())
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def speedups(rows: list[dict]) -> dict:
+    """{seq: mamba-ssm's time over ours} for the forward + backward (graphed where measured)."""
+    key = (
+        "graphed_forward_backward_us"
+        if any(isinstance(r.get("graphed_forward_backward_us"), float) for r in rows)
+        else "forward_backward_us"
+    )
+    by = {(r["provider"], r["seq"]): r.get(key) for r in rows}
+    out = {}
+    for seq in sorted({r["seq"] for r in rows}):
+        ours, theirs = by.get(("triton", seq)), by.get(("mamba-ssm", seq))
+        if isinstance(ours, float) and isinstance(theirs, float):
+            out[str(seq)] = round(theirs / ours, 2)
+    return out
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m bench ssd-op", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default="0.5b")
+    ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 32768])
+    ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["triton", "mamba-ssm"])
+    ap.add_argument("--doc-tokens", type=int, default=0, help="packed documents of this many tokens (0: one)")
+    ap.add_argument("--heads", type=int, default=None, help="fewer heads than the preset's (smoke runs)")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16", help="of x, B, C (dt, A, D stay fp32)")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay")
+    common.add_common_arguments(ap)
+    return ap
+
+
+def main(argv: list[str]) -> dict:
+    args = parser().parse_args(argv)
+    common.apply_runtime(args)
+    cfg = preset_config(args.preset)
+    rows, agreement = [], []
+    for seq in args.seqs:
+        outputs = {}
+        for provider in args.providers:
+            row, outputs[provider] = measure(provider, cfg, seq, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        first = args.providers[0]
+        for provider in args.providers[1:]:
+            (y, dx), (y0, dx0) = outputs[provider], outputs[first]
+            agreement.append(dict(seq=seq, provider=provider, against=first, y=rel_diff(y, y0), dx=rel_diff(dx, dx0)))
+    shape = dict(H=args.heads or cfg.mamba_n_heads, P=cfg.mamba_d_head, G=cfg.mamba_n_groups, N=cfg.mamba_d_state,
+                 chunk=cfg.mamba_chunk_size, dtype=args.dtype, doc_tokens=args.doc_tokens)  # fmt: skip
+    record = common.envelope(f"one layer's SSD scan forward + backward, {args.preset}", "ssd-op", argv, args)
+    record.update(preset=args.preset, shape=shape, rows=rows, agreement=agreement, speedup=speedups(rows))
+    common.write_result(args.out, record)
+    header = ["provider", "seq", "forward_us", "forward_backward_us", "graphed_forward_backward_us", "peak_gib"]
+    common.print_table(f"µs per layer, {record['card']}", header, [[r.get(k) for k in header] for r in rows])
+    print(f"speedup (mamba-ssm / ours): {record['speedup']}")
+    return record

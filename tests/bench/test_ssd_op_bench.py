@@ -1,0 +1,51 @@
+"""`python -m bench ssd-op` on CPU: the harness with the reference scan (always), and with our kernels against it in
+Triton's interpreter where triton is installed (a subprocess: the interpreter is chosen when the kernels are defined;
+tests/model/triton_interpreter.py patches it first).
+The result carries the schema of bench/results/README.md and the two scans agree."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import ssd_op
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ["--preset", "0.5b", "--seqs", "200", "--heads", "2", "--device", "cpu", "--iters", "1"]
+SMOKE += ["--dtype", "float32", "--doc-tokens", "50"]
+
+
+def _check_record(record: dict, providers: list[str]) -> None:
+    assert record["card"] == "cpu" and record["command"].startswith("python -m bench ssd-op --preset 0.5b")
+    assert record["shape"] == dict(H=2, P=64, G=1, N=128, chunk=128, dtype="float32", doc_tokens=50)
+    assert [(r["provider"], r["seq"]) for r in record["rows"]] == [(p, 200) for p in providers]
+    assert all(r["forward_us"] > 0 and r["forward_backward_us"] > 0 for r in record["rows"])
+
+
+def test_ssd_op_bench_runs_the_reference_on_cpu(tmp_path):
+    out = tmp_path / "ssd.json"
+    record = ssd_op.main([*SMOKE, "--providers", "reference", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    _check_record(record, ["reference"])
+    assert record["agreement"] == [] and record["speedup"] == {}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: no interpreter")
+def test_ssd_op_bench_runs_ours_in_the_interpreter(tmp_path):
+    out = tmp_path / "ssd.json"
+    site = str(Path(importlib.util.find_spec("triton").origin).parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
+    argv = [*SMOKE, "--providers", "triton", "reference", "--out", str(out)]
+    run = f"from tests.model.triton_interpreter import patch; patch(); from bench.__main__ import main; main({argv!r})"
+    run = run.replace("main([", "main(['ssd-op', ", 1)
+    done = subprocess.run([sys.executable, "-c", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(out.read_text())
+    _check_record(record, ["triton", "reference"])
+    (agreement,) = record["agreement"]
+    assert agreement["provider"] == "reference" and agreement["against"] == "triton"
+    assert agreement["y"] < 1e-5 and agreement["dx"] < 1e-5

@@ -42,9 +42,22 @@ except ImportError:  # CPU installs: available() is False and nothing below is c
     triton = tl = None
 
 NO_LIMIT = (0.0, math.inf)
-# block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop, the state's N
-# per program of the chunk-state kernel. Tests lower them to run every tiling loop on small shapes.
-CAPS = dict(rows=64, cols=32, state_n=128)
+# block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop (and of the
+# per-head backward kernel's), the state's N per tile, P per output tile. Tests lower them to run every tiling loop on
+# small shapes.
+CAPS = dict(rows=64, cols=32, dx_cols=16, n=128, p=64)
+# warps and software-pipelining stages per kernel. First choices, from compiling for sm_90 without a card (registers,
+# spills and shared memory: the per-head backward kernel fits Hopper's 227 KB up to P 128, N 256 and in fp32 only
+# without pipelining); to be tuned on the card (`python -m bench ssd-op`)
+LAUNCH = dict(
+    chunk_state=dict(num_warps=4, num_stages=2),
+    state_passing=dict(num_warps=4),
+    output=dict(num_warps=4, num_stages=2),
+    dstate_out=dict(num_warps=8, num_stages=1),
+    dx=dict(num_warps=8, num_stages=1),
+    dC=dict(num_warps=8, num_stages=2),
+    dB=dict(num_warps=8, num_stages=2),
+)
 
 
 def available() -> bool:
@@ -98,6 +111,20 @@ def _discretize_grad(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, 
 
 
 @_jit
+def _load_rows(ptr, pos, valid, cols, ncols, s_row, s_col):
+    """(rows, cols) tile at ptr + pos·s_row + cols·s_col; zero where a row is not `valid` or a column is ≥ ncols."""
+    return tl.load(
+        ptr + pos[:, None] * s_row + cols[None, :] * s_col, mask=valid[:, None] & (cols[None, :] < ncols), other=0.0
+    )
+
+
+@_jit
+def _load_state(ptr, p, n, P, N):
+    """(p, n) tile of one contiguous (P, N) state."""
+    return tl.load(ptr + p[:, None] * N + n[None, :], mask=(p[:, None] < P) & (n[None, :] < N), other=0.0)
+
+
+@_jit
 def _doc_in(seq_ptr, c, chunk, stride_l):
     """The document of the state entering chunk c: that of the position before it (position 0's for chunk 0)."""
     return tl.load(seq_ptr + tl.maximum(c * chunk - 1, 0) * stride_l)
@@ -110,6 +137,8 @@ def _doc_out(seq_ptr, c, chunk, l, stride_l):
 
 
 # ---------------------------------------------------------------- forward kernels
+# Pointer names: x_h, dy_h: x and dy of one (row b, head h); B_g, C_g: B and C of one (row b, group g); seq_b: one
+# row's seq_idx; sin_c, ds_c: one (b, c, h)'s contiguous (P, N) state; row: one (b, h, c)'s Q entries of dt_c, cum.
 
 
 @_jit
@@ -125,10 +154,10 @@ def _chunk_state_fwd_kernel(
     the chunk's own end state St = (x·dt·decay_to_end)ᵀ·B → (b, c, H, P, N) fp32."""
     c, bh, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     b, h = bh // H, bh % H
+    b64 = b.to(tl.int64)
     t = tl.arange(0, BLOCK_Q)
     pos = c * chunk + t
     valid = (t < chunk) & (pos < l)
-    b64 = b.to(tl.int64)
     raw = tl.load(dt_ptr + b64 * sdt_b + pos * sdt_l + h * sdt_h, mask=valid, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
     dt = tl.where(valid, _discretize(raw, bias, HAS_BIAS, SOFTPLUS, LIMIT, dt_min, dt_max), 0.0)  # (Q,)
@@ -140,23 +169,15 @@ def _chunk_state_fwd_kernel(
         tl.store(cum_ptr + row + t, cum, mask=t < chunk)
     scale = tl.exp(tl.sum(a, axis=0) - cum) * dt  # decay to the chunk's end · dt
     if HAS_SEQ:
-        seq = tl.load(seq_ptr + b64 * ss_b + pos * ss_l, mask=valid, other=-1)
-        scale = tl.where(seq == _doc_out(seq_ptr + b64 * ss_b, c, chunk, l, ss_l), scale, 0.0)
-    p = tl.arange(0, BLOCK_P)
-    n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    x = tl.load(
-        x_ptr + b64 * sx_b + pos[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-        mask=valid[:, None] & (p[None, :] < P),
-        other=0.0,
-    )  # (Q, P)
-    Bm = tl.load(
-        B_ptr + b64 * sB_b + pos[:, None] * sB_l + (h // ratio) * sB_g + n[None, :] * sB_n,
-        mask=valid[:, None] & (n[None, :] < N),
-        other=0.0,
-    )  # (Q, BLOCK_N)
+        seq_b = seq_ptr + b64 * ss_b
+        scale = tl.where(tl.load(seq_b + pos * ss_l, mask=valid, other=-1) == _doc_out(seq_b, c, chunk, l, ss_l),
+                         scale, 0.0)  # fmt: skip
+    p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    x = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos, valid, p, P, sx_l, sx_p)  # (Q, P)
+    Bm = _load_rows(B_ptr + b64 * sB_b + (h // ratio) * sB_g, pos, valid, n, N, sB_l, sB_n)  # (Q, BLOCK_N)
     st = tl.dot(tl.trans((x * scale[:, None]).to(Bm.dtype)), Bm)  # (P, BLOCK_N) fp32
-    out = ((b64 * nc + c) * H + h) * P * N
-    tl.store(st_ptr + out + p[:, None] * N + n[None, :], st, mask=(p[:, None] < P) & (n[None, :] < N))
+    st_c = st_ptr + ((b64 * nc + c) * H + h) * P * N
+    tl.store(st_c + p[:, None] * N + n[None, :], st, mask=(p[:, None] < P) & (n[None, :] < N))
 
 
 @_jit
@@ -199,66 +220,54 @@ def _chunk_output_fwd_kernel(
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (c · row blocks, b·H, P blocks). y rows t of chunk c: the entering state read out by C_t, the chunk's
-    own tokens through (C_t·B_s)·decay·dt_s (s ≤ t, s in blocks of BLOCK_S), D·x_t → y (b, l, H, P)."""
+    own tokens through (C_t·B_s)·decay·dt_s (s ≤ t, s in blocks of BLOCK_S, N in blocks of BLOCK_N), D·x_t →
+    y (b, l, H, P)."""
     ct, bh, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_blocks = tl.cdiv(chunk, BLOCK_T)
     c, tb = ct // row_blocks, ct % row_blocks
     b, h = bh // H, bh % H
-    g = h // ratio
     b64 = b.to(tl.int64)
+    x_h, B_g = x_ptr + b64 * sx_b + h * sx_h, B_ptr + b64 * sB_b + (h // ratio) * sB_g
+    C_g, sin_c = C_ptr + b64 * sC_b + (h // ratio) * sC_g, sin_ptr + ((b64 * nc + c) * H + h) * P * N
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     pos_t = c * chunk + t
     valid_t = (t < chunk) & (pos_t < l)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-    n = tl.arange(0, BLOCK_N)
     row = ((b64 * H + h) * nc + c) * chunk
     cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
-    Ct = tl.load(
-        C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
-        mask=valid_t[:, None] & (n[None, :] < N),
-        other=0.0,
-    )  # (T, N)
-    S = tl.load(
-        sin_ptr + ((b64 * nc + c) * H + h) * P * N + p[None, :] * N + n[:, None],
-        mask=(n[:, None] < N) & (p[None, :] < P),
-        other=0.0,
-    )  # (N, P): S_inᵀ
     readout = tl.exp(cum_t)
     if HAS_SEQ:
-        seq_t = tl.load(seq_ptr + b64 * ss_b + pos_t * ss_l, mask=valid_t, other=-1)
-        readout = tl.where(seq_t == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l), readout, 0.0)
-    acc = tl.dot(Ct, S.to(Ct.dtype)) * readout[:, None]  # (T, P) fp32
-    s_end = tl.minimum((tb + 1) * BLOCK_T, chunk)
-    for s0 in range(0, s_end, BLOCK_S):
+        seq_b = seq_ptr + b64 * ss_b
+        seq_t = tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-1)
+        readout = tl.where(seq_t == _doc_in(seq_b, c, chunk, ss_l), readout, 0.0)
+    acc = tl.zeros((BLOCK_T, BLOCK_P), tl.float32)
+    for n0 in range(0, N, BLOCK_N):  # the entering state: C_t·S_inᵀ
+        n = n0 + tl.arange(0, BLOCK_N)
+        Ct = _load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n)  # (T, BLOCK_N)
+        acc += tl.dot(Ct, tl.trans(_load_state(sin_c, p, n, P, N).to(Ct.dtype)))
+    acc *= readout[:, None]
+    for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
         s = s0 + tl.arange(0, BLOCK_S)
         pos_s = c * chunk + s
         valid_s = (s < chunk) & (pos_s < l)
-        Bs = tl.load(
-            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
-            mask=valid_s[:, None] & (n[None, :] < N),
-            other=0.0,
-        )  # (S, N)
+        CB = tl.zeros((BLOCK_T, BLOCK_S), tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            Ct = _load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n)
+            CB += tl.dot(Ct, tl.trans(_load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)))
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
         dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
         keep = t[:, None] >= s[None, :]
         if HAS_SEQ:
-            seq_s = tl.load(seq_ptr + b64 * ss_b + pos_s * ss_l, mask=valid_s, other=-2)
-            keep &= seq_t[:, None] == seq_s[None, :]
-        decay = tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0))
-        K = tl.where(keep, tl.dot(Ct, tl.trans(Bs)) * decay * dt_s[None, :], 0.0)  # (T, S)
-        xs = tl.load(
-            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-            mask=valid_s[:, None] & (p[None, :] < P),
-            other=0.0,
-        )  # (S, P)
+            keep &= seq_t[:, None] == tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
+        K = tl.where(keep, CB * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :], 0.0)
+        xs = _load_rows(x_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
         acc += tl.dot(K.to(xs.dtype), xs)
-    out_mask = valid_t[:, None] & (p[None, :] < P)
     if HAS_D:
-        xt = tl.load(x_ptr + b64 * sx_b + pos_t[:, None] * sx_l + h * sx_h + p[None, :] * sx_p, mask=out_mask,
-                     other=0.0)  # fmt: skip
+        xt = _load_rows(x_h, pos_t, valid_t, p, P, sx_l, sx_p)
         acc += tl.load(D_ptr + h).to(tl.float32) * xt.to(tl.float32)
     y_at = ((b64 * l + pos_t[:, None]) * H + h) * P + p[None, :]
-    tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptr + y_at, acc.to(y_ptr.dtype.element_ty), mask=valid_t[:, None] & (p[None, :] < P))
 
 
 # ---------------------------------------------------------------- backward kernels
@@ -277,30 +286,25 @@ def _dstate_out_bwd_kernel(
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     b64 = b.to(tl.int64)
+    C_g, at = C_ptr + b64 * sC_b + (h // ratio) * sC_g, ((b64 * nc + c) * H + h) * P * N
     t = tl.arange(0, BLOCK_Q)
     pos = c * chunk + t
     valid = (t < chunk) & (pos < l)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p = tl.arange(0, BLOCK_P)
     row = ((b64 * H + h) * nc + c) * chunk
     w = tl.where(valid, tl.exp(tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)), 0.0)
     if HAS_SEQ:
-        seq = tl.load(seq_ptr + b64 * ss_b + pos * ss_l, mask=valid, other=-1)
-        w = tl.where(seq == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l), w, 0.0)
-    dy = tl.load(
-        dy_ptr + b64 * sdy_b + pos[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-        mask=valid[:, None] & (p[None, :] < P),
-        other=0.0,
-    )  # (Q, P)
-    Cm = tl.load(
-        C_ptr + b64 * sC_b + pos[:, None] * sC_l + (h // ratio) * sC_g + n[None, :] * sC_n,
-        mask=valid[:, None] & (n[None, :] < N),
-        other=0.0,
-    )  # (Q, N)
-    at = ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :]
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    tl.store(ds_ptr + at, tl.dot(tl.trans((dy * w[:, None]).to(Cm.dtype)), Cm), mask=pn_mask)  # (P, N)
-    S = tl.load(sin_ptr + at, mask=pn_mask, other=0.0)  # (P, N)
-    CS = tl.dot(Cm, tl.trans(S.to(Cm.dtype)))  # (Q, P): S_in·C_t
+        seq_b = seq_ptr + b64 * ss_b
+        w = tl.where(tl.load(seq_b + pos * ss_l, mask=valid, other=-1) == _doc_in(seq_b, c, chunk, ss_l), w, 0.0)
+    dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos, valid, p, P, sdy_l, sdy_p)  # (Q, P)
+    dyw = tl.trans((dy * w[:, None]).to(dy.dtype))  # (P, Q)
+    CS = tl.zeros((BLOCK_Q, BLOCK_P), tl.float32)  # S_in·C_t
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        Cm = _load_rows(C_g, pos, valid, n, N, sC_l, sC_n)  # (Q, BLOCK_N)
+        pn_mask = (p[:, None] < P) & (n[None, :] < N)
+        tl.store(ds_ptr + at + p[:, None] * N + n[None, :], tl.dot(dyw.to(Cm.dtype), Cm), mask=pn_mask)
+        CS += tl.dot(Cm, tl.trans(_load_state(sin_ptr + at, p, n, P, N).to(Cm.dtype)))
     U = w * tl.sum(dy.to(tl.float32) * CS, axis=1)
     tl.store(usuf_ptr + row + t, tl.cumsum(U, axis=0, reverse=True), mask=t < chunk)
 
@@ -330,8 +334,8 @@ def _state_passing_bwd_kernel(
         tl.store(ds_ptr + at + e, dS, mask=mask)
         decay = tl.exp(tl.load(cum_ptr + ((b64 * H + h) * nc + c) * chunk + chunk - 1))
         if HAS_SEQ:
-            same = _doc_out(seq_ptr + b64 * ss_b, c, chunk, l, ss_l) == _doc_in(seq_ptr + b64 * ss_b, c, chunk, ss_l)
-            decay = tl.where(same, decay, 0.0)
+            seq_b = seq_ptr + b64 * ss_b
+            decay = tl.where(_doc_out(seq_b, c, chunk, l, ss_l) == _doc_in(seq_b, c, chunk, ss_l), decay, 0.0)
         dS = from_y + decay * dS
     if HAS_INIT:
         tl.store(dinit_ptr + (b64 * H + h) * PN + e, dS, mask=mask)
@@ -349,43 +353,37 @@ def _chunk_dx_bwd_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (c, b·H): one head's chunk, every row t held, the columns s in blocks of BLOCK_S. Per column block:
-    dx_s = dt_s·Σ_t K[t, s]·dy_t + dt_s·decay_to_end_s·(d St·B_s) + D·dy_s, with K = (C_t·B_s)·exp(cum_t − cum_s);
-    ddt_s, its direct terms plus A·d a_s; d a_s from the in-chunk prefix sums, the state terms and the readout's
-    suffix sums (usuf); ddt chained through the discretisation → ddt (b, l, H). Per program: Σ dt·d a, Σ dy·x and
-    Σ d raw dt → red (b, c, H, 3) for dA, dD and d dt_bias."""
+    """Grid (c, b·H): one head's chunk, every row t held, the columns s in blocks of BLOCK_S, N in blocks of BLOCK_N.
+    Per column block: dx_s = dt_s·Σ_t K[t, s]·dy_t + dt_s·decay_to_end_s·(d St·B_s) + D·dy_s, with
+    K = (C_t·B_s)·exp(cum_t − cum_s); ddt_s, its direct terms plus A·d a_s; d a_s from the in-chunk prefix sums, the
+    state terms and the readout's suffix sums (usuf); ddt chained through the discretisation → ddt (b, l, H).
+    Per program: Σ dt·d a, Σ dy·x and Σ d raw dt → red (b, c, H, 3) for dA, dD and d dt_bias."""
     c, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
-    g = h // ratio
     b64 = b.to(tl.int64)
+    x_h, dy_h = x_ptr + b64 * sx_b + h * sx_h, dy_ptr + b64 * sdy_b + h * sdy_h
+    B_g, C_g = B_ptr + b64 * sB_b + (h // ratio) * sB_g, C_ptr + b64 * sC_b + (h // ratio) * sC_g
+    at = ((b64 * nc + c) * H + h) * P * N
     t = tl.arange(0, BLOCK_Q)
     pos_t = c * chunk + t
     valid_t = (t < chunk) & (pos_t < l)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p = tl.arange(0, BLOCK_P)
     row = ((b64 * H + h) * nc + c) * chunk
     cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
     cum_last = tl.load(cum_ptr + row + chunk - 1)
-    dy = tl.load(
-        dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-        mask=valid_t[:, None] & (p[None, :] < P),
-        other=0.0,
-    )  # (Q, P)
-    Ct = tl.load(
-        C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
-        mask=valid_t[:, None] & (n[None, :] < N),
-        other=0.0,
-    )  # (Q, N)
-    at = ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :]
-    pn_mask = (p[:, None] < P) & (n[None, :] < N)
-    dSt = tl.load(ds_ptr + at, mask=pn_mask, other=0.0)  # (P, N) fp32
+    dy = _load_rows(dy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (Q, P)
     # the chunk-end decay's term of d a (every step of the chunk): exp(cum_last)·<d S_in[c+1], S_in[c]>
-    carried = tl.exp(cum_last) * tl.sum(tl.sum(dSt * tl.load(sin_ptr + at, mask=pn_mask, other=0.0).to(tl.float32),
-                                               axis=1), axis=0)  # fmt: skip
+    carried = tl.zeros((BLOCK_P,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        dSt = _load_state(ds_ptr + at, p, n, P, N)
+        carried += tl.sum(dSt * _load_state(sin_ptr + at, p, n, P, N).to(tl.float32), axis=1)
+    carried = tl.exp(cum_last) * tl.sum(carried, axis=0)
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * ss_b
-        seq_t = tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-1)
-        doc_end = _doc_out(seq_base, c, chunk, l, ss_l)
-        carried = tl.where(doc_end == _doc_in(seq_base, c, chunk, ss_l), carried, 0.0)
+        seq_b = seq_ptr + b64 * ss_b
+        seq_t = tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-1)
+        doc_end = _doc_out(seq_b, c, chunk, l, ss_l)
+        carried = tl.where(doc_end == _doc_in(seq_b, c, chunk, ss_l), carried, 0.0)
     A = tl.load(A_ptr + h).to(tl.float32)
     bias = tl.load(bias_ptr + h).to(tl.float32) if HAS_BIAS else 0.0
     Dh = tl.load(D_ptr + h).to(tl.float32) if HAS_D else 0.0
@@ -398,43 +396,37 @@ def _chunk_dx_bwd_kernel(
         valid_s = (s < chunk) & (pos_s < l)
         dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
-        xs = tl.load(
-            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-            mask=valid_s[:, None] & (p[None, :] < P),
-            other=0.0,
-        )  # (S, P)
-        Bs = tl.load(
-            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
-            mask=valid_s[:, None] & (n[None, :] < N),
-            other=0.0,
-        )  # (S, N)
+        xs = _load_rows(x_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
+        CB = tl.zeros((BLOCK_Q, BLOCK_S), tl.float32)  # C_t·B_s
+        BdS = tl.zeros((BLOCK_S, BLOCK_P), tl.float32)  # d St·B_s
+        for n0 in range(0, N, BLOCK_N):
+            n = n0 + tl.arange(0, BLOCK_N)
+            Bs = _load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
+            CB += tl.dot(_load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n), tl.trans(Bs))
+            BdS += tl.dot(Bs, tl.trans(_load_state(ds_ptr + at, p, n, P, N).to(Bs.dtype)))
         causal = t[:, None] >= s[None, :]
         keep = causal
         to_end = tl.exp(cum_last - cum_s)
         if HAS_SEQ:
-            seq_s = tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-2)
+            seq_s = tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)
             keep &= seq_t[:, None] == seq_s[None, :]
             to_end = tl.where(seq_s == doc_end, to_end, 0.0)
-        K = tl.where(keep, tl.dot(Ct, tl.trans(Bs)) * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)), 0.0)
-        dyx = tl.dot(dy, tl.trans(xs))  # (Q, S): dy_t·x_s
-        Kdyx = K * dyx
+        K = tl.where(keep, CB * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)), 0.0)
+        Kdyx = K * tl.dot(dy, tl.trans(xs.to(dy.dtype)))  # (Q, S): K·dy_t·x_s
         ddt = tl.sum(Kdyx, axis=0)  # (S,)
         T = Kdyx * dt_s[None, :]
         prefix = row_prefix[:, None] + tl.cumsum(T, axis=1) - T  # Σ_{s' < s} T[t, s']
         da = tl.sum(tl.where(causal, prefix, 0.0), axis=0)  # Σ_{t ≥ s}
         row_prefix += tl.sum(T, axis=1)
-        dx = tl.dot(tl.trans(K.to(dy.dtype)), dy) * dt_s[:, None]  # (S, P)
-        BdS = tl.dot(Bs, tl.trans(dSt.to(Bs.dtype)))  # (S, P): d St·B_s
-        dx += BdS * (to_end * dt_s)[:, None]
+        dx = (tl.dot(tl.trans(K.to(dy.dtype)), dy) + BdS * to_end[:, None]) * dt_s[:, None]  # (S, P)
         state = to_end * tl.sum(xs.to(tl.float32) * BdS, axis=1)  # (S,): d/d dt_s of St
         ddt += state
         V = state * dt_s
-        da += state_prefix + tl.cumsum(V, axis=0) - V
+        da += state_prefix + tl.cumsum(V, axis=0) - V + tl.load(usuf_ptr + row + s, mask=s < chunk, other=0.0)
+        da += carried
         state_prefix += tl.sum(V, axis=0)
-        da += tl.load(usuf_ptr + row + s, mask=s < chunk, other=0.0) + carried
         if HAS_D:
-            dys = tl.load(dy_ptr + b64 * sdy_b + pos_s[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-                          mask=valid_s[:, None] & (p[None, :] < P), other=0.0).to(tl.float32)  # fmt: skip
+            dys = _load_rows(dy_h, pos_s, valid_s, p, P, sdy_l, sdy_p).to(tl.float32)
             dx += Dh * dys
             dD_acc += tl.sum(tl.sum(dys * xs.to(tl.float32), axis=1), axis=0)
         ddt += A * da
@@ -460,9 +452,9 @@ def _chunk_dC_bwd_kernel(
     HAS_SEQ: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (c · row blocks, b·G). dC rows t of one group, summed over its heads in registers:
+    """Grid (c · row blocks, b·G, N blocks). dC rows t of one group, summed over its heads in registers:
     Σ_h w_t·dy_t·S_in + Σ_{s ≤ t} (Σ_h dy_t·x_s·exp(cum_t − cum_s)·dt_s)·B_s → dC (b, l, G, N)."""
-    ct, bg = tl.program_id(0), tl.program_id(1)
+    ct, bg, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_blocks = tl.cdiv(chunk, BLOCK_T)
     c, tb = ct // row_blocks, ct % row_blocks
     b, g = bg // G, bg % G
@@ -470,11 +462,11 @@ def _chunk_dC_bwd_kernel(
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     pos_t = c * chunk + t
     valid_t = (t < chunk) & (pos_t < l)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * ss_b
-        seq_t = tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-1)
-        doc_in = _doc_in(seq_base, c, chunk, ss_l)
+        seq_b = seq_ptr + b64 * ss_b
+        seq_t = tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-1)
+        doc_in = _doc_in(seq_b, c, chunk, ss_l)
     acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
     for i in range(ratio):  # the entering state's readout
         h = g * ratio + i
@@ -482,25 +474,16 @@ def _chunk_dC_bwd_kernel(
         w = tl.where(valid_t, tl.exp(tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)), 0.0)
         if HAS_SEQ:
             w = tl.where(seq_t == doc_in, w, 0.0)
-        dy = tl.load(
-            dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-            mask=valid_t[:, None] & (p[None, :] < P),
-            other=0.0,
-        )  # (T, P)
-        S = tl.load(
-            sin_ptr + ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
-            mask=(p[:, None] < P) & (n[None, :] < N),
-            other=0.0,
-        )  # (P, N)
+        dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
+        S = _load_state(sin_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
         acc += tl.dot((dy * w[:, None]).to(dy.dtype), S.to(dy.dtype))
-    s_end = tl.minimum((tb + 1) * BLOCK_T, chunk)
-    for s0 in range(0, s_end, BLOCK_S):  # the chunk's own tokens
+    for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
         s = s0 + tl.arange(0, BLOCK_S)
         pos_s = c * chunk + s
         valid_s = (s < chunk) & (pos_s < l)
         keep = t[:, None] >= s[None, :]
         if HAS_SEQ:
-            keep &= seq_t[:, None] == tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
+            keep &= seq_t[:, None] == tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
         dCB = tl.zeros((BLOCK_T, BLOCK_S), tl.float32)  # Σ_h dy_t·x_s·decay·dt_s
         for i in range(ratio):
             h = g * ratio + i
@@ -508,23 +491,11 @@ def _chunk_dC_bwd_kernel(
             cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
             cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
             dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
-            dy = tl.load(
-                dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-                mask=valid_t[:, None] & (p[None, :] < P),
-                other=0.0,
-            )  # (T, P)
-            xs = tl.load(
-                x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                mask=valid_s[:, None] & (p[None, :] < P),
-                other=0.0,
-            )  # (S, P)
+            dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
+            xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
             decay = tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :]
-            dCB += tl.dot(dy, tl.trans(xs)) * decay
-        Bs = tl.load(
-            B_ptr + b64 * sB_b + pos_s[:, None] * sB_l + g * sB_g + n[None, :] * sB_n,
-            mask=valid_s[:, None] & (n[None, :] < N),
-            other=0.0,
-        )  # (S, N)
+            dCB += tl.dot(dy, tl.trans(xs.to(dy.dtype))) * decay
+        Bs = _load_rows(B_ptr + b64 * sB_b + g * sB_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
         acc += tl.dot(tl.where(keep, dCB, 0.0).to(Bs.dtype), Bs)
     dC_at = ((b64 * l + pos_t[:, None]) * G + g) * N + n[None, :]
     tl.store(dC_ptr + dC_at, acc.to(dC_ptr.dtype.element_ty), mask=valid_t[:, None] & (n[None, :] < N))
@@ -538,9 +509,9 @@ def _chunk_dB_bwd_kernel(
     HAS_SEQ: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (c · row blocks, b·G). dB rows s of one group, summed over its heads in registers:
+    """Grid (c · row blocks, b·G, N blocks). dB rows s of one group, summed over its heads in registers:
     Σ_h decay_to_end_s·dt_s·x_s·d St + Σ_{t ≥ s} (Σ_h x_s·dy_t·exp(cum_t − cum_s)·dt_s)·C_t → dB (b, l, G, N)."""
-    cs, bg = tl.program_id(0), tl.program_id(1)
+    cs, bg, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_blocks = tl.cdiv(chunk, BLOCK_S)
     c, sb = cs // row_blocks, cs % row_blocks
     b, g = bg // G, bg % G
@@ -548,30 +519,23 @@ def _chunk_dB_bwd_kernel(
     s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
     pos_s = c * chunk + s
     valid_s = (s < chunk) & (pos_s < l)
-    p, n = tl.arange(0, BLOCK_P), tl.arange(0, BLOCK_N)
+    p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_SEQ:
-        seq_base = seq_ptr + b64 * ss_b
-        seq_s = tl.load(seq_base + pos_s * ss_l, mask=valid_s, other=-1)
-        doc_end = _doc_out(seq_base, c, chunk, l, ss_l)
+        seq_b = seq_ptr + b64 * ss_b
+        seq_s = tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-1)
+        doc_end = _doc_out(seq_b, c, chunk, l, ss_l)
     acc = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
     for i in range(ratio):  # the chunk's own end state
         h = g * ratio + i
         row = ((b64 * H + h) * nc + c) * chunk
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
-        dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
-        scale = tl.exp(tl.load(cum_ptr + row + chunk - 1) - cum_s) * dt_s
+        scale = tl.exp(tl.load(cum_ptr + row + chunk - 1) - cum_s) * tl.load(
+            dtc_ptr + row + s, mask=s < chunk, other=0.0
+        )
         if HAS_SEQ:
             scale = tl.where(seq_s == doc_end, scale, 0.0)
-        xs = tl.load(
-            x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-            mask=valid_s[:, None] & (p[None, :] < P),
-            other=0.0,
-        )  # (S, P)
-        dSt = tl.load(
-            ds_ptr + ((b64 * nc + c) * H + h) * P * N + p[:, None] * N + n[None, :],
-            mask=(p[:, None] < P) & (n[None, :] < N),
-            other=0.0,
-        )  # (P, N)
+        xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
+        dSt = _load_state(ds_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
         acc += tl.dot((xs * scale[:, None]).to(xs.dtype), dSt.to(xs.dtype))
     for t0 in range(sb * BLOCK_S, chunk, BLOCK_T):  # the chunk's own tokens, t ≥ s
         t = t0 + tl.arange(0, BLOCK_T)
@@ -579,7 +543,7 @@ def _chunk_dB_bwd_kernel(
         valid_t = (t < chunk) & (pos_t < l)
         keep = t[None, :] >= s[:, None]
         if HAS_SEQ:
-            keep &= seq_s[:, None] == tl.load(seq_base + pos_t * ss_l, mask=valid_t, other=-2)[None, :]
+            keep &= seq_s[:, None] == tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-2)[None, :]
         dBC = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # Σ_h x_s·dy_t·decay·dt_s
         for i in range(ratio):
             h = g * ratio + i
@@ -587,23 +551,11 @@ def _chunk_dB_bwd_kernel(
             cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
             cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
             dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
-            xs = tl.load(
-                x_ptr + b64 * sx_b + pos_s[:, None] * sx_l + h * sx_h + p[None, :] * sx_p,
-                mask=valid_s[:, None] & (p[None, :] < P),
-                other=0.0,
-            )  # (S, P)
-            dy = tl.load(
-                dy_ptr + b64 * sdy_b + pos_t[:, None] * sdy_l + h * sdy_h + p[None, :] * sdy_p,
-                mask=valid_t[:, None] & (p[None, :] < P),
-                other=0.0,
-            )  # (T, P)
+            xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
+            dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
             decay = tl.exp(tl.minimum(cum_t[None, :] - cum_s[:, None], 0.0)) * dt_s[:, None]
-            dBC += tl.dot(xs, tl.trans(dy)) * decay
-        Ct = tl.load(
-            C_ptr + b64 * sC_b + pos_t[:, None] * sC_l + g * sC_g + n[None, :] * sC_n,
-            mask=valid_t[:, None] & (n[None, :] < N),
-            other=0.0,
-        )  # (T, N)
+            dBC += tl.dot(xs, tl.trans(dy.to(xs.dtype))) * decay
+        Ct = _load_rows(C_ptr + b64 * sC_b + g * sC_g, pos_t, valid_t, n, N, sC_l, sC_n)  # (T, BLOCK_N)
         acc += tl.dot(tl.where(keep, dBC, 0.0).to(Ct.dtype), Ct)
     dB_at = ((b64 * l + pos_s[:, None]) * G + g) * N + n[None, :]
     tl.store(dB_ptr + dB_at, acc.to(dB_ptr.dtype.element_ty), mask=valid_s[:, None] & (n[None, :] < N))
@@ -615,11 +567,12 @@ def _chunk_dB_bwd_kernel(
 @dataclass(frozen=True)
 class _Blocks:
     Q: int  # the chunk, padded
-    P: int
-    N: int
+    P: int  # the head, padded
     rows: int  # rows of an output tile
     cols: int  # columns of the in-chunk loop
-    state_n: int  # N per program of the chunk-state kernel
+    dx_cols: int  # columns of the per-head backward kernel's loop
+    n: int  # N per tile
+    p: int  # P per output tile of the forward
 
 
 def _pow2(n: int) -> int:
@@ -628,7 +581,9 @@ def _pow2(n: int) -> int:
 
 def _blocks(chunk: int, P: int, N: int) -> _Blocks:
     Q = _pow2(chunk)
-    return _Blocks(Q, _pow2(P), _pow2(N), min(CAPS["rows"], Q), min(CAPS["cols"], Q), min(CAPS["state_n"], _pow2(N)))
+    P2 = _pow2(P)
+    rows, cols, dx_cols = (min(CAPS[k], Q) for k in ("rows", "cols", "dx_cols"))
+    return _Blocks(Q, P2, rows, cols, dx_cols, min(CAPS["n"], _pow2(N)), min(CAPS["p"], P2))
 
 
 @dataclass(frozen=True)
@@ -690,12 +645,13 @@ def chunk_states(x, dt, A, B, chunk_size, dtd: _Dt, initial_states=None, seq_idx
     st = torch.empty(b, nc, H, P, N, **f32)
     seq, ss_b, ss_l = _seq(seq_idx, x)
     bias, lo, hi = dtd.args(A)
-    grid = (nc, b * H, triton.cdiv(N, blk.state_n))
+    grid = (nc, b * H, triton.cdiv(N, blk.n))
     _chunk_state_fwd_kernel[grid](
         x, dt, A, bias, B, seq, dt_c, cum, st,
         l, H, P, N, chunk_size, nc, H // G, lo, hi,
         *x.stride(), *dt.stride(), *B.stride(), ss_b, ss_l,
-        **dtd.flags(), HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.state_n,
+        **dtd.flags(), HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.n,
+        **LAUNCH["chunk_state"],
     )  # fmt: skip
     states = torch.empty(b, nc, H, P, N, device=x.device, dtype=states_dtype or x.dtype)
     final = torch.empty(b, H, P, N, **f32)
@@ -703,7 +659,7 @@ def chunk_states(x, dt, A, B, chunk_size, dtd: _Dt, initial_states=None, seq_idx
     block = min(1024, triton.next_power_of_2(P * N))
     _state_passing_fwd_kernel[(b * H, triton.cdiv(P * N, block))](
         st, cum, init, seq, states, final, l, H, P * N, chunk_size, nc, ss_b, ss_l,
-        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block,
+        HAS_INIT=initial_states is not None, HAS_SEQ=seq_idx is not None, BLOCK=block, **LAUNCH["state_passing"],
     )  # fmt: skip
     return dt_c, cum, states, final
 
@@ -722,13 +678,13 @@ def ssd_forward(x, dt, A, B, C, chunk_size, D=None, dt_bias=None, dt_softplus=Fa
     blk = _blocks(chunk_size, P, N)
     y = torch.empty(b, l, H, P, device=x.device, dtype=x.dtype)
     seq, ss_b, ss_l = _seq(seq_idx, x)
-    grid = (nc * triton.cdiv(chunk_size, blk.rows), b * H, triton.cdiv(P, blk.P))
+    grid = (nc * triton.cdiv(chunk_size, blk.rows), b * H, triton.cdiv(P, blk.p))
     _chunk_output_fwd_kernel[grid](
         x, dt_c, cum, B, C, D if D is not None else A, seq, states, y,
         l, H, P, N, chunk_size, nc, H // G,
         *x.stride(), *B.stride(), *C.stride(), ss_b, ss_l,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None,
-        BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+        BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.p, BLOCK_N=blk.n, **LAUNCH["output"],
     )  # fmt: skip
     return y, final, dt_c, cum, states
 
@@ -755,7 +711,7 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D=None, dt_bias=None, d
     ds, usuf = torch.empty(b, nc, H, P, N, **f32), torch.empty(b, H, nc, chunk_size, **f32)
     _dstate_out_bwd_kernel[(nc, b * H)](
         dy, cum, C, seq, states, ds, usuf, *shapes.values(), H // G, *dy.stride(), *C.stride(), ss_b, ss_l,
-        HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.N,
+        HAS_SEQ=seq_idx is not None, BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.n, **LAUNCH["dstate_out"],
     )  # fmt: skip
     dinit = torch.empty(b, H, P, N, **f32) if initial_states is not None else None
     block = min(1024, triton.next_power_of_2(P * N))
@@ -772,22 +728,21 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D=None, dt_bias=None, d
         *shapes.values(), H // G, lo, hi,
         *x.stride(), *dy.stride(), *dt.stride(), *B.stride(), *C.stride(), ss_b, ss_l,
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **dtd.flags(),
-        BLOCK_Q=blk.Q, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+        BLOCK_Q=blk.Q, BLOCK_S=blk.dx_cols, BLOCK_P=blk.P, BLOCK_N=blk.n, **LAUNCH["dx"],
     )  # fmt: skip
     dB, dC = (
         torch.empty(b, l, G, N, device=x.device, dtype=B.dtype),
         torch.empty(b, l, G, N, device=x.device, dtype=C.dtype),
     )
-    rows = triton.cdiv(chunk_size, blk.rows)
-    _chunk_dC_bwd_kernel[(nc * rows, b * G)](
+    n_blocks = triton.cdiv(N, blk.n)
+    tiles = dict(HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.n)
+    _chunk_dC_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.rows), b * G, n_blocks)](
         x, dy, B, seq, dt_c, cum, states, dC, *shapes.values(), H // G, G,
-        *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l,
-        HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+        *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l, **tiles, **LAUNCH["dC"],
     )  # fmt: skip
-    _chunk_dB_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.cols), b * G)](
+    _chunk_dB_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.cols), b * G, n_blocks)](
         x, dy, C, seq, dt_c, cum, ds, dB, *shapes.values(), H // G, G,
-        *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l,
-        HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.N,
+        *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l, **tiles, **LAUNCH["dB"],
     )  # fmt: skip
     # one reduction each: gradients that shared one buffer would alias (a custom op may not return those)
     dA = red[..., 0].sum((0, 1)).to(A.dtype)

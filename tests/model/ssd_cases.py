@@ -27,8 +27,8 @@ CASES = {
     "one_group_init": dict(b=1, l=90, H=4, P=16, G=1, N=16, chunk=32, init=True),
     "packed_many_docs": dict(b=2, l=150, H=2, P=16, G=1, N=16, chunk=16, docs=[1, 3, 7, 2, 16, 1, 12, 5], init=True),
     "ragged_tiles": dict(
-        b=1, l=150, H=4, P=16, G=2, N=32, chunk=64, docs=[40, 9, 70], init=True, caps=dict(rows=16, cols=16, state_n=16)
-    ),  # fmt: skip
+        b=1, l=150, H=4, P=32, G=2, N=32, chunk=64, docs=[40, 9, 70], init=True, caps=dict(rows=16, cols=16, n=16, p=16)
+    ),
     "odd_chunk_no_D": dict(b=2, l=61, H=2, P=8, G=1, N=8, chunk=24, D=False, dfinal=False),
     "dt_fused": dict(b=2, l=70, H=4, P=16, G=2, N=16, chunk=16, docs=[9, 30, 4], init=True, fused=True),
     "bf16": dict(b=2, l=100, H=4, P=16, G=2, N=16, chunk=32, docs=[30, 21, 60], init=True, dtype="bfloat16"),
@@ -211,6 +211,50 @@ def _opcheck_failures(a: dict, chunk: int) -> list[str]:
         except Exception as err:  # opcheck raises OpCheckError naming the failed test
             failures.append(f"keep={keep}: {type(err).__name__}: {err}"[:2000])
     return failures
+
+
+# fp32 tensors whatever the inputs' dtype (the rest follow x, B, C, dy)
+_FP32_POINTERS = {"dtc_ptr", "cum_ptr", "st_ptr", "ds_ptr", "usuf_ptr", "red_ptr", "final_ptr", "init_ptr",
+                  "dinit_ptr", "dfinal_ptr", "A_ptr", "D_ptr", "bias_ptr", "dt_ptr", "ddt_ptr"}  # fmt: skip
+
+
+def hopper_builds(dtype: str, P: int, N: int, chunk: int = 128) -> dict:
+    """Every kernel compiled for sm_90 (no GPU needed) with ssd.py's blocks and launch options, every flag on →
+    {kernel: shared memory bytes}; a failed compile raises."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from model.kernels import ssd
+
+    blk = ssd._blocks(chunk, P, N)
+    flags = dict(HAS_SEQ=True, HAS_INIT=True, HAS_DFINAL=True, HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, LIMIT=True)
+    tiles = dict(BLOCK_Q=blk.Q, BLOCK_P=blk.P, BLOCK_N=blk.n, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK=1024)
+    kernels = {
+        "chunk_state": (ssd._chunk_state_fwd_kernel, {}),
+        "state_passing": (ssd._state_passing_fwd_kernel, {}),
+        "output": (ssd._chunk_output_fwd_kernel, dict(BLOCK_P=blk.p)),
+        "dstate_out": (ssd._dstate_out_bwd_kernel, {}),
+        "state_passing_bwd": (ssd._state_passing_bwd_kernel, {}),
+        "dx": (ssd._chunk_dx_bwd_kernel, dict(BLOCK_S=blk.dx_cols)),
+        "dC": (ssd._chunk_dC_bwd_kernel, {}),
+        "dB": (ssd._chunk_dB_bwd_kernel, {}),
+    }
+    out = {}
+    for name, (kernel, own) in kernels.items():
+        constexprs = {**flags, **tiles, **own}
+        signature, values = {}, {}
+        for i, arg in enumerate(kernel.arg_names):
+            if arg in constexprs:
+                signature[arg], values[(i,)] = "constexpr", constexprs[arg]
+            elif arg.endswith("_ptr"):
+                signature[arg] = "*i32" if arg == "seq_ptr" else "*fp32" if arg in _FP32_POINTERS else f"*{dtype}"
+            else:
+                signature[arg] = "fp32" if arg in ("dt_min", "dt_max") else "i32"
+        options = ssd.LAUNCH[name.removesuffix("_bwd")]
+        built = triton.compile(ASTSource(kernel, signature, values), target=GPUTarget("cuda", 90, 32), options=options)
+        out[name] = built.metadata.shared
+    return out
 
 
 def main(names: list[str]) -> None:

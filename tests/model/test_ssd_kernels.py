@@ -96,6 +96,24 @@ def test_interpreted_custom_ops(interpreted_op):
     assert interpreted_op["opcheck"] == []
 
 
+# the released head sizes: 0.5B (P 64, N 128), 1.5B and 1.5B-Deep (64, 256), 3B to 34B (128, 256); fp32 for the tests
+HOPPER_SHAPES = [("bf16", 64, 128), ("bf16", 64, 256), ("bf16", 128, 256), ("fp32", 64, 128), ("fp32", 16, 16)]
+HOPPER_SHARED_BYTES = 227 * 1024  # an H100's or H200's shared memory per block
+
+
+@pytest.mark.parametrize("dtype, P, N", HOPPER_SHAPES)
+def test_kernels_build_for_hopper(dtype, P, N):
+    """What the interpreter cannot check: every kernel compiles for sm_90 (Triton's compiler and ptxas, no GPU) and
+    fits a Hopper block's shared memory (before the launch options of ssd.LAUNCH, the backward's per-head kernel took
+    254 KB at P 128, N 256 and 369 KB in fp32)."""
+    if TRITON is None or importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("triton with its NVIDIA backend is not installed")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("the kernels were defined for the interpreter")
+    shared = ssd_cases.hopper_builds(dtype, P, N)
+    assert len(shared) == 8 and {k: v for k, v in shared.items() if v > HOPPER_SHARED_BYTES} == {}
+
+
 def test_bad_shapes_are_errors_naming_the_tensor():
     from model.kernels import ssd
 

@@ -342,15 +342,70 @@ def _state_passing_bwd_kernel(
 
 
 @_jit
+def _end_decay_term(ds_at, sin_at, p, P, N, cum_last, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The chunk-end decay's term of d a, the same for every step of the chunk: exp(cum_last)·<d S_in[c+1], S_in[c]>
+    (both states (P, N), contiguous)."""
+    carried = tl.zeros((BLOCK_P,), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        carried += tl.sum(_load_state(ds_at, p, n, P, N) * _load_state(sin_at, p, n, P, N).to(tl.float32), axis=1)
+    return tl.exp(cum_last) * tl.sum(carried, axis=0)
+
+
+@_jit
+def _cb_and_bds(
+    B_g, C_g, ds_at, pos_t, valid_t, pos_s, valid_s, p, P, N, sB_l, sB_n, sC_l, sC_n,
+    BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """→ C_t·B_s (Q, S) and d St·B_s (S, P), fp32, over N in blocks of BLOCK_N."""
+    CB = tl.zeros((BLOCK_Q, BLOCK_S), tl.float32)
+    BdS = tl.zeros((BLOCK_S, BLOCK_P), tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        Bs = _load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
+        CB += tl.dot(_load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n), tl.trans(Bs))
+        BdS += tl.dot(Bs, tl.trans(_load_state(ds_at, p, n, P, N).to(Bs.dtype)))
+    return CB, BdS
+
+
+@_jit
+def _d_skip(dx, dD_acc, Dh, dy, x):
+    """The D skip's terms: dx + D·dy (S, P) and dD_acc + Σ dy·x."""
+    dy = dy.to(tl.float32)
+    return dx + Dh * dy, dD_acc + tl.sum(tl.sum(dy * x.to(tl.float32), axis=1), axis=0)
+
+
+@_jit
+def _store_three(ptr, a, b, c):
+    tl.store(ptr, a)
+    tl.store(ptr + 1, b)
+    tl.store(ptr + 2, c)
+
+
+@_jit
+def _chunk_steps(start, c, chunk, l, BLOCK: tl.constexpr):
+    """Steps start … start+BLOCK−1 of chunk c → (their index in the chunk, their position in the row, valid)."""
+    i = start + tl.arange(0, BLOCK)
+    pos = c * chunk + i
+    return i, pos, (i < chunk) & (pos < l)
+
+
+@_jit
+def _store_dx_ddt(dx_ptr, ddt_ptr, at, p, P, valid, dx, ddt):
+    """dx (S, P) and ddt (S,) of one head at flat (b·l + position)·H + h offsets `at` (S,)."""
+    mask = valid[:, None] & (p[None, :] < P)
+    tl.store(dx_ptr + at[:, None] * P + p[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(ddt_ptr + at, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+
+
+@_jit
 def _chunk_dx_bwd_kernel(
     x_ptr, dy_ptr, dt_ptr, A_ptr, bias_ptr, B_ptr, C_ptr, D_ptr, seq_ptr,
-    dtc_ptr, cum_ptr, sin_ptr, ds_ptr, usuf_ptr,
-    dx_ptr, ddt_ptr, red_ptr,
+    dtc_ptr, cum_ptr, sin_ptr, ds_ptr, usuf_ptr, dx_ptr, ddt_ptr, red_ptr,
     l, H, P, N, chunk, nc, ratio, dt_min, dt_max,
     sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sdt_b, sdt_l, sdt_h,
     sB_b, sB_l, sB_g, sB_n, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
-    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (c, b·H): one head's chunk, every row t held, the columns s in blocks of BLOCK_S, N in blocks of BLOCK_N.
@@ -364,21 +419,13 @@ def _chunk_dx_bwd_kernel(
     x_h, dy_h = x_ptr + b64 * sx_b + h * sx_h, dy_ptr + b64 * sdy_b + h * sdy_h
     B_g, C_g = B_ptr + b64 * sB_b + (h // ratio) * sB_g, C_ptr + b64 * sC_b + (h // ratio) * sC_g
     at = ((b64 * nc + c) * H + h) * P * N
-    t = tl.arange(0, BLOCK_Q)
-    pos_t = c * chunk + t
-    valid_t = (t < chunk) & (pos_t < l)
+    t, pos_t, valid_t = _chunk_steps(0, c, chunk, l, BLOCK_Q)
     p = tl.arange(0, BLOCK_P)
     row = ((b64 * H + h) * nc + c) * chunk
     cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
     cum_last = tl.load(cum_ptr + row + chunk - 1)
     dy = _load_rows(dy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (Q, P)
-    # the chunk-end decay's term of d a (every step of the chunk): exp(cum_last)·<d S_in[c+1], S_in[c]>
-    carried = tl.zeros((BLOCK_P,), tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        dSt = _load_state(ds_ptr + at, p, n, P, N)
-        carried += tl.sum(dSt * _load_state(sin_ptr + at, p, n, P, N).to(tl.float32), axis=1)
-    carried = tl.exp(cum_last) * tl.sum(carried, axis=0)
+    carried = _end_decay_term(ds_ptr + at, sin_ptr + at, p, P, N, cum_last, BLOCK_P, BLOCK_N)
     if HAS_SEQ:
         seq_b = seq_ptr + b64 * ss_b
         seq_t = tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-1)
@@ -391,19 +438,14 @@ def _chunk_dx_bwd_kernel(
     state_prefix = 0.0  # Σ_{s < this block} V_s
     dA_acc, dD_acc, dbias_acc = 0.0, 0.0, 0.0
     for s0 in range(0, BLOCK_Q, BLOCK_S):
-        s = s0 + tl.arange(0, BLOCK_S)
-        pos_s = c * chunk + s
-        valid_s = (s < chunk) & (pos_s < l)
+        s, pos_s, valid_s = _chunk_steps(s0, c, chunk, l, BLOCK_S)
         dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
         xs = _load_rows(x_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
-        CB = tl.zeros((BLOCK_Q, BLOCK_S), tl.float32)  # C_t·B_s
-        BdS = tl.zeros((BLOCK_S, BLOCK_P), tl.float32)  # d St·B_s
-        for n0 in range(0, N, BLOCK_N):
-            n = n0 + tl.arange(0, BLOCK_N)
-            Bs = _load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
-            CB += tl.dot(_load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n), tl.trans(Bs))
-            BdS += tl.dot(Bs, tl.trans(_load_state(ds_ptr + at, p, n, P, N).to(Bs.dtype)))
+        CB, BdS = _cb_and_bds(
+            B_g, C_g, ds_ptr + at, pos_t, valid_t, pos_s, valid_s, p, P, N, sB_l, sB_n, sC_l, sC_n,
+            BLOCK_Q, BLOCK_S, BLOCK_P, BLOCK_N,
+        )  # fmt: skip
         causal = t[:, None] >= s[None, :]
         keep = causal
         to_end = tl.exp(cum_last - cum_s)
@@ -425,23 +467,16 @@ def _chunk_dx_bwd_kernel(
         da += state_prefix + tl.cumsum(V, axis=0) - V + tl.load(usuf_ptr + row + s, mask=s < chunk, other=0.0)
         da += carried
         state_prefix += tl.sum(V, axis=0)
-        if HAS_D:
-            dys = _load_rows(dy_h, pos_s, valid_s, p, P, sdy_l, sdy_p).to(tl.float32)
-            dx += Dh * dys
-            dD_acc += tl.sum(tl.sum(dys * xs.to(tl.float32), axis=1), axis=0)
+        if HAS_D:  # the D skip: dx += D·dy, dD += <dy, x>
+            dx, dD_acc = _d_skip(dx, dD_acc, Dh, _load_rows(dy_h, pos_s, valid_s, p, P, sdy_l, sdy_p), xs)
         ddt += A * da
         dA_acc += tl.sum(dt_s * da, axis=0)
         if HAS_BIAS or SOFTPLUS or LIMIT:
             raw = tl.load(dt_ptr + b64 * sdt_b + pos_s * sdt_l + h * sdt_h, mask=valid_s, other=0.0).to(tl.float32)
             ddt *= _discretize_grad(raw, bias, HAS_BIAS, SOFTPLUS, LIMIT, dt_min, dt_max)
             dbias_acc += tl.sum(tl.where(valid_s, ddt, 0.0), axis=0)
-        dx_at = ((b64 * l + pos_s[:, None]) * H + h) * P + p[None, :]
-        tl.store(dx_ptr + dx_at, dx.to(dx_ptr.dtype.element_ty), mask=valid_s[:, None] & (p[None, :] < P))
-        tl.store(ddt_ptr + (b64 * l + pos_s) * H + h, ddt.to(ddt_ptr.dtype.element_ty), mask=valid_s)
-    red = red_ptr + ((b64 * nc + c) * H + h) * 3
-    tl.store(red, dA_acc)
-    tl.store(red + 1, dD_acc)
-    tl.store(red + 2, dbias_acc)
+        _store_dx_ddt(dx_ptr, ddt_ptr, (b64 * l + pos_s) * H + h, p, P, valid_s, dx, ddt)
+    _store_three(red_ptr + ((b64 * nc + c) * H + h) * 3, dA_acc, dD_acc, dbias_acc)
 
 
 @_jit

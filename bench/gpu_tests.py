@@ -4,16 +4,21 @@ card, date, passed/failed/skipped per test) written to bench/results/.
     python -m bench gpu-tests                        # what `make gpu-test` runs
     python -m bench gpu-tests -k scan tests/model    # pytest arguments after the options narrow the run
     python -m bench gpu-tests --summarize <xml>      # the summary of an existing record, next to it
+    python -m bench gpu-tests --budget 500           # stop at 500 s and record what finished
 
 Files: <results>/<card>-gpu-tests-<date>.xml and .md (card as in the other result names: h100, h200, h100x2). The
 XML carries the commit, card, date and command as properties of its test suite. Without a CUDA device nothing runs
 and nothing is written (exit status 1).
+
+With `--budget S` pytest is stopped after S seconds; the record is then built from the outcomes the run had
+written as each test ended (bench/gpu_progress.py), and the tests it did not reach are listed as "not run".
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import subprocess
 import sys
@@ -24,7 +29,8 @@ from pathlib import Path
 
 from bench.common import ROOT, git_commit
 
-OUTCOMES = ("passed", "failed", "skipped")
+OUTCOMES = ("passed", "failed", "skipped", "not run")
+NOT_RUN = "not-run"  # the <skipped type=...> of a test a budgeted run did not reach
 
 
 def card_slug(name: str, count: int = 1) -> str:
@@ -35,10 +41,11 @@ def card_slug(name: str, count: int = 1) -> str:
 
 
 def outcome(case: ET.Element) -> tuple[str, str]:
-    """A JUnit testcase → (passed | failed | skipped, the message's first line)."""
+    """A JUnit testcase → (passed | failed | skipped | not run, the message's first line)."""
     for tag, kind in (("failure", "failed"), ("error", "failed"), ("skipped", "skipped")):
         found = case.find(tag)
         if found is not None:
+            kind = "not run" if found.get("type") == NOT_RUN else kind
             message = (found.get("message") or found.text or tag).strip().splitlines()
             return kind, (message[0] if message else tag)[:110]
     return "passed", ""
@@ -70,16 +77,22 @@ def summary(xml_path: Path) -> str:
     per_test, notes = tally(root)
     totals = {k: sum(counts[k] for counts in per_test.values()) for k in OUTCOMES}
     info = properties(root)
+    stopped = totals["not run"] > 0
+    shown = OUTCOMES if stopped else OUTCOMES[:3]
+    headline = ", ".join(f"{totals[k]} {k}" for k in shown)
+    if stopped:
+        headline += f" (the run stopped at its {info.get('budget', '?')} s budget)"
     lines = [
-        f"# GPU tests: {totals['passed']} passed, {totals['failed']} failed, {totals['skipped']} skipped",
+        f"# GPU tests: {headline}",
         "",
         f"commit {info.get('commit', '?')} · {info.get('card', '?')} · {info.get('date', '?')} · "
         f"{info.get('seconds', '?')} s · `{info.get('command', '?')}`",
         "",
-        "| test | passed | failed | skipped |",
-        "|---|---|---|---|",
+        "| test | " + " | ".join(shown) + " |",
+        "|---|" + "---|" * len(shown),
     ]
-    lines += [f"| {name} | {c['passed']} | {c['failed']} | {c['skipped']} |" for name, c in per_test.items()]
+    lines += ["| " + " | ".join([name, *(str(c[k]) for k in shown)]) + " |" for name, c in per_test.items()]
+    notes = [note for note in notes if note[0] != "not run"]
     if notes:
         lines += ["", "Not passed:", ""]
         lines += [f"- {kind}: `{case}`: {message}" for kind, case, message in notes]
@@ -114,7 +127,7 @@ def cuda_card() -> tuple[str, int] | None:
     return torch.cuda.get_device_name(), torch.cuda.device_count()
 
 
-def run_tests(results: Path, pytest_args: list[str], commit: str | None) -> int:
+def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget: float | None = None) -> int:
     found = cuda_card()
     if found is None:
         print("no CUDA device visible: the GPU tests did not run, and no record was written")
@@ -122,21 +135,66 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None) -> int:
     name, count = found
     date = datetime.date.today().isoformat()
     xml_path = results / f"{card_slug(name, count)}-gpu-tests-{date}.xml"
+    progress = xml_path.with_suffix(".progress.jsonl")
     results.mkdir(parents=True, exist_ok=True)
+    xml_path.unlink(missing_ok=True)
+    progress.unlink(missing_ok=True)
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs"]
+    command += ["-p", "bench.gpu_progress", f"--gpu-progress={progress}"]
     command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
     start = time.perf_counter()
-    rc = subprocess.run(command, cwd=ROOT).returncode
-    if not xml_path.exists():  # pytest stopped before collecting (a usage error)
+    try:
+        rc = subprocess.run(command, cwd=ROOT, timeout=budget).returncode
+    except subprocess.TimeoutExpired:  # subprocess.run has killed pytest: the record comes from its progress file
+        print(f"\nthe GPU tests reached their {budget:g} s budget and were stopped")
+        rc = 1
+        if progress.exists():
+            xml_from_progress(progress, xml_path)
+    progress.unlink(missing_ok=True)
+    if not xml_path.exists():  # pytest stopped before collecting (a usage error), or the budget ran out before
         return rc or 1
     card = name if count == 1 else f"{count}x {name}"
-    shown = "python -m bench gpu-tests " + " ".join(pytest_args)
+    shown = "python -m bench gpu-tests " + " ".join(([f"--budget {budget:g}"] if budget else []) + pytest_args)
     info = dict(commit=commit or git_commit(), card=card, date=date, seconds=round(time.perf_counter() - start))
+    if budget:
+        info["budget"] = f"{budget:g}"
     add_properties(xml_path, {**info, "command": shown.strip()})
     md = write_summary(xml_path)
     print(f"\n{md.read_text()}\nwritten: {xml_path.relative_to(ROOT) if xml_path.is_relative_to(ROOT) else xml_path}, "
           f"{md.name}")  # fmt: skip
     return rc
+
+
+def xml_from_progress(progress: Path, xml_path: Path) -> None:
+    """A stopped run's JSON-lines progress (bench/gpu_progress.py) → JUnit XML like pytest's: a testcase per test
+    that ended, with its failure or skip, and one `<skipped type="not-run">` per collected test it did not reach."""
+    collected, reports = [], {}
+    for line in progress.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "collected" in record:
+            collected = record["collected"]
+        else:
+            reports.setdefault(record["nodeid"], []).append(record)
+    suite = ET.Element("testsuite", name="pytest")
+    for nodeid in collected or list(reports):
+        path, _, rest = nodeid.partition("::")
+        *owners, name = rest.split("::")
+        classname = ".".join([path.removesuffix(".py").replace("/", "."), *owners])
+        phases = reports.get(nodeid, [])
+        case = ET.SubElement(suite, "testcase", classname=classname, name=name)
+        case.set("time", f"{sum(p['duration'] for p in phases):.3f}")
+        failed = [p for p in phases if p["outcome"] == "failed"]
+        skipped = [p for p in phases if p["outcome"] == "skipped"]
+        if failed:
+            tag = "failure" if failed[0]["when"] == "call" else "error"
+            ET.SubElement(case, tag, message=failed[0]["message"])
+        elif skipped:
+            ET.SubElement(case, "skipped", type="pytest.skip", message=skipped[0]["message"])
+        elif not any(p["when"] == "call" for p in phases):
+            ET.SubElement(case, "skipped", type=NOT_RUN, message="not run: the run stopped at its budget")
+    root = ET.Element("testsuites")
+    root.append(suite)
+    ET.ElementTree(root).write(xml_path, encoding="utf-8", xml_declaration=True)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -149,6 +207,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--results", default=str(ROOT / "bench" / "results"), help="where the record is written")
     ap.add_argument("--summarize", default=None, help="only write (and print) the summary of this JUnit XML")
     ap.add_argument("--commit", default=None, help="the code's commit, where the copy has no git history")
+    ap.add_argument("--budget", type=float, default=None, help="seconds: stop the tests then and record what finished")
     return ap
 
 
@@ -157,4 +216,4 @@ def main(argv: list[str]) -> None:
     if args.summarize:
         print(write_summary(Path(args.summarize)).read_text())
         return
-    raise SystemExit(run_tests(Path(args.results), pytest_args, args.commit))
+    raise SystemExit(run_tests(Path(args.results), pytest_args, args.commit, args.budget))

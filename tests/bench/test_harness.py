@@ -158,6 +158,59 @@ def test_gpu_test_record_counts_each_outcome_per_test(tmp_path, monkeypatch):
     assert props["commit"] == "abc1234" and props["card"] == "NVIDIA H100 80GB HBM3"
 
 
+SLOW_GPU_TESTS = """
+import time
+
+import pytest
+
+
+@pytest.mark.gpu
+def test_quick():
+    assert True
+
+
+@pytest.mark.gpu
+def test_fails():
+    assert 1 == 2, "ours differs"
+
+
+@pytest.mark.gpu
+def test_never_ends():
+    time.sleep(600)
+
+
+@pytest.mark.gpu
+def test_after():
+    assert True
+"""
+
+
+def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkeypatch):
+    """--budget: pytest is stopped mid-run; the record holds the tests that ended (passed, failed) and lists the one
+    it was in and the one after as not run."""
+    from bench import gpu_tests
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_slow_gpu.py").write_text(SLOW_GPU_TESTS)
+    monkeypatch.setattr(gpu_tests, "cuda_card", lambda: ("NVIDIA H200", 1))
+    rc = gpu_tests.run_tests(tmp_path / "results", [str(tmp_path / "t")], commit="abc1234", budget=15)
+    assert rc == 1
+    (xml,) = (tmp_path / "results").glob("h200-gpu-tests-*.xml")
+    assert not list((tmp_path / "results").glob("*.jsonl"))
+    md = xml.with_suffix(".md").read_text()
+    assert md.startswith("# GPU tests: 1 passed, 1 failed, 0 skipped, 2 not run (the run stopped at its 15 s budget)\n")
+    rows = re.findall(r"^\| (\S+) \| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", md, flags=re.M)
+    names = [name.split("::")[-1] for name, *_ in rows]
+    assert names == ["test_quick", "test_fails", "test_never_ends", "test_after"]
+    assert [tuple(counts) for _, *counts in rows] == [
+        ("1", "0", "0", "0"),
+        ("0", "1", "0", "0"),
+        ("0", "0", "0", "1"),
+        ("0", "0", "0", "1"),
+    ]
+    assert "ours differs" in md and "`python -m bench gpu-tests --budget 15 " in md
+
+
 def test_gpu_tests_without_cuda_say_so_and_write_nothing(tmp_path, monkeypatch, capsys):
     import torch
 

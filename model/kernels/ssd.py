@@ -38,8 +38,10 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+
+    from .state_update import softplus as _softplus  # one softplus for the scan and the decode step
 except ImportError:  # CPU installs: available() is False and nothing below is called
-    triton = tl = None
+    triton = tl = _softplus = None
 
 NO_LIMIT = (0.0, math.inf)
 # block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop (and of the
@@ -73,20 +75,6 @@ def _jit(fn):
 
 
 @_jit
-def _softplus(v):
-    """F.softplus (v itself above 20) to a few fp32 ulps, with no log of a number near 1 (which loses the digits of a
-    small dt): max(v, 0) + log1p(u), u = exp(−|v|), log1p(u) = 2·atanh(s) = 2·(s + s³/3 + … + s¹⁹/19), s = u/(2+u) ≤ 1/3
-    (later terms are below fp32's resolution)."""
-    u = tl.exp(-tl.abs(v))
-    s = u / (2.0 + u)
-    s2 = s * s
-    series = 1.0 / 19.0
-    for k in tl.static_range(9):  # Horner in s²: 1/17, 1/15, …, 1/1
-        series = series * s2 + 1.0 / (17 - 2 * k)
-    return tl.where(v > 20.0, v, tl.maximum(v, 0.0) + 2.0 * s * series)
-
-
-@_jit
 def _discretize(raw, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, LIMIT: tl.constexpr, dt_min, dt_max):
     """raw dt (fp32) → dt = clamp(softplus(raw + bias)), each step where its flag says."""
     v = raw + bias if HAS_BIAS else raw
@@ -116,6 +104,14 @@ def _load_rows(ptr, pos, valid, cols, ncols, s_row, s_col):
     return tl.load(
         ptr + pos[:, None] * s_row + cols[None, :] * s_col, mask=valid[:, None] & (cols[None, :] < ncols), other=0.0
     )
+
+
+@_jit
+def _chunk_steps(start, c, chunk, l, BLOCK: tl.constexpr):
+    """Steps start … start+BLOCK−1 of chunk c → (their index in the chunk, their position in the row, valid)."""
+    i = start + tl.arange(0, BLOCK)
+    pos = c * chunk + i
+    return i, pos, (i < chunk) & (pos < l)
 
 
 @_jit
@@ -229,9 +225,7 @@ def _chunk_output_fwd_kernel(
     b64 = b.to(tl.int64)
     x_h, B_g = x_ptr + b64 * sx_b + h * sx_h, B_ptr + b64 * sB_b + (h // ratio) * sB_g
     C_g, sin_c = C_ptr + b64 * sC_b + (h // ratio) * sC_g, sin_ptr + ((b64 * nc + c) * H + h) * P * N
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    pos_t = c * chunk + t
-    valid_t = (t < chunk) & (pos_t < l)
+    t, pos_t, valid_t = _chunk_steps(tb * BLOCK_T, c, chunk, l, BLOCK_T)
     p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
     row = ((b64 * H + h) * nc + c) * chunk
     cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
@@ -247,9 +241,7 @@ def _chunk_output_fwd_kernel(
         acc += tl.dot(Ct, tl.trans(_load_state(sin_c, p, n, P, N).to(Ct.dtype)))
     acc *= readout[:, None]
     for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
-        s = s0 + tl.arange(0, BLOCK_S)
-        pos_s = c * chunk + s
-        valid_s = (s < chunk) & (pos_s < l)
+        s, pos_s, valid_s = _chunk_steps(s0, c, chunk, l, BLOCK_S)
         CB = tl.zeros((BLOCK_T, BLOCK_S), tl.float32)
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
@@ -383,14 +375,6 @@ def _store_three(ptr, a, b, c):
 
 
 @_jit
-def _chunk_steps(start, c, chunk, l, BLOCK: tl.constexpr):
-    """Steps start … start+BLOCK−1 of chunk c → (their index in the chunk, their position in the row, valid)."""
-    i = start + tl.arange(0, BLOCK)
-    pos = c * chunk + i
-    return i, pos, (i < chunk) & (pos < l)
-
-
-@_jit
 def _store_dx_ddt(dx_ptr, ddt_ptr, at, p, P, valid, dx, ddt):
     """dx (S, P) and ddt (S,) of one head at flat (b·l + position)·H + h offsets `at` (S,)."""
     mask = valid[:, None] & (p[None, :] < P)
@@ -494,9 +478,7 @@ def _chunk_dC_bwd_kernel(
     c, tb = ct // row_blocks, ct % row_blocks
     b, g = bg // G, bg % G
     b64 = b.to(tl.int64)
-    t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
-    pos_t = c * chunk + t
-    valid_t = (t < chunk) & (pos_t < l)
+    t, pos_t, valid_t = _chunk_steps(tb * BLOCK_T, c, chunk, l, BLOCK_T)
     p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_SEQ:
         seq_b = seq_ptr + b64 * ss_b
@@ -513,9 +495,7 @@ def _chunk_dC_bwd_kernel(
         S = _load_state(sin_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
         acc += tl.dot((dy * w[:, None]).to(dy.dtype), S.to(dy.dtype))
     for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
-        s = s0 + tl.arange(0, BLOCK_S)
-        pos_s = c * chunk + s
-        valid_s = (s < chunk) & (pos_s < l)
+        s, pos_s, valid_s = _chunk_steps(s0, c, chunk, l, BLOCK_S)
         keep = t[:, None] >= s[None, :]
         if HAS_SEQ:
             keep &= seq_t[:, None] == tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
@@ -551,9 +531,7 @@ def _chunk_dB_bwd_kernel(
     c, sb = cs // row_blocks, cs % row_blocks
     b, g = bg // G, bg % G
     b64 = b.to(tl.int64)
-    s = sb * BLOCK_S + tl.arange(0, BLOCK_S)
-    pos_s = c * chunk + s
-    valid_s = (s < chunk) & (pos_s < l)
+    s, pos_s, valid_s = _chunk_steps(sb * BLOCK_S, c, chunk, l, BLOCK_S)
     p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_SEQ:
         seq_b = seq_ptr + b64 * ss_b
@@ -573,9 +551,7 @@ def _chunk_dB_bwd_kernel(
         dSt = _load_state(ds_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
         acc += tl.dot((xs * scale[:, None]).to(xs.dtype), dSt.to(xs.dtype))
     for t0 in range(sb * BLOCK_S, chunk, BLOCK_T):  # the chunk's own tokens, t ≥ s
-        t = t0 + tl.arange(0, BLOCK_T)
-        pos_t = c * chunk + t
-        valid_t = (t < chunk) & (pos_t < l)
+        t, pos_t, valid_t = _chunk_steps(t0, c, chunk, l, BLOCK_T)
         keep = t[None, :] >= s[:, None]
         if HAS_SEQ:
             keep &= seq_s[:, None] == tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-2)[None, :]

@@ -116,7 +116,6 @@ def _mamba_general_scan(ssd_combined):
     """mamba-ssm's `mamba_chunk_scan_combined` (an autograd.Function) with the final state in fp32."""
 
     def scan(*args, return_final_states=False, **kwargs):
-        kwargs["dt_limit"] = tuple(kwargs["dt_limit"])
         out = ssd_combined.mamba_chunk_scan_combined(*args, return_final_states=return_final_states, **kwargs)
         return (out[0], out[1].float()) if return_final_states else out
 
@@ -209,23 +208,7 @@ def _scan_forward_op():
         outs = y, final.unflatten(-1, (P, N)), dA_cumsum, dt_c, states, CB
         return tuple(t.contiguous() for t in outs)  # the layout the fake below promises
 
-    @ssd_fwd.register_fake
-    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep):
-        b, l, H, P = x.shape
-        G, N = B.shape[-2:]
-        c = (l + chunk_size - 1) // chunk_size
-        f32 = dict(dtype=torch.float32, device=x.device)
-        y, final = x.new_empty(b, l, H, P), x.new_empty(b, H, P, N, dtype=torch.float32)
-        if not keep:
-            return (y, final, *(x.new_empty(0, **f32) for _ in range(4)))
-        return (
-            y,
-            final,
-            x.new_empty(b, H, c, chunk_size, **f32),
-            x.new_empty(b, H, c, chunk_size, **f32),
-            x.new_empty(b, c, H, P, N, dtype=C.dtype),
-            x.new_empty(b, c, G, chunk_size, chunk_size, **f32),
-        )
+    ssd_fwd.register_fake(partial(_scan_forward_fake, keeps_cb=True))
 
     return ssd_fwd
 
@@ -270,13 +253,32 @@ def _scan_backward_op():
         grads = dx, ddt, dA.to(A.dtype), dB, dC, dD.to(D.dtype), dinit
         return tuple(g.contiguous() for g in grads)  # the kernels' outputs follow their inputs' strides at times
 
-    @ssd_bwd.register_fake
-    def _(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, chunk_size):
-        like = lambda t: t.new_empty(t.shape)  # contiguous, whatever the input's strides
-        dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
-        return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
-
+    ssd_bwd.register_fake(_scan_backward_fake)
     return ssd_bwd
+
+
+def _scan_forward_fake(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep, keeps_cb):
+    """Shapes of a scan forward op's outputs: y, the final state and, when `keep`, dA_cumsum, dt (b, H, c, chunk),
+    the chunk states (b, c, H, P, N) and CB (b, c, G, chunk, chunk) if `keeps_cb`; empty placeholders otherwise."""
+    b, l, H, P = x.shape
+    G, N = B.shape[-2:]
+    c = (l + chunk_size - 1) // chunk_size
+    f32 = dict(dtype=torch.float32, device=x.device)
+    y, final = x.new_empty(b, l, H, P), x.new_empty(b, H, P, N, dtype=torch.float32)
+    if not keep:
+        return (y, final, *(x.new_empty(0, **f32) for _ in range(4)))
+    cb = x.new_empty(b, c, G, chunk_size, chunk_size, **f32) if keeps_cb else x.new_empty(0, **f32)
+    chunked = (x.new_empty(b, H, c, chunk_size, **f32) for _ in range(2))
+    return (y, final, *chunked, x.new_empty(b, c, H, P, N, dtype=C.dtype), cb)
+
+
+def _scan_backward_fake(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB,
+                        chunk_size):  # fmt: skip
+    """Shapes of a scan backward op's outputs: each gradient like its input (contiguous, whatever the input's
+    strides), d initial states empty when there are none."""
+    like = lambda t: t.new_empty(t.shape)  # noqa: E731
+    dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
+    return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
 
 
 def _triton_scan_ops():
@@ -305,17 +307,7 @@ def _triton_scan_ops():
             dA_cumsum, dt_c, states = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
         return y, final, dA_cumsum, dt_c, states, x.new_empty(0, dtype=torch.float32)
 
-    @ssd_fwd.register_fake
-    def _(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep):
-        b, l, H, P = x.shape
-        N = B.shape[-1]
-        c = (l + chunk_size - 1) // chunk_size
-        f32 = dict(dtype=torch.float32, device=x.device)
-        y, final, cb = x.new_empty(b, l, H, P), x.new_empty(b, H, P, N, dtype=torch.float32), x.new_empty(0, **f32)
-        if not keep:
-            return (y, final, *(x.new_empty(0, **f32) for _ in range(3)), cb)
-        chunked = (x.new_empty(b, H, c, chunk_size, **f32) for _ in range(2))
-        return (y, final, *chunked, x.new_empty(b, c, H, P, N, dtype=C.dtype), cb)
+    ssd_fwd.register_fake(partial(_scan_forward_fake, keeps_cb=False))
 
     @torch.library.custom_op("falcon_align::ssd_scan_triton_backward", mutates_args=())
     def ssd_bwd(
@@ -343,12 +335,7 @@ def _triton_scan_ops():
         dinit = dinit.to(initial_states.dtype) if dinit is not None else x.new_empty(0, dtype=torch.float32)
         return dx, ddt, dA, dB, dC, dD, dinit
 
-    @ssd_bwd.register_fake
-    def _(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, chunk_size):
-        like = lambda t: t.new_empty(t.shape)  # noqa: E731
-        dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
-        return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
-
+    ssd_bwd.register_fake(_scan_backward_fake)
     return ssd_fwd, ssd_bwd
 
 

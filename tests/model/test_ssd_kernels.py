@@ -12,10 +12,7 @@ installed, no less accurate than its kernels on the same bf16 inputs (25% and 1e
 """
 
 import importlib.util
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +20,7 @@ import torch
 
 from tests.model import ssd_cases
 from tests.model.ssd_cases import CASES, GPU_CASES
+from tests.model.triton_interpreter import run_json
 
 ROOT = Path(__file__).resolve().parents[2]
 TRITON = importlib.util.find_spec("triton")
@@ -49,12 +47,7 @@ def _interpret(*checks: str) -> dict:
         pytest.skip("triton is not installed: the kernels' CPU checks run in Triton's interpreter")
     if torch.cuda.is_available():
         pytest.skip("a GPU runs the kernels natively (test_gpu_*)")
-    site = str(Path(TRITON.origin).parents[1])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
-    command = [sys.executable, "-m", "tests.model.ssd_cases", *checks]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json("tests.model.ssd_cases", *checks, timeout=1800)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,6 @@ fp32 → bf16 where the GPU rounds to nearest (half a step).
 """
 
 import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from model import settings
 from model.kernels import REFERENCE, cuda, get_ops
 from model.kernels.ref import rmsnorm_gated_ref, selective_state_update_ref
 from tests.model.triton_checks import rmsnorm_gated_errors, state_update_errors
+from tests.model.triton_interpreter import run_json
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(
@@ -33,11 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def interpreted():
     """tests/model/triton_checks.py run once in Triton's interpreter → its JSON record."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    command = [sys.executable, "-m", "tests.model.triton_checks"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_json("tests.model.triton_checks", timeout=600)
 
 
 def _over(errors: dict, tol: float) -> dict:

@@ -1,10 +1,31 @@
 """Triton's CPU interpreter (TRITON_INTERPRET=1) made to compute bf16 as the GPU does: `tl.dot` on bf16 operands
 multiplies their values (the interpreter multiplies their bit patterns), and fp32 → bf16 rounds to nearest even
 (the interpreter truncates). And with numpy ≥ 2.4 a scalar argument used as a loop bound (`range(n)`) converts: the
-interpreter holds scalars as one-element arrays, which `int()` no longer takes. `patch()` before the first kernel runs."""
+interpreter holds scalars as one-element arrays, which `int()` no longer takes. `patch()` before the first kernel runs.
+`run_json` runs a check module under the interpreter in a fresh process."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_json(module: str, *args: str, timeout: float) -> dict:
+    """`python -m <module> <args>` in a fresh process with TRITON_INTERPRET=1 (Triton reads it when the kernels are
+    defined, so it cannot be switched on in the test's own process) → the JSON object of its last output line."""
+    site = str(Path(importlib.util.find_spec("triton").origin).parents[1])  # triton's folder, wherever installed
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
+    command = [sys.executable, "-m", module, *args]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:

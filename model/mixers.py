@@ -194,15 +194,16 @@ class FalconH1Mixer(nn.Module):
                 )
                 xBC, conv_final = conv if cache is not None else (conv, None)
                 xBC = xBC.transpose(1, 2)  # (b, l, conv_dim)
-            dt = F.softplus(dt.float() + self.dt_bias.float())  # (b, l, H) fp32
-            if self.time_step_limit != (0.0, float("inf")):
-                dt = dt.clamp(*self.time_step_limit)
+            # the scan discretises dt (dt_bias, softplus, limit) where nothing else needs it: ours in its kernels
+            discretize = dict(dt_bias=self.dt_bias, dt_softplus=True, dt_limit=self.time_step_limit)
+            if pad_mask is not None or cp is not None:  # a pad: dt = 0 exactly; context parallelism reads dt
+                dt, discretize = self._discretized(dt), {}
             if pad_mask is not None:  # a pad neither feeds nor decays the state: dt = 0, x = 0
                 xBC = xBC * pad_mask[..., None]
                 dt = dt * pad_mask[..., None]
             x, B, C = xBC.split([self.d_ssm, G * N, G * N], dim=-1)
             x, B, C = x.reshape(b, l, H, P), B.reshape(b, l, G, N), C.reshape(b, l, G, N)
-            scan = partial(self._scan, ops)
+            scan = partial(self._scan, ops, discretize)
             if cp is not None:  # each chunk from the state the chunks before it leave (exact state passing)
                 y, ssm_final = cp.ssm(scan, x, dt, A, B, C), None
             else:
@@ -216,12 +217,18 @@ class FalconH1Mixer(nn.Module):
             y = y * F.silu(z)
         return self.out_proj(y.to(h.dtype))
 
-    def _scan(self, ops, x, dt, A, B, C, seq_idx, initial):
-        """The SSD scan → y (b, l, H, P), final state (b, H, P, N). Rows longer than SCAN_SEGMENT_TOKENS run in
+    def _discretized(self, dt):
+        """raw dt (b, l, H) → softplus(dt + dt_bias) within time_step_limit, fp32."""
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        return dt.clamp(*self.time_step_limit) if self.time_step_limit != (0.0, float("inf")) else dt
+
+    def _scan(self, ops, discretize, x, dt, A, B, C, seq_idx, initial):
+        """The SSD scan → y (b, l, H, P), final state (b, H, P, N); dt raw with `discretize` (dt_bias, softplus,
+        limit: the scan applies them) or already discretised without. Rows longer than SCAN_SEGMENT_TOKENS run in
         segments, each from the state the previous one leaves (zeroed where a document starts at the seam): exact,
         and the scan's per-chunk states — fp32, H·P·N per chunk, ~6 GiB per copy at 7B and 256K tokens, several
         copies in its backward — then exist for one segment at a time."""
-        l, kw = x.size(1), dict(D=self.D, return_final_states=True)
+        l, kw = x.size(1), dict(D=self.D, return_final_states=True, **discretize)
         if l <= SCAN_SEGMENT_TOKENS:
             return ops.ssd_scan(x, dt, A, B, C, self.chunk_size, seq_idx=seq_idx, initial_states=initial, **kw)
         ys, state = [], initial

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..settings import settings
+from .ref import _discretize_dt
 
 logger = logging.getLogger("falcon_align.kernels")
 
@@ -64,9 +65,11 @@ def _import_mamba_triton():
     return mods
 
 
-def _with_reference_signature(chunked, general):
+def _with_reference_signature(chunked, general, discretizes_dt=False):
     """The reference's signature over the chunked custom op (what the model runs) and `general`, a scan of the same
-    signature for the rest (z, dt_bias, softplus, a dt limit, no D)."""
+    signature for the rest (a gate z, no D). The mixer hands raw dt with dt_bias, softplus and its limit: an op that
+    `discretizes_dt` does that inside its kernels (and returns d dt_bias); before the others it runs here, in
+    PyTorch (fp32), where torch.compile fuses it with its neighbours."""
 
     def ssd_scan(
         x,
@@ -88,9 +91,13 @@ def _with_reference_signature(chunked, general):
             seq_idx = seq_idx.to(torch.int32).contiguous()
         if initial_states is not None:
             initial_states = initial_states.float()
-        plain = z is None and dt_bias is None and not dt_softplus and tuple(dt_limit) == (0.0, float("inf"))
-        if plain and D is not None:  # what the model runs: one op torch.compile sees through, no graph break
-            y, final = chunked(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
+        if z is None and D is not None:  # what the model runs: one op torch.compile sees through, no graph break
+            if discretizes_dt:
+                lo, hi = (float(v) for v in dt_limit)
+                y, final = chunked(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, dt_bias, dt_softplus, lo, hi)
+            else:
+                dt = _discretize_dt(dt, dt_bias, dt_softplus, dt_limit)
+                y, final = chunked(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size)
             return (y, final) if return_final_states else y
         return general(
             x,
@@ -132,7 +139,7 @@ def _triton_ssd_scan():
     for the rest."""
     from .ssd import ssd_scan
 
-    return _with_reference_signature(_chunked_scan_op("triton"), ssd_scan)
+    return _with_reference_signature(_chunked_scan_op("triton"), ssd_scan, discretizes_dt=True)
 
 
 _SCAN_OPS: dict[str, Callable] = {}
@@ -163,9 +170,10 @@ def _chunked_scan_op(provider: str = "mamba-ssm"):
     return _SCAN_OPS[provider]
 
 
-def _chunked_scan(forward, x, dt, A, B, C, D, initial_states, seq_idx, chunk_size):
+def _chunked_scan(forward, x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, *discretize):
+    """discretize: (dt_bias, dt_softplus, dt_min, dt_max) for an op that discretises raw dt (ours), else empty."""
     keep = not settings().ssd_recompute and x.shape[1] < KEEP_STATES_BELOW_TOKENS  # read per call
-    y, final, *_ = forward(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep)
+    y, final, *_ = forward(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep, *discretize)
     return y, final
 
 
@@ -257,7 +265,7 @@ def _scan_backward_op():
     return ssd_bwd
 
 
-def _scan_forward_fake(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep, keeps_cb):
+def _scan_forward_fake(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, keep, *discretize, keeps_cb):
     """Shapes of a scan forward op's outputs: y, the final state and, when `keep`, dA_cumsum, dt (b, H, c, chunk),
     the chunk states (b, c, H, P, N) and CB (b, c, G, chunk, chunk) if `keeps_cb`; empty placeholders otherwise."""
     b, l, H, P = x.shape
@@ -273,12 +281,17 @@ def _scan_forward_fake(x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, k
 
 
 def _scan_backward_fake(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB,
-                        chunk_size):  # fmt: skip
+                        chunk_size, *discretize):  # fmt: skip
     """Shapes of a scan backward op's outputs: each gradient like its input (contiguous, whatever the input's
-    strides), d initial states empty when there are none."""
+    strides), d initial states empty when there are none; after them d dt_bias for an op that discretises dt
+    (empty without a bias)."""
     like = lambda t: t.new_empty(t.shape)  # noqa: E731
-    dinit = like(initial_states) if initial_states is not None else x.new_empty(0, dtype=torch.float32)
-    return like(x), like(dt), like(A), like(B), like(C), like(D), dinit
+    empty = x.new_empty(0, dtype=torch.float32)
+    dinit = like(initial_states) if initial_states is not None else empty
+    grads = like(x), like(dt), like(A), like(B), like(C), like(D), dinit
+    if not discretize:
+        return grads
+    return (*grads, like(discretize[0]) if discretize[0] is not None else empty)
 
 
 def _triton_scan_ops():
@@ -299,10 +312,16 @@ def _triton_scan_ops():
         seq_idx: Tensor | None,
         chunk_size: int,
         keep: bool,
+        dt_bias: Tensor | None,
+        dt_softplus: bool,
+        dt_min: float,
+        dt_max: float,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """mamba-ssm's forward op's outputs; dt raw, discretised in the kernels (bias, softplus, [dt_min, dt_max])."""
         y, final, dt_c, dA_cumsum, states = ssd.ssd_forward(
-            x, dt, A, B, C, chunk_size, D, initial_states=initial_states, seq_idx=seq_idx, states_dtype=C.dtype
-        )
+            x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, (dt_min, dt_max), initial_states, seq_idx,
+            states_dtype=C.dtype,
+        )  # fmt: skip
         if not keep:
             dA_cumsum, dt_c, states = (x.new_empty(0, dtype=torch.float32) for _ in range(3))
         return y, final, dA_cumsum, dt_c, states, x.new_empty(0, dtype=torch.float32)
@@ -327,35 +346,46 @@ def _triton_scan_ops():
         states: Tensor,
         CB: Tensor,
         chunk_size: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        dt_bias: Tensor | None,
+        dt_softplus: bool,
+        dt_min: float,
+        dt_max: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """mamba-ssm's backward op's gradients, ddt for the raw dt, then d dt_bias (empty without a bias)."""
         kept = dict(dt_c=dt_c, cum=dA_cumsum, states=states) if states.numel() else {}
-        dx, ddt, dA, dB, dC, dD, dinit, _ = ssd.ssd_backward(
-            dy, dfinal, x, dt, A, B, C, chunk_size, D, initial_states=initial_states, seq_idx=seq_idx, **kept
-        )
-        dinit = dinit.to(initial_states.dtype) if dinit is not None else x.new_empty(0, dtype=torch.float32)
-        return dx, ddt, dA, dB, dC, dD, dinit
+        dx, ddt, dA, dB, dC, dD, dinit, dbias = ssd.ssd_backward(
+            dy, dfinal, x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, (dt_min, dt_max), initial_states,
+            seq_idx, **kept,
+        )  # fmt: skip
+        empty = x.new_empty(0, dtype=torch.float32)
+        dinit = dinit.to(initial_states.dtype) if dinit is not None else empty
+        return dx, ddt, dA, dB, dC, dD, dinit, dbias if dbias is not None else empty.clone()
 
     ssd_bwd.register_fake(_scan_backward_fake)
     return ssd_fwd, ssd_bwd
 
 
 def _scan_setup_context(ctx, inputs, output):
-    x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, _ = inputs
+    x, dt, A, B, C, D, initial_states, seq_idx, chunk_size, _, *discretize = inputs
     y, _, dA_cumsum, dt_c, states, CB = output
-    ctx.chunk_size = chunk_size
-    ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB)
+    ctx.chunk_size, ctx.dt_options = chunk_size, tuple(discretize[1:])  # (dt_softplus, dt_min, dt_max) or ()
+    ctx.save_for_backward(x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, *discretize[:1])
     # the kept chunk quantities take no gradient: no zero-filled gradients for them, nor for an unused final state
     ctx.mark_non_differentiable(dA_cumsum, dt_c, states, CB)
     ctx.set_materialize_grads(False)
 
 
 def _scan_backward(ssd_bwd, ctx, dy, dfinal, *_unused):
-    x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB = ctx.saved_tensors
+    x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, *bias = ctx.saved_tensors
     dy = torch.zeros_like(y) if dy is None else dy
-    dx, ddt, dA, dB, dC, dD, dinit = ssd_bwd(
-        dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size
-    )
-    return dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None, None
+    dx, ddt, dA, dB, dC, dD, dinit, *dbias = ssd_bwd(
+        dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, y, dA_cumsum, dt_c, states, CB, ctx.chunk_size,
+        *bias, *ctx.dt_options,
+    )  # fmt: skip
+    grads = dx, ddt, dA, dB, dC, dD, (dinit if initial_states is not None else None), None, None, None
+    if not bias:  # an op over discretised dt
+        return grads
+    return (*grads, dbias[0] if bias[0] is not None else None, None, None, None)
 
 
 def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c, states, CB):
@@ -400,8 +430,6 @@ def _ssd_backward(dy, dfinal, x, dt, A, B, C, D, init, seq_idx, dA_cumsum, dt_c,
 
 
 def _mamba_state_update(ssu):
-    from .ref import _discretize_dt
-
     update = ssu.selective_state_update
 
     def selective_state_update(

@@ -172,10 +172,10 @@ def strided_difference(name: str, device: str = "cpu") -> float:
 
 def op_checks(device: str = "cpu") -> dict:
     """Our scan through model/kernels/cuda.py's custom ops (`_ssd_scan_for("triton")`), the path the model runs:
-    errors against fp64 with the forward's states kept and recomputed ("op_kept", "op_recompute"); the largest
-    difference of y, the final state and the gradients between inductor (dynamic shapes, fake implementations
-    checked against the real outputs' sizes and strides) and eager ("compiled"); torch.library.opcheck's failures on
-    both ops ("opcheck")."""
+    errors against fp64 with the forward's states kept and recomputed ("op_kept", "op_recompute") and with raw dt
+    discretised in the kernels ("op_dt_fused", d dt_bias included); the largest difference of y, the final state
+    and the gradients between inductor (dynamic shapes, fake implementations checked against the real outputs'
+    sizes and strides) and eager ("compiled"); torch.library.opcheck's failures on both ops ("opcheck")."""
     from model.kernels import cuda
     from model.settings import overridden
 
@@ -183,33 +183,43 @@ def op_checks(device: str = "cpu") -> dict:
     out = dict(op_kept=errors("packed_many_docs", device, scans={"op": scan})["op"])
     with overridden(ssd_recompute=True):
         out["op_recompute"] = errors("packed_many_docs", device, scans={"op": scan})["op"]
-    spec = CASES["packed_many_docs"]
-    a = inputs(spec, device)
-    probes = dict(y=torch.ones(*a["x"].shape, dtype=torch.float64, device=device),
-                  final=torch.ones(*a["initial_states"].shape, dtype=torch.float64, device=device))  # fmt: skip
+    out["op_dt_fused"] = errors("dt_fused", device, scans={"op": scan})["op"]
     compiled = torch.compile(scan, backend="inductor", dynamic=True, fullgraph=True)
-    eager, inductor = (_outputs_and_grads(fn, a, spec, probes) for fn in (scan, compiled))
-    out["compiled"] = max((inductor[k].double() - v.double()).abs().max().item() for k, v in eager.items())
-    out["opcheck"] = _opcheck_failures(a, spec["chunk"])
+    out["compiled"], out["opcheck"] = 0.0, []
+    for name in ("packed_many_docs", "dt_fused"):
+        spec = CASES[name]
+        a = inputs(spec, device)
+        probes = dict(y=torch.ones(*a["x"].shape, dtype=torch.float64, device=device),
+                      final=torch.ones(*a["initial_states"].shape, dtype=torch.float64, device=device))  # fmt: skip
+        eager, inductor = (_outputs_and_grads(fn, a, spec, probes) for fn in (scan, compiled))
+        diff = max((inductor[k].double() - v.double()).abs().max().item() for k, v in eager.items())
+        out["compiled"] = max(out["compiled"], diff)
+        out["opcheck"] += _opcheck_failures(a, spec)
     return out
 
 
-def _opcheck_failures(a: dict, chunk: int) -> list[str]:
+def _opcheck_failures(a: dict, spec: dict) -> list[str]:
     """torch.library.opcheck on our forward op (kept states and not) and its backward op → the failures' messages."""
     forward, backward = torch.ops.falcon_align.ssd_scan_triton.default, torch.ops.falcon_align.ssd_scan_triton_backward
     args = [a[k] for k in ("x", "dt", "A", "B", "C", "D", "initial_states", "seq_idx")]
+    options = _options(spec)
+    lo, hi = options.get("dt_limit", (0.0, float("inf")))
+    discretize = [a.get("dt_bias"), options.get("dt_softplus", False), lo, hi]
+    chunk = spec["chunk"]
     failures = []
     for keep in (True, False):
-        leaves = [t.detach().clone().requires_grad_() if t.is_floating_point() else t for t in args]
+        grads_for = lambda ts: [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t
+                                for t in ts]  # noqa: E731  # fmt: skip
+        leaves, bias = grads_for(args), grads_for(discretize[:1])
         try:
-            torch.library.opcheck(forward, (*leaves, chunk, keep))
+            torch.library.opcheck(forward, (*leaves, chunk, keep, *bias, *discretize[1:]))
             with torch.no_grad():
-                y, final, *kept = forward(*args, chunk, keep)
+                y, final, *kept = forward(*args, chunk, keep, *discretize)
             torch.library.opcheck(
-                backward.default, (torch.ones_like(y), torch.ones_like(final), *args, y, *kept, chunk)
+                backward.default, (torch.ones_like(y), torch.ones_like(final), *args, y, *kept, chunk, *discretize)
             )
         except Exception as err:  # opcheck raises OpCheckError naming the failed test
-            failures.append(f"keep={keep}: {type(err).__name__}: {err}"[:2000])
+            failures.append(f"{spec}, keep={keep}: {type(err).__name__}: {err}"[:2000])
     return failures
 
 

@@ -81,9 +81,12 @@ def test_interpreted_strided_views_read_like_contiguous_tensors(interpreted):
 def test_interpreted_custom_ops(interpreted_op):
     """What the model runs: model/kernels/cuda.py's op pair over our kernels, eager with kept and with recomputed
     states, compiled (inductor, dynamic shapes) equal to eager, and torch.library.opcheck on both ops."""
-    spec = CASES["packed_many_docs"]
-    for name in ("op_kept", "op_recompute"):
-        assert set(interpreted_op[name]) == _expected(spec)
+    for name, case in (
+        ("op_kept", "packed_many_docs"),
+        ("op_recompute", "packed_many_docs"),
+        ("op_dt_fused", "dt_fused"),
+    ):
+        assert set(interpreted_op[name]) == _expected(CASES[case]), name  # d dt_bias among them when fused
         assert _too_large(interpreted_op[name], INTERPRETED_TOL["float32"]) == {}, name
     assert interpreted_op["compiled"] == 0.0
     assert interpreted_op["opcheck"] == []
@@ -162,6 +165,6 @@ def test_gpu_recompute_and_strided_views(case):
 @needs_gpu
 def test_gpu_custom_ops():
     out = ssd_cases.op_checks("cuda")
-    for name in ("op_kept", "op_recompute"):
+    for name in ("op_kept", "op_recompute", "op_dt_fused"):
         assert _too_large(out[name], GPU_TOL["float32"]) == {}, name
     assert out["compiled"] < 1e-5 and out["opcheck"] == []

@@ -3,12 +3,16 @@ a run stopped at its time budget still leaves a record of what finished (bench/g
 
     pytest -p bench.gpu_progress --gpu-progress <file.jsonl> ...
 
-Lines: {"collected": [node ids]} once, then {"nodeid", "when", "outcome", "duration", "message"} per test phase.
+Lines: {"collected": [node ids]} (the last one counts), then {"nodeid", "when", "outcome", "duration", "message"}
+per test phase. Under pytest-xdist (`-n 4`: the GPU tests are mostly compilation, which runs in parallel on the
+host's cores) the controller writes: it receives every worker's reports and each worker's collection.
 """
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 
 def pytest_addoption(parser):
@@ -20,7 +24,7 @@ _path: str | None = None  # --gpu-progress of the running session
 
 def pytest_configure(config):
     global _path
-    _path = config.getoption("--gpu-progress")
+    _path = None if hasattr(config, "workerinput") else config.getoption("--gpu-progress")  # an xdist worker: None
 
 
 def _write(record: dict) -> None:
@@ -31,7 +35,13 @@ def _write(record: dict) -> None:
 
 
 def pytest_collection_finish(session):
-    _write({"collected": [item.nodeid for item in session.items]})
+    if session.items:  # an xdist controller collects nothing itself
+        _write({"collected": [item.nodeid for item in session.items]})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    _write({"collected": list(ids)})
 
 
 def pytest_runtest_logreport(report):

@@ -5,6 +5,7 @@ card, date, passed/failed/skipped per test) written to bench/results/.
     python -m bench gpu-tests -k scan tests/model    # pytest arguments after the options narrow the run
     python -m bench gpu-tests --summarize <xml>      # the summary of an existing record, next to it
     python -m bench gpu-tests --budget 500           # stop at 500 s and record what finished
+    python -m bench gpu-tests -n 4                   # four pytest-xdist workers: the compilations run in parallel
 
 Files: <results>/<card>-gpu-tests-<date>.xml and .md (card as in the other result names: h100, h200, h100x2). The
 XML carries the commit, card, date and command as properties of its test suite. Without a CUDA device nothing runs

@@ -185,15 +185,19 @@ def test_after():
 """
 
 
-def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [[], ["-n", "2", "--dist", "loadfile"]], ids=["one-process", "xdist"])
+def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkeypatch, workers):
     """--budget: pytest is stopped mid-run; the record holds the tests that ended (passed, failed) and lists the one
-    it was in and the one after as not run."""
+    it was in and the one after as not run. Under pytest-xdist (one file, one worker: the same order) the controller
+    writes the record."""
     from bench import gpu_tests
 
+    if workers:
+        pytest.importorskip("xdist")
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "test_slow_gpu.py").write_text(SLOW_GPU_TESTS)
     monkeypatch.setattr(gpu_tests, "cuda_card", lambda: ("NVIDIA H200", 1))
-    rc = gpu_tests.run_tests(tmp_path / "results", [str(tmp_path / "t")], commit="abc1234", budget=15)
+    rc = gpu_tests.run_tests(tmp_path / "results", [str(tmp_path / "t"), *workers], commit="abc1234", budget=15)
     assert rc == 1
     (xml,) = (tmp_path / "results").glob("h200-gpu-tests-*.xml")
     assert not list((tmp_path / "results").glob("*.jsonl"))

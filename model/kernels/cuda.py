@@ -532,8 +532,8 @@ def available_ops(provider: str) -> dict[str, tuple[str, Callable]]:
 
 def _ssd_scan_for(provider: str) -> tuple[str, Callable] | None:
     """The one place that picks the SSD scan → (supplier, scan), or None for the reference. "triton": ours
-    (model/kernels/ssd.py); "mamba-ssm": mamba-ssm's; "auto": mamba-ssm's where it imports, else ours. Ours goes
-    first under "auto" once the GPU tests and `python -m bench ssd-op` have passed on a card."""
+    (model/kernels/ssd.py); "mamba-ssm": mamba-ssm's; "auto": mamba-ssm's where it imports (on an H200 ours takes
+    1.7–2.4× its time: `python -m bench ssd-op`, docs/performance.md), else ours."""
     from .ssd import available
 
     mamba = _import_mamba_triton() if provider in ("auto", "mamba-ssm") else None

@@ -44,6 +44,9 @@ except ImportError:  # CPU installs: available() is False and nothing below is c
     triton = tl = _softplus = None
 
 NO_LIMIT = (0.0, math.inf)
+# fp32 operands of every tl.dot: three TF32 products per product (Triton's "tf32x3"), near fp32's accuracy on the
+# tensor cores; one TF32 product (Triton's default) left 5e-3 relative error in dA on a card. bf16 operands ignore it.
+F32_DOTS = tl.constexpr("tf32x3") if tl is not None else None
 # block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop (and of the
 # per-head backward kernel's), the state's N per tile, P per output tile. Tests lower them to run every tiling loop on
 # small shapes.
@@ -171,7 +174,7 @@ def _chunk_state_fwd_kernel(
     p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
     x = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos, valid, p, P, sx_l, sx_p)  # (Q, P)
     Bm = _load_rows(B_ptr + b64 * sB_b + (h // ratio) * sB_g, pos, valid, n, N, sB_l, sB_n)  # (Q, BLOCK_N)
-    st = tl.dot(tl.trans((x * scale[:, None]).to(Bm.dtype)), Bm)  # (P, BLOCK_N) fp32
+    st = tl.dot(tl.trans((x * scale[:, None]).to(Bm.dtype)), Bm, input_precision=F32_DOTS)  # (P, BLOCK_N) fp32
     st_c = st_ptr + ((b64 * nc + c) * H + h) * P * N
     tl.store(st_c + p[:, None] * N + n[None, :], st, mask=(p[:, None] < P) & (n[None, :] < N))
 
@@ -238,7 +241,7 @@ def _chunk_output_fwd_kernel(
     for n0 in range(0, N, BLOCK_N):  # the entering state: C_t·S_inᵀ
         n = n0 + tl.arange(0, BLOCK_N)
         Ct = _load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n)  # (T, BLOCK_N)
-        acc += tl.dot(Ct, tl.trans(_load_state(sin_c, p, n, P, N).to(Ct.dtype)))
+        acc += tl.dot(Ct, tl.trans(_load_state(sin_c, p, n, P, N).to(Ct.dtype)), input_precision=F32_DOTS)
     acc *= readout[:, None]
     for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
         s, pos_s, valid_s = _chunk_steps(s0, c, chunk, l, BLOCK_S)
@@ -246,7 +249,7 @@ def _chunk_output_fwd_kernel(
         for n0 in range(0, N, BLOCK_N):
             n = n0 + tl.arange(0, BLOCK_N)
             Ct = _load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n)
-            CB += tl.dot(Ct, tl.trans(_load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)))
+            CB += tl.dot(Ct, tl.trans(_load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)), input_precision=F32_DOTS)
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
         dt_s = tl.load(dtc_ptr + row + s, mask=s < chunk, other=0.0)
         keep = t[:, None] >= s[None, :]
@@ -254,7 +257,7 @@ def _chunk_output_fwd_kernel(
             keep &= seq_t[:, None] == tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
         K = tl.where(keep, CB * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :], 0.0)
         xs = _load_rows(x_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
-        acc += tl.dot(K.to(xs.dtype), xs)
+        acc += tl.dot(K.to(xs.dtype), xs, input_precision=F32_DOTS)
     if HAS_D:
         xt = _load_rows(x_h, pos_t, valid_t, p, P, sx_l, sx_p)
         acc += tl.load(D_ptr + h).to(tl.float32) * xt.to(tl.float32)
@@ -295,8 +298,9 @@ def _dstate_out_bwd_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         Cm = _load_rows(C_g, pos, valid, n, N, sC_l, sC_n)  # (Q, BLOCK_N)
         pn_mask = (p[:, None] < P) & (n[None, :] < N)
-        tl.store(ds_ptr + at + p[:, None] * N + n[None, :], tl.dot(dyw.to(Cm.dtype), Cm), mask=pn_mask)
-        CS += tl.dot(Cm, tl.trans(_load_state(sin_ptr + at, p, n, P, N).to(Cm.dtype)))
+        dS = tl.dot(dyw.to(Cm.dtype), Cm, input_precision=F32_DOTS)  # (P, BLOCK_N)
+        tl.store(ds_ptr + at + p[:, None] * N + n[None, :], dS, mask=pn_mask)
+        CS += tl.dot(Cm, tl.trans(_load_state(sin_ptr + at, p, n, P, N).to(Cm.dtype)), input_precision=F32_DOTS)
     U = w * tl.sum(dy.to(tl.float32) * CS, axis=1)
     tl.store(usuf_ptr + row + t, tl.cumsum(U, axis=0, reverse=True), mask=t < chunk)
 
@@ -355,8 +359,8 @@ def _cb_and_bds(
     for n0 in range(0, N, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         Bs = _load_rows(B_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
-        CB += tl.dot(_load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n), tl.trans(Bs))
-        BdS += tl.dot(Bs, tl.trans(_load_state(ds_at, p, n, P, N).to(Bs.dtype)))
+        CB += tl.dot(_load_rows(C_g, pos_t, valid_t, n, N, sC_l, sC_n), tl.trans(Bs), input_precision=F32_DOTS)
+        BdS += tl.dot(Bs, tl.trans(_load_state(ds_at, p, n, P, N).to(Bs.dtype)), input_precision=F32_DOTS)
     return CB, BdS
 
 
@@ -438,13 +442,14 @@ def _chunk_dx_bwd_kernel(
             keep &= seq_t[:, None] == seq_s[None, :]
             to_end = tl.where(seq_s == doc_end, to_end, 0.0)
         K = tl.where(keep, CB * tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)), 0.0)
-        Kdyx = K * tl.dot(dy, tl.trans(xs.to(dy.dtype)))  # (Q, S): K·dy_t·x_s
+        Kdyx = K * tl.dot(dy, tl.trans(xs.to(dy.dtype)), input_precision=F32_DOTS)  # (Q, S): K·dy_t·x_s
         ddt = tl.sum(Kdyx, axis=0)  # (S,)
         T = Kdyx * dt_s[None, :]
         prefix = row_prefix[:, None] + tl.cumsum(T, axis=1) - T  # Σ_{s' < s} T[t, s']
         da = tl.sum(tl.where(causal, prefix, 0.0), axis=0)  # Σ_{t ≥ s}
         row_prefix += tl.sum(T, axis=1)
-        dx = (tl.dot(tl.trans(K.to(dy.dtype)), dy) + BdS * to_end[:, None]) * dt_s[:, None]  # (S, P)
+        dx = tl.dot(tl.trans(K.to(dy.dtype)), dy, input_precision=F32_DOTS)  # (S, P)
+        dx = (dx + BdS * to_end[:, None]) * dt_s[:, None]
         state = to_end * tl.sum(xs.to(tl.float32) * BdS, axis=1)  # (S,): d/d dt_s of St
         ddt += state
         V = state * dt_s
@@ -493,7 +498,7 @@ def _chunk_dC_bwd_kernel(
             w = tl.where(seq_t == doc_in, w, 0.0)
         dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
         S = _load_state(sin_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
-        acc += tl.dot((dy * w[:, None]).to(dy.dtype), S.to(dy.dtype))
+        acc += tl.dot((dy * w[:, None]).to(dy.dtype), S.to(dy.dtype), input_precision=F32_DOTS)
     for s0 in range(0, tl.minimum((tb + 1) * BLOCK_T, chunk), BLOCK_S):  # the chunk's own tokens, s ≤ t
         s, pos_s, valid_s = _chunk_steps(s0, c, chunk, l, BLOCK_S)
         keep = t[:, None] >= s[None, :]
@@ -509,9 +514,9 @@ def _chunk_dC_bwd_kernel(
             dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
             xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
             decay = tl.exp(tl.minimum(cum_t[:, None] - cum_s[None, :], 0.0)) * dt_s[None, :]
-            dCB += tl.dot(dy, tl.trans(xs.to(dy.dtype))) * decay
+            dCB += tl.dot(dy, tl.trans(xs.to(dy.dtype)), input_precision=F32_DOTS) * decay
         Bs = _load_rows(B_ptr + b64 * sB_b + g * sB_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
-        acc += tl.dot(tl.where(keep, dCB, 0.0).to(Bs.dtype), Bs)
+        acc += tl.dot(tl.where(keep, dCB, 0.0).to(Bs.dtype), Bs, input_precision=F32_DOTS)
     dC_at = ((b64 * l + pos_t[:, None]) * G + g) * N + n[None, :]
     tl.store(dC_ptr + dC_at, acc.to(dC_ptr.dtype.element_ty), mask=valid_t[:, None] & (n[None, :] < N))
 
@@ -549,7 +554,7 @@ def _chunk_dB_bwd_kernel(
             scale = tl.where(seq_s == doc_end, scale, 0.0)
         xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
         dSt = _load_state(ds_ptr + ((b64 * nc + c) * H + h) * P * N, p, n, P, N)  # (P, BLOCK_N)
-        acc += tl.dot((xs * scale[:, None]).to(xs.dtype), dSt.to(xs.dtype))
+        acc += tl.dot((xs * scale[:, None]).to(xs.dtype), dSt.to(xs.dtype), input_precision=F32_DOTS)
     for t0 in range(sb * BLOCK_S, chunk, BLOCK_T):  # the chunk's own tokens, t ≥ s
         t, pos_t, valid_t = _chunk_steps(t0, c, chunk, l, BLOCK_T)
         keep = t[None, :] >= s[:, None]
@@ -565,9 +570,9 @@ def _chunk_dB_bwd_kernel(
             xs = _load_rows(x_ptr + b64 * sx_b + h * sx_h, pos_s, valid_s, p, P, sx_l, sx_p)  # (S, P)
             dy = _load_rows(dy_ptr + b64 * sdy_b + h * sdy_h, pos_t, valid_t, p, P, sdy_l, sdy_p)  # (T, P)
             decay = tl.exp(tl.minimum(cum_t[None, :] - cum_s[:, None], 0.0)) * dt_s[:, None]
-            dBC += tl.dot(xs, tl.trans(dy.to(xs.dtype))) * decay
+            dBC += tl.dot(xs, tl.trans(dy.to(xs.dtype)), input_precision=F32_DOTS) * decay
         Ct = _load_rows(C_ptr + b64 * sC_b + g * sC_g, pos_t, valid_t, n, N, sC_l, sC_n)  # (T, BLOCK_N)
-        acc += tl.dot(tl.where(keep, dBC, 0.0).to(Ct.dtype), Ct)
+        acc += tl.dot(tl.where(keep, dBC, 0.0).to(Ct.dtype), Ct, input_precision=F32_DOTS)
     dB_at = ((b64 * l + pos_s[:, None]) * G + g) * N + n[None, :]
     tl.store(dB_ptr + dB_at, acc.to(dB_ptr.dtype.element_ty), mask=valid_s[:, None] & (n[None, :] < N))
 

@@ -12,7 +12,8 @@ Forward, three kernels: (1) dt (bias, softplus, limit fused), its chunk cumsum a
 (2) the state passing over chunks; (3) the output, C·Bᵀ computed in place, the D skip fused.
 Backward, five: (1) d S_in from y (and the y readout's term of d cum); (2) the state passing in reverse;
 (3) per head: dx, ddt (with d dt_bias through the discretisation), dA, dD; (4) and (5) per group: dC and dB,
-summed over the group's heads in registers.
+summed over the group's heads in registers (over runs of them in separate programs when rows are short, added
+after: `_group_grad`).
 
 d a_k (the gradient of one step's log-decay) is built from sums that never subtract large terms: the in-chunk term
 is Σ_{t≥k} Σ_{s<k} T[t, s] with T[t, s] = (C_t·B_s)·exp(cum_t − cum_s)·dt_s·(dy_t·x_s), a prefix sum along s.
@@ -54,6 +55,8 @@ CAPS = dict(rows=64, cols=32, dx_cols=16, n=128, p=64)
 # warps and software-pipelining stages per kernel. First choices, from compiling for sm_90 without a card (registers,
 # spills and shared memory: the per-head backward kernel fits Hopper's 227 KB up to P 128, N 256 and in fp32 only
 # without pipelining); to be tuned on the card (`python -m bench ssd-op`)
+# the dB and dC kernels split a group's heads over more programs until about this many run (4 an SM on an H100)
+GROUP_PROGRAMS = 512
 LAUNCH = dict(
     chunk_state=dict(num_warps=4, num_stages=2),
     state_passing=dict(num_warps=4),
@@ -469,19 +472,29 @@ def _chunk_dx_bwd_kernel(
 
 
 @_jit
+def _group_part(bgk, G, ratio, heads):
+    """Program id over b·G·parts → (b, group, part k, its first head): part k sums heads h0 .. h0 + heads − 1."""
+    parts = ratio // heads
+    b, rest = bgk // (G * parts), bgk % (G * parts)
+    g, k = rest // parts, rest % parts
+    return b, g, k, g * ratio + k * heads
+
+
+@_jit
 def _chunk_dC_bwd_kernel(
     x_ptr, dy_ptr, B_ptr, seq_ptr, dtc_ptr, cum_ptr, sin_ptr, dC_ptr,
-    l, H, P, N, chunk, nc, ratio, G,
+    l, H, P, N, chunk, nc, ratio, G, heads, part_stride,
     sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sB_b, sB_l, sB_g, sB_n, ss_b, ss_l,
     HAS_SEQ: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (c · row blocks, b·G, N blocks). dC rows t of one group, summed over its heads in registers:
-    Σ_h w_t·dy_t·S_in + Σ_{s ≤ t} (Σ_h dy_t·x_s·exp(cum_t − cum_s)·dt_s)·B_s → dC (b, l, G, N)."""
-    ct, bg, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (c · row blocks, b·G·parts, N blocks). dC rows t of one group, summed in registers over `heads` of its
+    heads (part k: the k-th run of them): Σ_h w_t·dy_t·S_in + Σ_{s ≤ t} (Σ_h dy_t·x_s·exp(cum_t − cum_s)·dt_s)·B_s
+    → dC (parts, b, l, G, N), parts part_stride apart."""
+    ct, bgk, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_blocks = tl.cdiv(chunk, BLOCK_T)
     c, tb = ct // row_blocks, ct % row_blocks
-    b, g = bg // G, bg % G
+    b, g, k, h0 = _group_part(bgk, G, ratio, heads)
     b64 = b.to(tl.int64)
     t, pos_t, valid_t = _chunk_steps(tb * BLOCK_T, c, chunk, l, BLOCK_T)
     p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -490,8 +503,8 @@ def _chunk_dC_bwd_kernel(
         seq_t = tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-1)
         doc_in = _doc_in(seq_b, c, chunk, ss_l)
     acc = tl.zeros((BLOCK_T, BLOCK_N), tl.float32)
-    for i in range(ratio):  # the entering state's readout
-        h = g * ratio + i
+    for i in range(heads):  # the entering state's readout
+        h = h0 + i
         row = ((b64 * H + h) * nc + c) * chunk
         w = tl.where(valid_t, tl.exp(tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)), 0.0)
         if HAS_SEQ:
@@ -505,8 +518,8 @@ def _chunk_dC_bwd_kernel(
         if HAS_SEQ:
             keep &= seq_t[:, None] == tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-2)[None, :]
         dCB = tl.zeros((BLOCK_T, BLOCK_S), tl.float32)  # Σ_h dy_t·x_s·decay·dt_s
-        for i in range(ratio):
-            h = g * ratio + i
+        for i in range(heads):
+            h = h0 + i
             row = ((b64 * H + h) * nc + c) * chunk
             cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
             cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
@@ -517,24 +530,25 @@ def _chunk_dC_bwd_kernel(
             dCB += tl.dot(dy, tl.trans(xs.to(dy.dtype)), input_precision=F32_DOTS) * decay
         Bs = _load_rows(B_ptr + b64 * sB_b + g * sB_g, pos_s, valid_s, n, N, sB_l, sB_n)  # (S, BLOCK_N)
         acc += tl.dot(tl.where(keep, dCB, 0.0).to(Bs.dtype), Bs, input_precision=F32_DOTS)
-    dC_at = ((b64 * l + pos_t[:, None]) * G + g) * N + n[None, :]
+    dC_at = k * part_stride + ((b64 * l + pos_t[:, None]) * G + g) * N + n[None, :]
     tl.store(dC_ptr + dC_at, acc.to(dC_ptr.dtype.element_ty), mask=valid_t[:, None] & (n[None, :] < N))
 
 
 @_jit
 def _chunk_dB_bwd_kernel(
     x_ptr, dy_ptr, C_ptr, seq_ptr, dtc_ptr, cum_ptr, ds_ptr, dB_ptr,
-    l, H, P, N, chunk, nc, ratio, G,
+    l, H, P, N, chunk, nc, ratio, G, heads, part_stride,
     sx_b, sx_l, sx_h, sx_p, sdy_b, sdy_l, sdy_h, sdy_p, sC_b, sC_l, sC_g, sC_n, ss_b, ss_l,
     HAS_SEQ: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """Grid (c · row blocks, b·G, N blocks). dB rows s of one group, summed over its heads in registers:
-    Σ_h decay_to_end_s·dt_s·x_s·d St + Σ_{t ≥ s} (Σ_h x_s·dy_t·exp(cum_t − cum_s)·dt_s)·C_t → dB (b, l, G, N)."""
-    cs, bg, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    """Grid (c · row blocks, b·G·parts, N blocks). dB rows s of one group, summed in registers over `heads` of its
+    heads (part k: the k-th run of them): Σ_h decay_to_end_s·dt_s·x_s·d St + Σ_{t ≥ s} (Σ_h x_s·dy_t·exp(cum_t −
+    cum_s)·dt_s)·C_t → dB (parts, b, l, G, N), parts part_stride apart."""
+    cs, bgk, nb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row_blocks = tl.cdiv(chunk, BLOCK_S)
     c, sb = cs // row_blocks, cs % row_blocks
-    b, g = bg // G, bg % G
+    b, g, k, h0 = _group_part(bgk, G, ratio, heads)
     b64 = b.to(tl.int64)
     s, pos_s, valid_s = _chunk_steps(sb * BLOCK_S, c, chunk, l, BLOCK_S)
     p, n = tl.arange(0, BLOCK_P), nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -543,8 +557,8 @@ def _chunk_dB_bwd_kernel(
         seq_s = tl.load(seq_b + pos_s * ss_l, mask=valid_s, other=-1)
         doc_end = _doc_out(seq_b, c, chunk, l, ss_l)
     acc = tl.zeros((BLOCK_S, BLOCK_N), tl.float32)
-    for i in range(ratio):  # the chunk's own end state
-        h = g * ratio + i
+    for i in range(heads):  # the chunk's own end state
+        h = h0 + i
         row = ((b64 * H + h) * nc + c) * chunk
         cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
         scale = tl.exp(tl.load(cum_ptr + row + chunk - 1) - cum_s) * tl.load(
@@ -561,8 +575,8 @@ def _chunk_dB_bwd_kernel(
         if HAS_SEQ:
             keep &= seq_s[:, None] == tl.load(seq_b + pos_t * ss_l, mask=valid_t, other=-2)[None, :]
         dBC = tl.zeros((BLOCK_S, BLOCK_T), tl.float32)  # Σ_h x_s·dy_t·decay·dt_s
-        for i in range(ratio):
-            h = g * ratio + i
+        for i in range(heads):
+            h = h0 + i
             row = ((b64 * H + h) * nc + c) * chunk
             cum_t = tl.load(cum_ptr + row + t, mask=t < chunk, other=0.0)
             cum_s = tl.load(cum_ptr + row + s, mask=s < chunk, other=0.0)
@@ -573,7 +587,7 @@ def _chunk_dB_bwd_kernel(
             dBC += tl.dot(xs, tl.trans(dy.to(xs.dtype)), input_precision=F32_DOTS) * decay
         Ct = _load_rows(C_ptr + b64 * sC_b + g * sC_g, pos_t, valid_t, n, N, sC_l, sC_n)  # (T, BLOCK_N)
         acc += tl.dot(tl.where(keep, dBC, 0.0).to(Ct.dtype), Ct, input_precision=F32_DOTS)
-    dB_at = ((b64 * l + pos_s[:, None]) * G + g) * N + n[None, :]
+    dB_at = k * part_stride + ((b64 * l + pos_s[:, None]) * G + g) * N + n[None, :]
     tl.store(dB_ptr + dB_at, acc.to(dB_ptr.dtype.element_ty), mask=valid_s[:, None] & (n[None, :] < N))
 
 
@@ -746,25 +760,39 @@ def ssd_backward(dy, dfinal, x, dt, A, B, C, chunk_size, D=None, dt_bias=None, d
         HAS_D=D is not None, HAS_SEQ=seq_idx is not None, **dtd.flags(),
         BLOCK_Q=blk.Q, BLOCK_S=blk.dx_cols, BLOCK_P=blk.P, BLOCK_N=blk.n, **LAUNCH["dx"],
     )  # fmt: skip
-    dB, dC = (
-        torch.empty(b, l, G, N, device=x.device, dtype=B.dtype),
-        torch.empty(b, l, G, N, device=x.device, dtype=C.dtype),
-    )
     n_blocks = triton.cdiv(N, blk.n)
     tiles = dict(HAS_SEQ=seq_idx is not None, BLOCK_T=blk.rows, BLOCK_S=blk.cols, BLOCK_P=blk.P, BLOCK_N=blk.n)
-    _chunk_dC_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.rows), b * G, n_blocks)](
-        x, dy, B, seq, dt_c, cum, states, dC, *shapes.values(), H // G, G,
+    dC_blocks, dB_blocks = nc * triton.cdiv(chunk_size, blk.rows), nc * triton.cdiv(chunk_size, blk.cols)
+    dC, parts, part_stride = _group_grad(C, dC_blocks * b * G * n_blocks, H // G)
+    _chunk_dC_bwd_kernel[(dC_blocks, b * G * parts, n_blocks)](
+        x, dy, B, seq, dt_c, cum, states, dC, *shapes.values(), H // G, G, H // G // parts, part_stride,
         *x.stride(), *dy.stride(), *B.stride(), ss_b, ss_l, **tiles, **LAUNCH["dC"],
     )  # fmt: skip
-    _chunk_dB_bwd_kernel[(nc * triton.cdiv(chunk_size, blk.cols), b * G, n_blocks)](
-        x, dy, C, seq, dt_c, cum, ds, dB, *shapes.values(), H // G, G,
+    dB, parts, part_stride = _group_grad(B, dB_blocks * b * G * n_blocks, H // G)
+    _chunk_dB_bwd_kernel[(dB_blocks, b * G * parts, n_blocks)](
+        x, dy, C, seq, dt_c, cum, ds, dB, *shapes.values(), H // G, G, H // G // parts, part_stride,
         *x.stride(), *dy.stride(), *C.stride(), ss_b, ss_l, **tiles, **LAUNCH["dB"],
     )  # fmt: skip
+    dC = dC.sum(0).to(C.dtype) if dC.dim() == 5 else dC
+    dB = dB.sum(0).to(B.dtype) if dB.dim() == 5 else dB
     # one reduction each: gradients that shared one buffer would alias (a custom op may not return those)
     dA = red[..., 0].sum((0, 1)).to(A.dtype)
     dD = red[..., 1].sum((0, 1)).to(D.dtype) if D is not None else None
     ddt_bias = red[..., 2].sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     return dx, ddt.to(dt.dtype), dA, dB, dC, dD, dinit, ddt_bias
+
+
+def _group_grad(like: Tensor, programs: int, ratio: int) -> tuple[Tensor, int, int]:
+    """The dB or dC kernel's output and how its heads are split → (out, parts, part stride). Each program sums a group's
+    heads in registers; with few programs (short rows, one group: 128 at 8K tokens for the 0.5B shape) the card
+    idles, so the heads split into `parts` runs, each part's sums written to its own fp32 slice of
+    (parts, b, l, G, N) and added after. parts: the largest divisor of the heads per group that keeps
+    programs · parts ≤ GROUP_PROGRAMS."""
+    parts = max(d for d in range(1, ratio + 1) if ratio % d == 0 and (d == 1 or programs * d <= GROUP_PROGRAMS))
+    if parts == 1:
+        return torch.empty(like.shape, device=like.device, dtype=like.dtype), 1, 0
+    out = torch.empty(parts, *like.shape, device=like.device, dtype=torch.float32)
+    return out, parts, out[0].numel()
 
 
 # ---------------------------------------------------------------- the twin of ref.ssd_scan_ref

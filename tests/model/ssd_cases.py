@@ -21,13 +21,24 @@ import torch
 
 # name → inputs: b, l, H, P, G, N, chunk; dtype; packed documents (a list of lengths to cycle, or None); an
 # initial state; D; a gradient on the final state; raw dt discretised in the kernel (bias, softplus, limit);
-# block caps (model.kernels.ssd.CAPS) lowered so that every tiling loop runs more than once
+# block caps (model.kernels.ssd.CAPS) lowered so that every tiling loop runs more than once; "group_programs" 1: the dB
+# and dC kernels sum all of a group's heads in one program, 6: two parts of two heads each (3 programs a kernel here;
+# short rows split a group's heads over programs, ssd.GROUP_PROGRAMS)
 CASES = {
     "plain": dict(b=2, l=100, H=4, P=16, G=2, N=16, chunk=32),
-    "one_group_init": dict(b=1, l=90, H=4, P=16, G=1, N=16, chunk=32, init=True),
+    "one_group_init": dict(b=1, l=90, H=4, P=16, G=1, N=16, chunk=32, init=True, caps=dict(group_programs=6)),
     "packed_many_docs": dict(b=2, l=150, H=2, P=16, G=1, N=16, chunk=16, docs=[1, 3, 7, 2, 16, 1, 12, 5], init=True),
     "ragged_tiles": dict(
-        b=1, l=150, H=4, P=32, G=2, N=32, chunk=64, docs=[40, 9, 70], init=True, caps=dict(rows=16, cols=16, n=16, p=16)
+        b=1,
+        l=150,
+        H=4,
+        P=32,
+        G=2,
+        N=32,
+        chunk=64,
+        docs=[40, 9, 70],
+        init=True,
+        caps=dict(rows=16, cols=16, n=16, p=16, group_programs=1),
     ),
     "odd_chunk_no_D": dict(b=2, l=61, H=2, P=8, G=1, N=8, chunk=24, D=False, dfinal=False),
     "dt_fused": dict(b=2, l=70, H=4, P=16, G=2, N=16, chunk=16, docs=[9, 30, 4], init=True, fused=True),
@@ -99,15 +110,19 @@ def _rel_errors(got: dict, truth: dict) -> dict:
 
 @contextmanager
 def _caps(caps: dict | None):
+    """ssd.CAPS lowered as the case asks, and ssd.GROUP_PROGRAMS (its "group_programs")."""
     from model.kernels import ssd
 
-    saved = dict(ssd.CAPS)
-    ssd.CAPS.update(caps or {})
+    caps = dict(caps or {})
+    saved, saved_programs = dict(ssd.CAPS), ssd.GROUP_PROGRAMS
+    ssd.GROUP_PROGRAMS = caps.pop("group_programs", ssd.GROUP_PROGRAMS)
+    ssd.CAPS.update(caps)
     try:
         yield
     finally:
         ssd.CAPS.clear()
         ssd.CAPS.update(saved)
+        ssd.GROUP_PROGRAMS = saved_programs
 
 
 def errors(name: str, device: str = "cpu", scans: dict | None = None) -> dict:

@@ -18,8 +18,9 @@
 #   --timeout S    limit of each benchmark and of the GPU tests (default 600)
 #   --launch CMD   what runs `-m bench ...` (default python3)
 #   --autotune F   an autotune.tgz of an earlier run: Triton then autotunes no kernel twice
-#   --gpu-test     also run the GPU tests (`python -m bench gpu-tests --budget <timeout − 30 s>`), after the benchmarks:
-#                  a run stopped at its budget still writes the record of the tests that finished
+#   --gpu-test     also run the GPU tests (`python -m bench gpu-tests --budget <timeout − 30 s>`, in 8 pytest-xdist
+#                  workers where pytest-xdist imports), after the benchmarks: a run stopped at its budget still writes
+#                  the record of the tests that finished
 #
 # A benchmark string is a `python -m bench` command without its prefix, split as the shell splits words (quotes
 # hold); `--out $OUT/<n>-<benchmark>.json` is added unless it has an --out. Each log ends with the benchmark's table,
@@ -75,7 +76,10 @@ for spec in "$@"; do
 done
 
 if [ "$GPU_TEST" = 1 ]; then
-  timeout "$TIMEOUT" python3 -m bench gpu-tests --budget $((TIMEOUT - 30)) > "$OUT/gpu-tests.log" 2>&1
+  workers=""  # pytest-xdist where installed (a wheel in --wheels): the tests' compilations on 8 cores at once
+  if python3 -c "import xdist" 2> /dev/null; then workers="-n 8 tests"; fi
+  # shellcheck disable=SC2086  # workers: pytest's arguments
+  timeout "$TIMEOUT" python3 -m bench gpu-tests --budget $((TIMEOUT - 30)) $workers > "$OUT/gpu-tests.log" 2>&1
   echo "GPU tests: exit $?"
   tail -n 40 "$OUT/gpu-tests.log"
   cp bench/results/*-gpu-tests-"$(date +%F)".* "$OUT"/ 2>/dev/null

@@ -331,7 +331,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--steps", type=int, default=20, help="sft: optimizer steps (one micro-batch each)")
     ap.add_argument("--warmup", type=int, default=5, help="sft: steps left out of the timing")
     ap.add_argument("--pairs", type=int, default=8, help="dpo: pairs a step (the recipe's per-device batch)")
-    ap.add_argument("--rows", type=int, default=3000, help="sft: synthetic chats")
+    ap.add_argument("--rows", type=int, default=300, help="sft: synthetic chats (~3,400 tokens each)")
     ap.add_argument("--trainer-args", nargs="*", default=[], help="sft: more flags for align/sft.py")
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)

@@ -7,6 +7,7 @@ x, B and C come in bf16, dt, A and D in fp32, as the mixer passes them; one row 
 --doc-tokens each (0: one document). Each provider's forward and forward + backward are timed on the stream (CUDA
 events) and, on CUDA, the forward + backward replayed from a CUDA graph (what training graphs run). `speedup`:
 mamba-ssm's time over ours at each length; `agreement`: each provider's y and dx against the first provider's.
+`--kernels`: each row also lists its longest kernels in one forward + backward (torch.profiler), what to tune.
 Rows from 32K tokens on recompute the chunk states in the backward (model/kernels/cuda.py KEEP_STATES_BELOW_TOKENS),
 as the model does. `--device cpu` runs the harness: the reference scan, or ours in Triton's interpreter
 (TRITON_INTERPRET=1).
@@ -92,12 +93,30 @@ def measure(provider: str, cfg, seq: int, args) -> tuple[dict, tuple]:
         forward_backward_us=time_us(forward_backward, args),
     )
     row["peak_gib"] = common.peak_gib()
+    if args.kernels:
+        row["kernels"] = kernel_times(forward_backward, args)
     if args.device == "cuda" and args.graphs:
         try:
             row["graphed_forward_backward_us"] = round(common.time_us(common.graphed(forward_backward), args.iters), 1)
         except Exception as err:  # a capture failure is a finding too
             row["graphed_forward_backward_us"] = repr(err)[:200]
     return row, (y.float(), grads[0].float())
+
+
+def kernel_times(fn, args, calls: int = 3, top: int = 12) -> list[dict]:
+    """The longest kernels of one call of `fn` under torch.profiler (bench/profile_step.py's table) → [{kernel, us,
+    calls}]: on a GPU the kernels' own device time, on CPU the ops' own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.profile_step import kernel_table
+
+    on_gpu = args.device == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as prof:
+        for _ in range(calls):
+            fn()
+        common.sync()
+    _, longest, _ = kernel_table(prof.key_averages(), calls, on_gpu, top)
+    return [dict(kernel=k["kernel"], us=round(k["ms_per_step"] * 1e3, 1), calls=k["calls_per_step"]) for k in longest]
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -133,6 +152,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", help="of x, B, C (dt, A, D stay fp32)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay")
+    ap.add_argument("--kernels", action="store_true", help="each row's longest kernels in one forward + backward")
     common.add_common_arguments(ap)
     return ap
 

@@ -28,10 +28,13 @@ def _check_record(record: dict, providers: list[str]) -> None:
 
 def test_ssd_op_bench_runs_the_reference_on_cpu(tmp_path):
     out = tmp_path / "ssd.json"
-    record = ssd_op.main([*SMOKE, "--providers", "reference", "--out", str(out)])
+    record = ssd_op.main([*SMOKE, "--providers", "reference", "--kernels", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(record))
     _check_record(record, ["reference"])
     assert record["agreement"] == [] and record["speedup"] == {}
+    kernels = record["rows"][0]["kernels"]  # on CPU the ops: the reference's einsums and exps among them
+    assert 0 < len(kernels) <= 12 and all(k["us"] > 0 and k["calls"] >= 1 for k in kernels)
+    assert [k["us"] for k in kernels] == sorted((k["us"] for k in kernels), reverse=True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: no interpreter")

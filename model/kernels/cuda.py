@@ -291,7 +291,8 @@ def _scan_backward_fake(dy, dfinal, x, dt, A, B, C, D, initial_states, seq_idx, 
     grads = like(x), like(dt), like(A), like(B), like(C), like(D), dinit
     if not discretize:
         return grads
-    return (*grads, like(discretize[0]) if discretize[0] is not None else empty)
+    # its own placeholder: a custom op's outputs may not alias each other (d initial states may be `empty`)
+    return (*grads, like(discretize[0]) if discretize[0] is not None else x.new_empty(0, dtype=torch.float32))
 
 
 def _triton_scan_ops():

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import model.context_parallel as context_parallel
-import model.modeling as modeling
+import model.mixers as mixers
 from model.context_parallel import disable_context_parallel, enable_context_parallel, local_index, shard
 from tests.conftest import rel_err, tiny_model
 
@@ -43,7 +43,7 @@ def _worker(rank, world, port, cases, errors, backend="gloo"):
         torch.use_deterministic_algorithms(device.type == "cpu")
         for i, lengths in enumerate(cases):
             # the first case also scans in segments of 5 tokens (long rows do, inside each chunk too)
-            modeling.SCAN_SEGMENT_TOKENS = 5 if i == 0 else 1 << 30
+            mixers.SCAN_SEGMENT_TOKENS = 5 if i == 0 else 1 << 30
             # even cases: attention one query head at a time (long documents do); odd: keys repeated to the heads
             context_parallel.GQA_REPEAT_MAX_KEYS = 0 if i % 2 == 0 else 1 << 30
             model = tiny_model(seed=21, mamba_chunk_size=8, mamba_n_groups=2).to(device)

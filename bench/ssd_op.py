@@ -3,7 +3,8 @@ through the custom ops the model runs (model/kernels/cuda.py), at a preset's lay
 
     python -m bench ssd-op --preset 0.5b --seqs 2048 8192 32768 --out <json>
 
-x, B and C come in bf16, dt, A and D in fp32, as the mixer passes them; one row of --seq tokens, packed documents of
+x, B, C and the raw dt come in bf16, A, D and dt_bias in fp32, as the mixer passes them (dt discretised by
+the scan: softplus(dt + dt_bias)); one row of --seq tokens, packed documents of
 --doc-tokens each (0: one document). Each provider's forward and forward + backward are timed on the stream (CUDA
 events) and, on CUDA, the forward + backward replayed from a CUDA graph (what training graphs run). `speedup`:
 mamba-ssm's time over ours at each length; `agreement`: each provider's y and dx against the first provider's.
@@ -20,7 +21,6 @@ import json
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 from bench import common
 from model import preset_config
@@ -48,8 +48,9 @@ def make_inputs(cfg, seq: int, args) -> dict:
     low = getattr(torch, args.dtype)
     r = lambda *s, dtype=torch.float32: torch.randn(*s, generator=gen).to(args.device, dtype)  # noqa: E731
     A = -torch.rand(H, generator=gen).to(args.device) - 0.5
-    a = dict(x=r(1, seq, H, P, dtype=low), dt=F.softplus(r(1, seq, H) - 3.0), A=A, B=r(1, seq, G, N, dtype=low),
-             C=r(1, seq, G, N, dtype=low), D=r(H))  # fmt: skip
+    # dt raw, as in_proj gives it (bf16), discretised by the scan with the bias and softplus (as the mixer asks)
+    a = dict(x=r(1, seq, H, P, dtype=low), dt=r(1, seq, H, dtype=low) - 3.0, A=A, B=r(1, seq, G, N, dtype=low),
+             C=r(1, seq, G, N, dtype=low), D=r(H), dt_bias=r(H) * 0.5)  # fmt: skip
     a = {k: v.requires_grad_() for k, v in a.items()}
     seq_idx = None
     if args.doc_tokens:
@@ -60,14 +61,15 @@ def make_inputs(cfg, seq: int, args) -> dict:
 def steps(scan, inputs: dict, chunk: int):
     """→ (forward, forward + backward) closures over one set of inputs."""
     a, seq_idx, dy = inputs["leaves"], inputs["seq_idx"], inputs["dy"]
-    leaves = [a[k] for k in ("x", "dt", "A", "B", "C", "D")]
+    leaves = [a[k] for k in ("x", "dt", "A", "B", "C", "D", "dt_bias")]
+    options = dict(chunk_size=chunk, seq_idx=seq_idx, dt_softplus=True, return_final_states=True)
 
     def forward():
         with torch.no_grad():
-            return scan(**a, chunk_size=chunk, seq_idx=seq_idx, return_final_states=True)
+            return scan(**a, **options)
 
     def forward_backward():
-        y, _ = scan(**a, chunk_size=chunk, seq_idx=seq_idx, return_final_states=True)
+        y, _ = scan(**a, **options)
         return y.detach(), torch.autograd.grad(y, leaves, dy)
 
     return forward, forward_backward

@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -145,8 +147,8 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
     start = time.perf_counter()
     try:
-        rc = subprocess.run(command, cwd=ROOT, timeout=budget).returncode
-    except subprocess.TimeoutExpired:  # subprocess.run has killed pytest: the record comes from its progress file
+        rc = run_to_budget(command, budget)
+    except subprocess.TimeoutExpired:  # pytest was stopped: the record comes from its progress file
         print(f"\nthe GPU tests reached their {budget:g} s budget and were stopped")
         rc = 1
         if progress.exists():
@@ -164,6 +166,21 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     print(f"\n{md.read_text()}\nwritten: {xml_path.relative_to(ROOT) if xml_path.is_relative_to(ROOT) else xml_path}, "
           f"{md.name}")  # fmt: skip
     return rc
+
+
+def run_to_budget(command: list[str], budget: float | None) -> int:
+    """Run pytest in a process group of its own → its exit status; past `budget` seconds (TimeoutExpired), or when
+    this process is stopped, the whole group is killed: pytest-xdist's workers too, which would otherwise run on
+    and share the GPU with whatever comes next."""
+    proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: the finally runs
+    try:
+        return proc.wait(timeout=budget)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def xml_from_progress(progress: Path, xml_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,7 @@ def test_gpu_test_record_counts_each_outcome_per_test(tmp_path, monkeypatch):
 
 
 SLOW_GPU_TESTS = """
+import os
 import time
 
 import pytest
@@ -176,6 +178,8 @@ def test_fails():
 
 @pytest.mark.gpu
 def test_never_ends():
+    with open(os.environ["NEVER_ENDS_PID"], "w") as f:
+        f.write(str(os.getpid()))
     time.sleep(600)
 
 
@@ -197,7 +201,10 @@ def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkey
     (tmp_path / "t").mkdir()
     (tmp_path / "t" / "test_slow_gpu.py").write_text(SLOW_GPU_TESTS)
     monkeypatch.setattr(gpu_tests, "cuda_card", lambda: ("NVIDIA H200", 1))
+    monkeypatch.setenv("NEVER_ENDS_PID", str(tmp_path / "pid"))
     rc = gpu_tests.run_tests(tmp_path / "results", [str(tmp_path / "t"), *workers], commit="abc1234", budget=15)
+    sleeper = int((tmp_path / "pid").read_text())  # the test process it was in (an xdist worker, or pytest): gone
+    assert _ended(sleeper, within=5.0)
     assert rc == 1
     (xml,) = (tmp_path / "results").glob("h200-gpu-tests-*.xml")
     assert not list((tmp_path / "results").glob("*.jsonl"))
@@ -213,6 +220,20 @@ def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkey
         ("0", "0", "0", "1"),
     ]
     assert "ours differs" in md and "`python -m bench gpu-tests --budget 15 " in md
+
+
+def _ended(pid: int, within: float) -> bool:
+    """Whether process `pid` ends (or is a zombie left to be reaped) within `within` seconds."""
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
 
 
 def test_gpu_tests_without_cuda_say_so_and_write_nothing(tmp_path, monkeypatch, capsys):

@@ -47,7 +47,8 @@ except ImportError:  # CPU installs: available() is False and nothing below is c
 NO_LIMIT = (0.0, math.inf)
 # fp32 operands of every tl.dot: three TF32 products per product (Triton's "tf32x3"), near fp32's accuracy on the
 # tensor cores; one TF32 product (Triton's default) left 5e-3 relative error in dA on a card. bf16 operands ignore it.
-F32_DOTS = tl.constexpr("tf32x3") if tl is not None else None
+# ROCm's Triton has no tf32x3: plain fp32 products there.
+F32_DOTS = tl.constexpr("ieee" if torch.version.hip else "tf32x3") if tl is not None else None
 # block caps (powers of two ≥ 16, what tl.dot takes): rows of a tile, columns of the in-chunk loop (and of the
 # per-head backward kernel's), the state's N per tile, P per output tile. Tests lower them to run every tiling loop on
 # small shapes.

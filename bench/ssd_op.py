@@ -152,7 +152,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=None, help="fewer heads than the preset's (smoke runs)")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default="bfloat16", help="of x, B, C (dt, A, D stay fp32)")
+    ap.add_argument("--dtype", default="bfloat16", help="of x, B, C and the raw dt (A, D, dt_bias stay fp32)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay")
     ap.add_argument("--kernels", action="store_true", help="each row's longest kernels in one forward + backward")
     common.add_common_arguments(ap)

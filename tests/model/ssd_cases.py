@@ -210,6 +210,11 @@ def op_checks(device: str = "cpu") -> dict:
     return out
 
 
+def _fresh_leaf(t):
+    """A floating tensor as a new leaf that takes a gradient; anything else (seq_idx, None) as it is."""
+    return t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t
+
+
 def _opcheck_failures(a: dict, spec: dict) -> list[str]:
     """torch.library.opcheck on our forward op (kept states and not) and its backward op → the failures' messages."""
     forward, backward = torch.ops.falcon_align.ssd_scan_triton.default, torch.ops.falcon_align.ssd_scan_triton_backward
@@ -220,11 +225,9 @@ def _opcheck_failures(a: dict, spec: dict) -> list[str]:
     chunk = spec["chunk"]
     failures = []
     for keep in (True, False):
-        grads_for = lambda ts: [t.detach().clone().requires_grad_() if t is not None and t.is_floating_point() else t
-                                for t in ts]  # noqa: E731  # fmt: skip
-        leaves, bias = grads_for(args), grads_for(discretize[:1])
+        fresh = [_fresh_leaf(t) for t in args]
         try:
-            torch.library.opcheck(forward, (*leaves, chunk, keep, *bias, *discretize[1:]))
+            torch.library.opcheck(forward, (*fresh, chunk, keep, _fresh_leaf(discretize[0]), *discretize[1:]))
             with torch.no_grad():
                 y, final, *kept = forward(*args, chunk, keep, *discretize)
             torch.library.opcheck(

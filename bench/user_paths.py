@@ -94,7 +94,7 @@ def profile_decode(model, ids, new: int) -> dict:
     )
 
 
-def bench_generate(args, item):
+def bench_generate(args, record):
     cfg = preset_config(args.preset)
     ours = build(cfg, "ours").eval()
     state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
@@ -104,7 +104,7 @@ def bench_generate(args, item):
         t0 = time.perf_counter()
         seconds, graph_out = timed_generate(ours, ids, args.new, static_cache=None, graphs=True, compile=True)
         first_call_s = time.perf_counter() - t0 - seconds
-        row = item("model.generate", batch=batch, tokens_per_s=round(batch * args.new / seconds, 1))
+        row = record.row("model.generate", batch=batch, tokens_per_s=round(batch * args.new / seconds, 1))
         row["first_call_s"] = round(first_call_s, 1)  # warm-up: prefill, compilation and capture
         if batch == args.batches[0]:
             _, eager_out = timed_generate(ours, ids, args.check_tokens, static_cache=False)
@@ -116,7 +116,7 @@ def bench_generate(args, item):
                 ours.set_decode(static_cache=None, graphs=True, compile=True)
                 row["profile"] = profile_decode(ours, ids, min(args.new, 64))
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        record.emit(row)
         cleanup()
     del ours
     cleanup()
@@ -126,7 +126,7 @@ def bench_generate(args, item):
             ids = torch.randint(1, cfg.vocab_size, (row["batch"], args.prompt), device="cuda")
             seconds, _ = timed_generate(ref, ids, args.reference_new)
             row["reference_tokens_per_s"] = round(row["batch"] * args.reference_new / seconds, 1)
-            print(json.dumps(row), flush=True)
+            record.emit(row)
         del ref
         cleanup()
     return rows
@@ -149,7 +149,7 @@ def synthetic_chats(path: Path, n: int, seed: int = 0) -> list[str]:
     return texts
 
 
-def bench_sft(args, item):
+def bench_sft(args, record):
     import tempfile
 
     from align import sft
@@ -177,12 +177,12 @@ def bench_sft(args, item):
         callbacks=[timer],
     )
     ours = timer.tokens_per_s(args.warmup)
-    row = item("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
-    print(json.dumps(row), flush=True)
+    row = record.row("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
+    record.emit(row)
     if not args.no_reference:
         cleanup()
         row["reference_tokens_per_s"] = reference_sft(args, work)
-        print(json.dumps(row), flush=True)
+        record.emit(row)
     return [row]
 
 
@@ -231,7 +231,7 @@ def trainer_flags(work: Path, args, tokens_seen: bool = True) -> list[str]:
     return flags + (["--include_num_input_tokens_seen", "true"] if tokens_seen else [])
 
 
-def bench_dpo(args, item):
+def bench_dpo(args, record):
     """`align/dpo.py` with the 0.5B full DPO recipe's settings (padding-free pairs, precomputed reference
     log-probs, dpo_norm, β 5) on synthetic pairs, against TRL's DPOTrainer over transformers' model with the same
     settings where TRL has them (padded rows: its padding-free mode needs flash-attention). Pairs/s of the median
@@ -253,12 +253,14 @@ def bench_dpo(args, item):
     flags += ["--init_preset", args.preset, "--sources", sources, "--output_dir", str(work / "ours")]
     dpo.main(["--config", str(recipe), *flags, *args.trainer_args], callbacks=[timer])
     ours = round(args.pairs / timer.median_step_s(args.warmup), 2)
-    row = item("align/dpo.py", seq=args.seq, tokens_per_s=ours, unit="pairs/s", recipe=str(recipe.relative_to(ROOT)))
-    print(json.dumps(row), flush=True)
+    row = record.row(
+        "align/dpo.py", seq=args.seq, tokens_per_s=ours, unit="pairs/s", recipe=str(recipe.relative_to(ROOT))
+    )
+    record.emit(row)
     if not args.no_reference:
         cleanup()
         row["reference_tokens_per_s"] = reference_dpo(args, work, pairs)
-        print(json.dumps(row), flush=True)
+        record.emit(row)
     return [row]
 
 
@@ -294,7 +296,7 @@ def reference_dpo(args, work, pairs) -> float:
     return round(args.pairs / timer.median_step_s(args.warmup), 2)
 
 
-def bench_demo(args, item):
+def bench_demo(args, record):
     """The demo's engine streaming one reply (greedy, `--new` tokens at most) from a saved checkpoint of the preset's
     shape: tokens/s as its pane shows them, after one warm-up reply."""
     import tempfile
@@ -315,9 +317,30 @@ def bench_demo(args, item):
     prompt = " ".join(texts[0].split()[:300])
     for _ in range(2):  # the first reply pays the compilation and capture
         *_, (_, stats) = chat.stream([], prompt, settings, threading.Event())
-    row = item("demo", batch=1, tokens_per_s=stats["tokens_per_s"], tokens=stats["tokens"])
-    print(json.dumps(row), flush=True)
+    row = record.row("demo", batch=1, tokens_per_s=stats["tokens_per_s"], tokens=stats["tokens"])
+    record.emit(row)
     return [row]
+
+
+class Record:
+    """The result being measured: `row` makes an item of `user_paths`, `emit` prints it and rewrites --out with every
+    row so far, so a run stopped at its time limit still leaves what it measured (our side before the reference)."""
+
+    def __init__(self, result: dict, args):
+        self.result, self.args = result, args
+        result["user_paths"] = []
+
+    def row(self, path, **fields) -> dict:
+        base = dict(path=path, preset=self.args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
+        r = self.result
+        return {**base, **fields, "card": r["card"], "command": r["command"], "commit": r["commit"]}
+
+    def emit(self, row: dict) -> None:
+        rows = self.result["user_paths"]
+        if not any(r is row for r in rows):
+            rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_result(self.args.out, self.result)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -348,13 +371,8 @@ def main(argv: list[str]) -> dict:
     apply_runtime(args)
     result = envelope(f"user path {args.path}, {args.preset}", "user-paths", argv, args)
 
-    def item(path, **fields):
-        base = dict(path=path, preset=args.preset, reference_tokens_per_s=None, bench_tokens_per_s=None)
-        return {**base, **fields, "card": result["card"], "command": result["command"], "commit": result["commit"]}
-
-    rows = {"generate": bench_generate, "sft": bench_sft, "dpo": bench_dpo, "demo": bench_demo}[args.path](args, item)
-    result["user_paths"] = rows
-    write_result(args.out, result)
+    record = Record(result, args)
+    rows = {"generate": bench_generate, "sft": bench_sft, "dpo": bench_dpo, "demo": bench_demo}[args.path](args, record)
     figures = [[r["path"], r.get("batch", r.get("seq")), r["tokens_per_s"], r["reference_tokens_per_s"]] for r in rows]
     print_table(f"user paths, {args.preset}, {result['card']}", ["path", "batch/seq", "tokens/s", "reference"], figures)
     return result

@@ -257,3 +257,21 @@ def test_fsdp_sft_reads_the_trainers_log_lines():
     got = summarise(0, trainer_logs(text))
     assert got == dict(rc=0, losses=[10.42, 10.39], grad_norms=[2.75, 2.781], num_tokens=[4056, 8109],
                        train_loss=10.41)  # fmt: skip
+
+
+def test_user_paths_write_each_row_as_it_is_measured(tmp_path):
+    """A user-path run stopped at its time limit leaves our side's figure in --out before the reference runs."""
+    import json
+    from types import SimpleNamespace
+
+    from bench.user_paths import Record
+
+    out = tmp_path / "r.json"
+    record = Record({"card": "c", "command": "cmd", "commit": "abc"}, SimpleNamespace(preset="0.5b", out=str(out)))
+    row = record.row("align/sft.py", seq=8192, tokens_per_s=70_000.0)
+    record.emit(row)
+    assert json.loads(out.read_text())["user_paths"] == [row]
+    row["reference_tokens_per_s"] = 20_000.0
+    record.emit(row)
+    written = json.loads(out.read_text())["user_paths"]
+    assert len(written) == 1 and written[0]["reference_tokens_per_s"] == 20_000.0 and written[0]["commit"] == "abc"

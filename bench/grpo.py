@@ -201,17 +201,17 @@ def main(argv: list[str]) -> dict:
     tokenizer.padding_side = "left"
     overrides = {"num_hidden_layers": args.layers} if args.layers else {}
     cfg = preset_config(args.preset, **overrides)
+    name = f"GRPO step, {args.preset} preset, full fine-tune: generation and training, ours against TRL + transformers"
+    record = common.envelope(name, "grpo", argv, args)
+    record.update(kernels=get_ops(args.device).name, setup={k: v for k, v in vars(args).items() if k != "commit"})
     sides, state = {}, None
     for side in args.sides.split(","):
         common.cleanup()
         model, state = models(cfg, side, state, args)
-        sides[side] = run(side, model, tokenizer, prompts, args)
+        sides[side] = record[side] = run(side, model, tokenizer, prompts, args)
         print(side, json.dumps(sides[side]), flush=True)
+        common.write_result(args.out, record)  # each side as it finishes: a run stopped at its limit keeps ours
         del model
-    name = f"GRPO step, {args.preset} preset, full fine-tune: generation and training, ours against TRL + transformers"
-    record = common.envelope(name, "grpo", argv, args)
-    record.update(kernels=get_ops(args.device).name, setup={k: v for k, v in vars(args).items() if k != "commit"})
-    record.update(sides)
     ours, ref = sides.get("ours", {}), sides.get("reference", {})
     for key in ("generation_tokens_per_s", "training_tokens_per_s"):
         if key in ours and key in ref:

@@ -32,6 +32,24 @@ ROOT = Path(__file__).resolve().parents[1]
 PEAK_FLOPS = 989e12
 
 
+def new_parser(name: str, doc: str | None, preset: str = "0.5b", runtime: bool = True) -> argparse.ArgumentParser:
+    """`python -m bench <name>`'s parser: the module's docstring as its help, --preset (the released shape built),
+    --out, --commit and, for benchmarks that run falcon-align's model, --runtime."""
+    ap = argparse.ArgumentParser(
+        prog=f"python -m bench {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--preset", default=preset)
+    add_common_arguments(ap, runtime)
+    return ap
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """The arguments, with --runtime's settings applied (before any model is built)."""
+    args = parser.parse_args(argv)
+    apply_runtime(args)
+    return args
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, runtime: bool = True) -> None:
     """--out and --commit for every benchmark; --runtime for those that run falcon-align's model."""
     parser.add_argument("--out", default=None, help="write the result (JSON) here")

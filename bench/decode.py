@@ -72,21 +72,16 @@ def print_decode(rows: list[dict]) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("decode", __doc__, "0.5b")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick runs)")
     ap.add_argument("--compile-decode", action="store_true", help="also time the decode step under torch.compile")
     ap.add_argument("--reference-decode-tokens", type=int, default=64)
     ap.add_argument("--no-reference", action="store_true")
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     ops, cfg = common.preset_on_gpu(args)
     result = common.envelope(f"greedy decoding, {args.preset}", "decode", argv, args)
     result.update(preset=args.preset, kernels=ops.name)

@@ -117,22 +117,17 @@ def models(cfg, side, state):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench dpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("dpo", __doc__, "0.5b")
     ap.add_argument("--pairs-per-step", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--sides", default="ours,reference")
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     pairs = synthetic_pairs(args.pairs_per_step * (args.warmup + args.steps))
     tokenizer = build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600)  # whole words: ~1 token each
     cfg = preset_config(args.preset)

@@ -85,16 +85,12 @@ def launch(config: str, extra: list[str], sft: list[str], log: Path, timeout: in
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench fsdp-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("fsdp-sft", __doc__, "0.5b", runtime=False)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--max-length", type=int, default=2048)
     ap.add_argument("--kernels", choices=KERNEL_PROVIDERS, default="reference")
     ap.add_argument("--timeout", type=int, default=300, help="seconds for each of the two runs")
     ap.add_argument("--logs", default=None, help="folder for the two runs' logs (default: a temporary one)")
-    common.add_common_arguments(ap, runtime=False)
     return ap
 
 

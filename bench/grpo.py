@@ -175,10 +175,7 @@ def models(cfg, side, state, args):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench grpo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("grpo", __doc__, "0.5b")
     ap.add_argument("--layers", type=int, default=None, help="override the preset's layer count (smoke runs)")
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8, help="completions per prompt")
@@ -189,13 +186,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sides", default="ours,reference")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     prompts = synthetic_prompts(args.prompts * (args.warmup + args.steps), args.prompt_words)
     tokenizer = build_tokenizer([p[0]["content"] for p in prompts[:200]], vocab_size=600)
     tokenizer.padding_side = "left"

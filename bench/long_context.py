@@ -136,10 +136,7 @@ def measure(args, model, cfg, T, world, device):
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench long", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("long", __doc__, "0.5b")
     ap.add_argument("--method", choices=("full", "lora"), default="full")
     ap.add_argument("--seqs", default="262144,524288")
     ap.add_argument("--offload", action="store_true")
@@ -147,7 +144,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-seq", type=int, default=0, help="warm-up step length (default: the timed length)")
     ap.add_argument("--reference", action="store_true", help="transformers' FalconH1ForCausalLM instead of ours")
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this benchmark")
-    common.add_common_arguments(ap)
     return ap
 
 
@@ -184,8 +180,7 @@ def report(args, argv, rows, world) -> dict:
 
 
 def main(argv: list[str]) -> dict | None:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     world, rank, device = setup_processes(args)
     cfg, model = build(args, device)
     if world > 1:

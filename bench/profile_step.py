@@ -102,23 +102,18 @@ def prepare(model, args, on_gpu: bool) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench profile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("profile", __doc__, "0.5b")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mode", choices=("eager", "graphs", "compiled", "compiled-eager"), default="compiled")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this benchmark")
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list by time")
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     on_gpu = not args.tiny
     device = torch.device("cuda" if on_gpu else "cpu")
     cfg, model = build(args, device)

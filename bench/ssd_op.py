@@ -142,10 +142,7 @@ def speedups(rows: list[dict]) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench ssd-op", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("ssd-op", __doc__, "0.5b")
     ap.add_argument("--seqs", type=int, nargs="+", default=[2048, 8192, 32768])
     ap.add_argument("--providers", nargs="+", choices=PROVIDERS, default=["triton", "mamba-ssm"])
     ap.add_argument("--doc-tokens", type=int, default=0, help="packed documents of this many tokens (0: one)")
@@ -155,13 +152,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", help="of x, B, C and the raw dt (A, D, dt_bias stay fp32)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay")
     ap.add_argument("--kernels", action="store_true", help="each row's longest kernels in one forward + backward")
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     cfg = preset_config(args.preset)
     rows, agreement = [], []
     for seq in args.seqs:

@@ -103,19 +103,14 @@ def probe(cfg, args, name: str, projections: bool) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench streams", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="1.5b-deep")
+    ap = common.new_parser("streams", __doc__, "1.5b-deep")
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--iters", type=int, default=50)
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     cfg = preset_config(args.preset)
     rows = []
     for name, projections in (("mixers", False), ("branches", True)):

@@ -190,10 +190,7 @@ def print_tables(result: dict) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--preset", default="0.5b")
+    ap = common.new_parser("train", __doc__, "0.5b")
     ap.add_argument("--layers", type=int, default=None, help="override num_hidden_layers (quick runs)")
     ap.add_argument("--seqs", default="2048,8192,32768")
     ap.add_argument("--steps", type=int, default=5)
@@ -214,13 +211,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--longest-max", type=int, default=524288)
     ap.add_argument("--longest-seqs", default="65536,131072,262144,524288,1048576")
     ap.add_argument("--offload", action="store_true", help="longest runs with activations offloaded to CPU")
-    common.add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    common.apply_runtime(args)
+    args = common.parse(parser(), argv)
     ops, cfg = common.preset_on_gpu(args)
     result = common.envelope(f"training throughput, {args.preset}", "train", argv, args)
     result.update(preset=args.preset, kernels=ops.name, training=[], decode=[], longest=None)

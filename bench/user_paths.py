@@ -36,11 +36,11 @@ import torch
 from bench.common import (
     ROOT,
     StepTimer,
-    add_common_arguments,
-    apply_runtime,
     build,
     cleanup,
     envelope,
+    new_parser,
+    parse,
     print_table,
     write_result,
 )
@@ -344,11 +344,8 @@ class Record:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m bench user-paths", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = new_parser("user-paths", __doc__, "0.5b")
     ap.add_argument("path", choices=["generate", "sft", "dpo", "demo"])
-    ap.add_argument("--preset", default="0.5b")
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
     ap.add_argument("--seq", type=int, default=8192, help="sft: max_length of the packed rows")
     ap.add_argument("--steps", type=int, default=20, help="sft: optimizer steps (one micro-batch each)")
@@ -362,13 +359,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared between graph and eager (bf16)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--profile", action="store_true", help="generate: also profile the first batch's decode (GPU)")
-    add_common_arguments(ap)
     return ap
 
 
 def main(argv: list[str]) -> dict:
-    args = parser().parse_args(argv)
-    apply_runtime(args)
+    args = parse(parser(), argv)
     result = envelope(f"user path {args.path}, {args.preset}", "user-paths", argv, args)
 
     record = Record(result, args)

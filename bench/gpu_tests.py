@@ -12,7 +12,8 @@ XML carries the commit, card, date and command as properties of its test suite. 
 and nothing is written (exit status 1).
 
 With `--budget S` pytest is stopped after S seconds; the record is then built from the outcomes the run had
-written as each test ended (bench/gpu_progress.py), and the tests it did not reach are listed as "not run".
+written as each test ended (bench/gpu_progress.py), and the tests it did not reach are listed as "not run". A run
+stopped from outside (SIGTERM, as `timeout` sends) leaves its record the same way, and exits with status 143.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def summary(xml_path: Path) -> str:
     shown = OUTCOMES if stopped else OUTCOMES[:3]
     headline = ", ".join(f"{totals[k]} {k}" for k in shown)
     if stopped:
-        headline += f" (the run stopped at its {info.get('budget', '?')} s budget)"
+        headline += f" ({info.get('stopped') or 'the run stopped at its ' + info.get('budget', '?') + ' s budget'})"
     lines = [
         f"# GPU tests: {headline}",
         "",
@@ -146,11 +147,14 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     command += ["-p", "bench.gpu_progress", f"--gpu-progress={progress}"]
     command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
     start = time.perf_counter()
+    stopped = None
     try:
         rc = run_to_budget(command, budget)
-    except subprocess.TimeoutExpired:  # pytest was stopped: the record comes from its progress file
-        print(f"\nthe GPU tests reached their {budget:g} s budget and were stopped")
-        rc = 1
+    except (subprocess.TimeoutExpired, Stopped) as stop:  # pytest was stopped: the record comes from its progress file
+        by_signal = isinstance(stop, Stopped)
+        rc = 143 if by_signal else 1
+        stopped = f"the run was stopped (SIGTERM) after {time.perf_counter() - start:.0f} s" if by_signal else None
+        print(f"\n{stopped or f'the GPU tests reached their {budget:g} s budget'}: what finished is recorded")
         if progress.exists():
             xml_from_progress(progress, xml_path)
     progress.unlink(missing_ok=True)
@@ -161,6 +165,8 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     info = dict(commit=commit or git_commit(), card=card, date=date, seconds=round(time.perf_counter() - start))
     if budget:
         info["budget"] = f"{budget:g}"
+    if stopped:
+        info["stopped"] = stopped
     add_properties(xml_path, {**info, "command": shown.strip()})
     md = write_summary(xml_path)
     print(f"\n{md.read_text()}\nwritten: {xml_path.relative_to(ROOT) if xml_path.is_relative_to(ROOT) else xml_path}, "
@@ -168,12 +174,20 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     return rc
 
 
+class Stopped(Exception):
+    """This process got SIGTERM (`timeout`, a scheduler) while pytest ran."""
+
+
+def _stop(*_):
+    raise Stopped
+
+
 def run_to_budget(command: list[str], budget: float | None) -> int:
     """Run pytest in a process group of its own → its exit status; past `budget` seconds (TimeoutExpired), or when
-    this process is stopped, the whole group is killed: pytest-xdist's workers too, which would otherwise run on
-    and share the GPU with whatever comes next."""
+    this process is stopped (Stopped), the whole group is killed: pytest-xdist's workers too, which would otherwise
+    run on and share the GPU with whatever comes next."""
     proc = subprocess.Popen(command, cwd=ROOT, start_new_session=True)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: the finally runs
+    previous = signal.signal(signal.SIGTERM, _stop)  # `timeout` stops us: the finally runs, then the record is built
     try:
         return proc.wait(timeout=budget)
     finally:
@@ -209,7 +223,7 @@ def xml_from_progress(progress: Path, xml_path: Path) -> None:
         elif skipped:
             ET.SubElement(case, "skipped", type="pytest.skip", message=skipped[0]["message"])
         elif not any(p["when"] == "call" for p in phases):
-            ET.SubElement(case, "skipped", type=NOT_RUN, message="not run: the run stopped at its budget")
+            ET.SubElement(case, "skipped", type=NOT_RUN, message="not run: the run was stopped first")
     root = ET.Element("testsuites")
     root.append(suite)
     ET.ElementTree(root).write(xml_path, encoding="utf-8", xml_declaration=True)

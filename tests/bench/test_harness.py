@@ -3,9 +3,12 @@ bench/results/README.md documents every result kind and the envelope the code wr
 and the docs link to files that exist; the GPU test record's summary counts each outcome."""
 
 import argparse
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -220,6 +223,32 @@ def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkey
         ("0", "0", "0", "1"),
     ]
     assert "ours differs" in md and "`python -m bench gpu-tests --budget 15 " in md
+
+
+def test_gpu_tests_stopped_by_sigterm_still_leave_a_record(tmp_path, monkeypatch):
+    """SIGTERM (what `timeout` sends) mid-run: pytest's process group is killed and the record is written from what
+    had finished, saying how the run was stopped; the exit status is 143."""
+    from bench import gpu_tests
+
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_slow_gpu.py").write_text(SLOW_GPU_TESTS)
+    monkeypatch.setattr(gpu_tests, "cuda_card", lambda: ("NVIDIA H100 80GB HBM3", 1))
+    monkeypatch.setenv("NEVER_ENDS_PID", str(tmp_path / "pid"))
+    term = threading.Timer(12, os.kill, (os.getpid(), signal.SIGTERM))  # the handler runs in this (main) thread
+    term.start()
+    try:
+        rc = gpu_tests.run_tests(tmp_path / "results", [str(tmp_path / "t")], commit="abc1234")
+    finally:
+        term.cancel()
+    assert rc == 143
+    assert _ended(int((tmp_path / "pid").read_text()), within=5.0)
+    (xml,) = (tmp_path / "results").glob("h100-gpu-tests-*.xml")
+    md = xml.with_suffix(".md").read_text()
+    assert re.match(
+        r"# GPU tests: 1 passed, 1 failed, 0 skipped, 2 not run \(the run was stopped \(SIGTERM\) after 1\d s\)\n", md
+    )
+    assert not list((tmp_path / "results").glob("*.jsonl"))
+    assert signal.getsignal(signal.SIGTERM) is not gpu_tests._stop  # the previous handler is back
 
 
 def _ended(pid: int, within: float) -> bool:

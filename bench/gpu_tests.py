@@ -85,7 +85,9 @@ def summary(xml_path: Path) -> str:
     shown = OUTCOMES if stopped else OUTCOMES[:3]
     headline = ", ".join(f"{totals[k]} {k}" for k in shown)
     if stopped:
-        headline += f" ({info.get('stopped') or 'the run stopped at its ' + info.get('budget', '?') + ' s budget'})"
+        # records from before the `stopped` property give only their budget
+        reason = info.get("stopped") or f"the run stopped at its {info.get('budget', '?')} s budget"
+        headline += f" ({reason})"
     lines = [
         f"# GPU tests: {headline}",
         "",
@@ -147,14 +149,15 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     command += ["-p", "bench.gpu_progress", f"--gpu-progress={progress}"]
     command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
     start = time.perf_counter()
-    stopped = None
+    stopped = None  # why pytest was stopped before it ended: the record then comes from its progress file
     try:
         rc = run_to_budget(command, budget)
-    except (subprocess.TimeoutExpired, Stopped) as stop:  # pytest was stopped: the record comes from its progress file
-        by_signal = isinstance(stop, Stopped)
-        rc = 143 if by_signal else 1
-        stopped = f"the run was stopped (SIGTERM) after {time.perf_counter() - start:.0f} s" if by_signal else None
-        print(f"\n{stopped or f'the GPU tests reached their {budget:g} s budget'}: what finished is recorded")
+    except subprocess.TimeoutExpired:
+        rc, stopped = 1, f"the run stopped at its {budget:g} s budget"
+    except Stopped:
+        rc, stopped = 143, f"the run was stopped (SIGTERM) after {time.perf_counter() - start:.0f} s"
+    if stopped:
+        print(f"\n{stopped}: what finished is recorded")
         if progress.exists():
             xml_from_progress(progress, xml_path)
     progress.unlink(missing_ok=True)

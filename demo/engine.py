@@ -36,6 +36,21 @@ class Settings:
     system_prompt: str = ""
 
 
+class CountingStreamer(TextIteratorStreamer):
+    """TextIteratorStreamer that also counts the generated tokens it receives (the prompt excluded), so the pane's
+    tokens/s counts what the model produced, not what its text re-tokenizes to."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generated = 0
+
+    def put(self, value):
+        counts = not (self.skip_prompt and self.next_tokens_are_prompt)  # the first put is the prompt
+        super().put(value)
+        if counts:
+            self.generated += value.shape[-1]
+
+
 class PromptError(ValueError):
     """Input the demo refuses, with a message for the user."""
 
@@ -129,7 +144,7 @@ class ChatModel:
         """Yields (text_so_far, stats) while generating; stats = {"tokens", "seconds", "tokens_per_s"}."""
         text = self.render(history, prompt, settings)
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not self.chat).to(self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
+        streamer = CountingStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=300)
         eos = {self.tokenizer.eos_token_id, self.tokenizer.convert_tokens_to_ids("<|im_end|>")}
         eos = [i for i in eos if i is not None and i != self.tokenizer.unk_token_id]
         kwargs = dict(
@@ -165,16 +180,16 @@ class ChatModel:
         out = ""
         for piece in streamer:
             out += piece
-            yield self._trim(out), self._stats(out, t0)
+            yield self._trim(out), self._stats(streamer.generated, t0)
         thread.join()
         if errors:
             raise errors[0]
-        yield self._trim(out), self._stats(out, t0)
+        yield self._trim(out), self._stats(streamer.generated, t0)
 
     def _trim(self, text: str) -> str:
         return text.split("\nUser:")[0].strip() if not self.chat else text.strip()
 
-    def _stats(self, text: str, t0: float) -> dict:
-        n = len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
+    @staticmethod
+    def _stats(n: int, t0: float) -> dict:
         dt = max(time.perf_counter() - t0, 1e-6)
         return {"tokens": n, "seconds": round(dt, 2), "tokens_per_s": round(n / dt, 1)}

@@ -18,7 +18,7 @@ import torch
 from align.offline.base import build_tokenizer
 from align.offline.tasks import pretraining_documents
 from demo.app import content_text
-from demo.engine import PromptError, clean_prompt
+from demo.engine import ChatModel, CountingStreamer, PromptError, Settings, clean_prompt
 from model import FalconH1ForCausalLM
 from tests.conftest import tiny_config_for
 
@@ -234,6 +234,28 @@ def test_answers_stream_token_by_token(server):
     assert lengths == sorted(lengths) and lengths[-1] > lengths[0]
 
 
+def test_the_pane_counts_generated_tokens_not_a_retokenization(tmp_path):
+    tok = build_tokenizer(pretraining_documents(100), vocab_size=300)
+    # A merged word streamed one character token at a time: its text re-tokenizes to fewer tokens.
+    vocab = tok.get_vocab()
+    word = max((t for t in vocab if t.isalpha() and all(c in vocab for c in t)), key=len)
+    ids = [vocab[c] for c in word] * 3
+    assert len(tok("".join(tok.decode(i) for i in ids), add_special_tokens=False)["input_ids"]) != len(ids)
+    streamer = CountingStreamer(tok, skip_prompt=True)
+    streamer.put(torch.tensor([[5, 6, 7]]))  # the prompt
+    for i in ids:
+        streamer.put(torch.tensor([i]))
+    streamer.end()
+    assert streamer.generated == len(ids)
+
+    torch.manual_seed(0)
+    FalconH1ForCausalLM(tiny_config_for(tok)).eval().save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    chat = ChatModel(str(tmp_path), chat=False, device="cpu")
+    *_, (_, stats) = chat.stream([], "hello", Settings(max_new_tokens=7, temperature=0.0), threading.Event())
+    assert 1 <= stats["tokens"] <= 7 and stats["tokens_per_s"] > 0
+
+
 class _Broken:
     name, chat = "broken", True
 
@@ -311,9 +333,15 @@ OK = ("hi", [], [], 8, 0.0, 1.0, 0, "")  # prompt, base history, instruct histor
     [
         ({0: "x" * 101}, "The prompt has 101 characters; the limit is 100"),
         ({2: [_turn("user", "x" * 100_000)]}, "Message 1 of the instruct chat history has 100,000 characters"),
-        ({1: [_turn("user", "a"), _turn("assistant", "b")] * 3}, "The base chat history has 6 messages; the limit is 4"),
+        (
+            {1: [_turn("user", "a"), _turn("assistant", "b")] * 3},
+            "The base chat history has 6 messages; the limit is 4",
+        ),
         ({7: "s" * 51}, "The system prompt has 51 characters; the limit is 50"),
-        ({2: [_turn("user", "y" * 190)] * 2 + [_turn("assistant", "z" * 30)]}, "instruct model has 412 characters in all; the limit is 400"),
+        (
+            {2: [_turn("user", "y" * 190)] * 2 + [_turn("assistant", "z" * 30)]},
+            "instruct model has 412 characters in all; the limit is 400",
+        ),
         ({1: [{"role": "system", "content": "x"}]}, "Message 1 of the base chat history is not a user or assistant"),
         ({1: ["just a string"]}, "Message 1 of the base chat history is not a user or assistant"),
         ({2: [_turn("user", {"path": "/etc/passwd"})]}, "holds something other than text"),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from bench import reference_kernels
 from model import FalconH1ForCausalLM, preset_config
 from model.kernels import get_ops
 from model.settings import configure, settings
@@ -249,6 +250,7 @@ def envelope(name: str, benchmark: str, argv: list[str], args: argparse.Namespac
         commit=getattr(args, "commit", None) or git_commit(),
         versions=versions(),
         settings=dataclasses.asdict(settings()),
+        reference_kernels=reference_kernels.loaded,
     )
 
 

@@ -19,12 +19,6 @@ import random
 
 import torch
 
-# transformers resolves its Mamba-2 kernels when this module is imported: import it before falcon-align registers
-# mamba-ssm's Triton modules (get_ops on CUDA), so the reference gets what a plain install gives. mamba-ssm's fused
-# conv+scan training kernel needs causal-conv1d; with mamba-ssm importable and no causal-conv1d, transformers'
-# training forward raises TypeError, so the reference runs its PyTorch path.
-import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: F401
-
 from align.offline.base import build_tokenizer
 from bench import common
 from model import preset_config

@@ -25,10 +25,6 @@ import time
 
 import torch
 
-# transformers resolves its Mamba-2 kernels when this module is imported: before falcon-align registers mamba-ssm's
-# Triton modules (get_ops on CUDA), so the reference gets what a plain install gives (see bench/dpo.py)
-import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: F401
-
 from align.grpo_trainer import completion_lengths, generate_with_logps, left_pad, logprob_agreement
 from align.offline.base import build_tokenizer
 from bench import common

@@ -24,11 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# transformers resolves its Mamba-2 kernels on import: import it before falcon-align registers mamba-ssm without
-# its CUDA extension, so the reference takes its PyTorch path (its fused path needs causal-conv1d; see
-# docs/performance.md, DPO)
-import transformers.models.falcon_h1.modeling_falcon_h1  # noqa: F401
-
 from align.models import expandable_segments
 from bench import common
 from model import preset_config

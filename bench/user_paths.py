@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from bench.common import (
     ROOT,
@@ -180,9 +181,7 @@ def bench_sft(args, record):
     row = record.row("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
     record.emit(row)
     if not args.no_reference:
-        cleanup()
-        row["reference_tokens_per_s"] = reference_sft(args, work)
-        record.emit(row)
+        record.reference(row, reference_sft, args, work)
     return [row]
 
 
@@ -225,7 +224,8 @@ def reference_sft(args, work) -> float:
 
 def trainer_flags(work: Path, args, tokens_seen: bool = True) -> list[str]:
     """The flags both training paths add to a shipped recipe: the bench's tokenizer, length, steps, no saving."""
-    flags = ["--model_name_or_path", str(work / "tok"), "--max_length", str(args.seq), "--max_steps", str(args.steps)]
+    flags = ["--model_name_or_path", str(work / "tok"), "--max_steps", str(args.steps)]
+    flags += ["--max_length", str(args.seq)] if args.seq else []
     flags += ["--gradient_accumulation_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"]
     flags += ["--report_to", "none", "--logging_steps", "5", "--dataloader_num_workers", "0"]
     return flags + (["--include_num_input_tokens_seen", "true"] if tokens_seen else [])
@@ -247,6 +247,7 @@ def bench_dpo(args, record):
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
+    args.seq = args.seq or yaml.safe_load(recipe.read_text())["max_length"]  # both sides at the recipe's length
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
     timer = StepTimer()
     flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
@@ -258,9 +259,7 @@ def bench_dpo(args, record):
     )
     record.emit(row)
     if not args.no_reference:
-        cleanup()
-        row["reference_tokens_per_s"] = reference_dpo(args, work, pairs)
-        record.emit(row)
+        record.reference(row, reference_dpo, args, work, pairs)
     return [row]
 
 
@@ -335,6 +334,17 @@ class Record:
         r = self.result
         return {**base, **fields, "card": r["card"], "command": r["command"], "commit": r["commit"]}
 
+    def reference(self, row: dict, measure, *args) -> None:
+        """The reference's figure for `row` from `measure(*args)`; a crash or an out-of-memory is recorded in the row
+        (`reference_error`) like a figure, and the run goes on."""
+        cleanup()
+        try:
+            row["reference_tokens_per_s"] = measure(*args)
+        except Exception as err:  # noqa: BLE001 - the reference's failure is a result
+            row["reference_error"] = f"{type(err).__name__}: {err}"[:400]
+        cleanup()
+        self.emit(row)
+
     def emit(self, row: dict) -> None:
         rows = self.result["user_paths"]
         if not any(r is row for r in rows):
@@ -347,7 +357,7 @@ def parser() -> argparse.ArgumentParser:
     ap = new_parser("user-paths", __doc__, "0.5b")
     ap.add_argument("path", choices=["generate", "sft", "dpo", "demo"])
     ap.add_argument("--batches", default="1,64", type=lambda s: [int(x) for x in s.split(",")])
-    ap.add_argument("--seq", type=int, default=8192, help="sft: max_length of the packed rows")
+    ap.add_argument("--seq", type=int, default=None, help="max_length (sft: 8192; dpo: the recipe's)")
     ap.add_argument("--steps", type=int, default=20, help="sft: optimizer steps (one micro-batch each)")
     ap.add_argument("--warmup", type=int, default=5, help="sft: steps left out of the timing")
     ap.add_argument("--pairs", type=int, default=8, help="dpo: pairs a step (the recipe's per-device batch)")
@@ -364,6 +374,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> dict:
     args = parse(parser(), argv)
+    if args.path == "sft":
+        args.seq = args.seq or 8192
     result = envelope(f"user path {args.path}, {args.preset}", "user-paths", argv, args)
 
     record = Record(result, args)

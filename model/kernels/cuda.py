@@ -14,7 +14,7 @@ Every import is guarded: this module imports on a CPU machine without triton, ma
 mamba-ssm 2.3.0–2.3.2.post1: `import mamba_ssm` runs its package `__init__`, which needs the Mamba-1 CUDA
 extension `selective_scan_cuda` (and the Mamba-3 stack) although every Mamba-2 op we use is pure Triton. When
 that import fails we register the package without running its `__init__` and import the Triton modules
-directly (`_import_mamba_triton`).
+directly (`import_mamba_triton`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .ref import _discretize_dt
 logger = logging.getLogger("falcon_align.kernels")
 
 
-def _import_mamba_triton():
+def import_mamba_triton():
     """→ (ssd_combined, selective_state_update, layernorm_gated) modules, or None."""
     names = ("ssd_combined", "selective_state_update", "layernorm_gated")
     try:
@@ -537,7 +537,7 @@ def _ssd_scan_for(provider: str) -> tuple[str, Callable] | None:
     1.7–2.4× its time: `python -m bench ssd-op`, docs/performance.md), else ours."""
     from .ssd import available
 
-    mamba = _import_mamba_triton() if provider in ("auto", "mamba-ssm") else None
+    mamba = import_mamba_triton() if provider in ("auto", "mamba-ssm") else None
     if mamba is not None:
         return "mamba-ssm", _ssd_scan(mamba[0])
     if provider in ("auto", "triton") and available():
@@ -566,7 +566,7 @@ def _triton_ops(required: bool) -> dict[str, tuple[str, Callable]]:
 
 def _mamba_ops() -> dict[str, tuple[str, Callable]]:
     """mamba-ssm's state update and gated RMSNorm, and causal-conv1d's conv where it is installed."""
-    mamba = _import_mamba_triton()
+    mamba = import_mamba_triton()
     if mamba is None:
         raise RuntimeError(
             "kernels='mamba-ssm' but mamba-ssm's Triton kernels do not import here (the falcon_align.kernels log "

@@ -186,7 +186,7 @@ def test_auto_runs_without_mamba_ssm_or_causal_conv1d(monkeypatch, configured):
 
     from model.kernels import cuda
 
-    monkeypatch.setattr(cuda, "_import_mamba_triton", lambda: None)
+    monkeypatch.setattr(cuda, "import_mamba_triton", lambda: None)
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)
     configured(kernels="auto")  # forgets the choice made before the packages were hidden
     name = get_ops("cuda").name

@@ -106,7 +106,7 @@ def fake_cuda(monkeypatch):
     """A machine where CUDA is available, mamba-ssm and causal-conv1d are not, and PyTorch's varlen attention is
     absent: what `get_ops("cuda")` routes to, for each provider."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(cuda, "_import_mamba_triton", lambda: None)
+    monkeypatch.setattr(cuda, "import_mamba_triton", lambda: None)
     monkeypatch.setattr(cuda, "_varlen_attention", lambda: None)
     monkeypatch.setitem(sys.modules, "causal_conv1d", None)
 
@@ -163,7 +163,7 @@ def test_mamba_ssm_provider_takes_its_kernels_and_causal_conv1d(fake_cuda, monke
     calls = []
     ssu = types.SimpleNamespace(selective_state_update=lambda *a, **k: calls.append("ssu"))
     norm = types.SimpleNamespace(rmsnorm_fn=lambda x, *a, **k: calls.append("norm") or x)
-    monkeypatch.setattr(cuda, "_import_mamba_triton", lambda: ("ssd_combined", ssu, norm))
+    monkeypatch.setattr(cuda, "import_mamba_triton", lambda: ("ssd_combined", ssu, norm))
     monkeypatch.setattr(cuda, "_ssd_scan", lambda ssd_combined: f"scan from {ssd_combined}")
     conv = types.ModuleType("causal_conv1d")
     conv.causal_conv1d_fn = conv.causal_conv1d_update = lambda *a, **k: calls.append("conv")

@@ -194,8 +194,8 @@ class StepTimer(TrainerCallback):
     def median_step_s(self, warmup: int) -> float:
         return statistics.median(t for t, _ in self.steps[warmup:])
 
-    def tokens_per_s(self, warmup: int) -> float:
-        timed = self.steps[warmup:]
+    def tokens_per_s(self, warmup: int, upto: int | None = None) -> float:
+        timed = self.steps[warmup:upto]
         return round(sum(n for _, n in timed) / sum(t for t, _ in timed), 1)
 
 

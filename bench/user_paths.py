@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from bench.common import (
     ROOT,
@@ -43,8 +44,10 @@ from bench.common import (
     new_parser,
     parse,
     print_table,
+    sync,
     write_result,
 )
+from bench.profile_step import kernel_table
 from model import preset_config
 
 
@@ -73,8 +76,6 @@ def profile_decode(model, ids, new: int) -> dict:
     """One profiled greedy `generate` of `new` tokens (after the timed runs: graphs captured) → per token: wall ms,
     GPU-busy ms (kernels' own time) and the idle gap between them, with the kernel families. A gap near zero means
     the step is bound by its kernels; a large one, by the host (the generation loop between graph replays)."""
-    from bench.profile_step import kernel_table
-
     kw = dict(do_sample=False, pad_token_id=0, max_new_tokens=new, min_new_tokens=new)
     with torch.no_grad():
         model.generate(ids, **kw)  # capture and compile outside the profile
@@ -93,6 +94,49 @@ def profile_decode(model, ids, new: int) -> dict:
         families=families,
         top_kernels=top,
     )
+
+
+class ProfileSteps(TrainerCallback):
+    """torch.profiler (host and GPU) over `n` Trainer steps from step `first` → per step: wall ms, the GPU's busy
+    ms (kernels' own time) and the idle rest, kernel families, the host's top ops, and the host-device syncs that
+    stop the host from running ahead (`.item()`, boolean indexing). The gap between a Trainer step and the bench's
+    bare step of the same shape is host work the GPU waits for, or GPU work the bench does not do."""
+
+    SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+    def __init__(self, first: int, n: int = 3):
+        self.first, self.n, self.result, self._prof, self._t = first, n, None, None, 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            acts += [torch.profiler.ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            self._prof = torch.profiler.profile(activities=acts)
+            self._prof.__enter__()
+            sync()
+            self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._prof is None or state.global_step != self.first + self.n:
+            return
+        sync()
+        wall_ms = (time.perf_counter() - self._t) * 1e3 / self.n
+        self._prof.__exit__(None, None, None)
+        events = self._prof.key_averages()
+        families, top, busy = kernel_table(events, self.n, on_gpu=True, top=12)
+        _, host_top, _ = kernel_table(events, self.n, on_gpu=False, top=12)
+        syncs = {e.key: round(e.count / self.n, 1) for e in events if e.key in self.SYNCS and e.count}
+        self.result = dict(
+            steps=self.n,
+            wall_ms_per_step=round(wall_ms, 2),
+            gpu_busy_ms_per_step=round(busy, 2),
+            idle_ms_per_step=round(wall_ms - busy, 2),
+            syncs_per_step=syncs,
+            families=families,
+            top_kernels=top,
+            top_host_ops=host_top,
+        )
+        self._prof = None
 
 
 def bench_generate(args, record):
@@ -162,6 +206,7 @@ def bench_sft(args, record):
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
     sources = json.dumps([{"path": str(work / "chats.jsonl"), "label": "synthetic", "language": "en"}])
     timer = StepTimer()
+    profile = ProfileSteps(first=args.steps) if args.profile else None
     sft.main(
         [
             "--config",
@@ -172,13 +217,15 @@ def bench_sft(args, record):
             sources,
             "--output_dir",
             str(work / "ours"),
-            *trainer_flags(work, args),
+            *trainer_flags(work, args, extra_steps=profile.n if profile else 0),
             *args.trainer_args,
         ],
-        callbacks=[timer],
+        callbacks=[timer] + ([profile] if profile else []),
     )
-    ours = timer.tokens_per_s(args.warmup)
+    ours = timer.tokens_per_s(args.warmup, upto=args.steps)  # the profiled steps are not timed
     row = record.row("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
+    if profile:
+        row["profile"] = profile.result
     record.emit(row)
     if not args.no_reference:
         record.reference(row, reference_sft, args, work)
@@ -222,9 +269,9 @@ def reference_sft(args, work) -> float:
     return timer.tokens_per_s(args.warmup)
 
 
-def trainer_flags(work: Path, args, tokens_seen: bool = True) -> list[str]:
+def trainer_flags(work: Path, args, tokens_seen: bool = True, extra_steps: int = 0) -> list[str]:
     """The flags both training paths add to a shipped recipe: the bench's tokenizer, length, steps, no saving."""
-    flags = ["--model_name_or_path", str(work / "tok"), "--max_steps", str(args.steps)]
+    flags = ["--model_name_or_path", str(work / "tok"), "--max_steps", str(args.steps + extra_steps)]
     flags += ["--max_length", str(args.seq)] if args.seq else []
     flags += ["--gradient_accumulation_steps", "1", "--warmup_steps", "0", "--save_strategy", "no"]
     flags += ["--report_to", "none", "--logging_steps", "5", "--dataloader_num_workers", "0"]
@@ -368,7 +415,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--reference-new", type=int, default=32, help="new tokens for the reference (it is slow)")
     ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared between graph and eager (bf16)")
     ap.add_argument("--no-reference", action="store_true")
-    ap.add_argument("--profile", action="store_true", help="generate: also profile the first batch's decode (GPU)")
+    ap.add_argument(
+        "--profile", action="store_true", help="generate: profile the first batch's decode; sft: 3 more steps (GPU)"
+    )
     return ap
 
 

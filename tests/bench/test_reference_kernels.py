@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 
 from bench import reference_kernels
-from bench.user_paths import Record
 
 
 def per_document_conv(x, weight, bias, bounds, silu):
@@ -67,20 +66,3 @@ def test_load_says_when_transformers_fixed_its_kernels_first(monkeypatch):
     monkeypatch.delitem(sys.modules, reference_kernels.HF_MODELING)
     if not torch.cuda.is_available():
         assert reference_kernels.load() == "transformers' PyTorch paths (mamba-ssm not available)"
-
-
-def test_a_failing_reference_is_recorded_and_the_run_goes_on(tmp_path):
-    import argparse
-
-    args = argparse.Namespace(preset="0.5b", out=str(tmp_path / "r.json"))
-    record = Record(dict(card="cpu", command="c", commit="x"), args)
-    row = record.row("align/dpo.py", tokens_per_s=1.0)
-    record.emit(row)
-
-    def out_of_memory():
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 18.00 GiB")
-
-    record.reference(row, out_of_memory)
-    assert row["reference_tokens_per_s"] is None
-    assert row["reference_error"].startswith("OutOfMemoryError: CUDA out of memory")
-    assert "reference_error" in (tmp_path / "r.json").read_text()

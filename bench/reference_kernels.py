@@ -42,14 +42,15 @@ def conv_bwd(x, weight, bias, dout, seq_idx, initial_states, dfinal_states, dx, 
     dx, when given, is the buffer the gradient goes to (a view into the caller's gradient of its input)."""
     if initial_states is not None or dfinal_states is not None or return_dinitial_states:
         raise NotImplementedError("the PyTorch conv twin serves the training forward only (no conv states)")
-    leaves = [t.detach().requires_grad_() for t in (x, weight, bias) if t is not None]
+    xg, wg, bg = (None if t is None else t.detach().requires_grad_() for t in (x, weight, bias))
     with torch.enable_grad():
-        y = conv_fwd(*leaves[:2], leaves[2] if bias is not None else None, seq_idx, None, None, silu)
-        grads = torch.autograd.grad(y, leaves, dout)
-    dbias = grads[2] if bias is not None else None
-    if dx is not None:
-        dx.copy_(grads[0])
-    return dx if dx is not None else grads[0], grads[1], dbias, None
+        y = conv_fwd(xg, wg, bg, seq_idx, None, None, silu)
+        dxg, dweight, *dbias = torch.autograd.grad(y, [t for t in (xg, wg, bg) if t is not None], dout)
+    if dx is None:
+        dx = dxg
+    else:
+        dx.copy_(dxg)
+    return dx, dweight, (dbias[0] if dbias else None), None
 
 
 def load() -> str:

@@ -174,6 +174,40 @@ def time_us(fn, iters):
     return start.elapsed_time(end) * 1e3 / iters
 
 
+class SpanTimer(TrainerCallback):
+    """A Trainer's optimizer steps `first` to `last - 1` (by `state.global_step` at their start) timed as one span.
+    The host waits for the device only at the span's two ends: no sync between steps, so each step's host work (the
+    data loader, the launches) overlaps the previous step's device work as in an untimed run, and the data loader's
+    time is counted. Tokens: the input tokens seen over the span (with include_num_input_tokens_seen)."""
+
+    def __init__(self, first: int, last: int):
+        self.first, self.last = first, last
+        self.seconds = self.tokens = None
+        self._t = self._seen = 0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.first:
+            sync()
+            self._t, self._seen = time.perf_counter(), state.num_input_tokens_seen or 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.last:
+            sync()
+            self.seconds = time.perf_counter() - self._t
+            self.tokens = (state.num_input_tokens_seen or 0) - self._seen
+
+    @property
+    def steps(self) -> int:
+        return self.last - self.first
+
+    def tokens_per_s(self) -> float:
+        return round(self.tokens / self.seconds, 1)
+
+    def per_s(self, items_per_step: int) -> float:
+        """Items (DPO's pairs, say) a second over the span."""
+        return round(items_per_step * self.steps / self.seconds, 2)
+
+
 class StepTimer(TrainerCallback):
     """A Trainer's optimizer steps: each step's wall time (synchronised) and the input tokens it saw (with
     include_num_input_tokens_seen)."""

@@ -8,7 +8,8 @@
 sft: `align/sft.py` itself (the Trainer, its default path) with a shipped recipe's settings, random weights of the
 preset's shape (`--init_preset`), packed 8K rows of synthetic chats, against TRL's SFTTrainer over transformers'
 FalconH1ForCausalLM (with mamba-ssm's kernels where installed) on the same data and settings. Real tokens/s: the
-micro-batches' tokens (no filler) over the median step time after warm-up steps (compilation, capture).
+micro-batches' tokens (no filler) over the steps after warm-up (compilation, capture), timed as one span with no
+host-device sync between steps, so the data loader's time counts and a step's launches overlap the previous step.
 
 dpo: `align/dpo.py` with the preset's full DPO recipe against TRL's DPOTrainer over transformers' model, pairs/s.
 
@@ -37,7 +38,7 @@ from transformers import TrainerCallback
 
 from bench.common import (
     ROOT,
-    StepTimer,
+    SpanTimer,
     build,
     cleanup,
     envelope,
@@ -205,7 +206,7 @@ def bench_sft(args, record):
     build_tokenizer(texts[:4000]).save_pretrained(work / "tok")
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
     sources = json.dumps([{"path": str(work / "chats.jsonl"), "label": "synthetic", "language": "en"}])
-    timer = StepTimer()
+    timer = SpanTimer(args.warmup, args.steps)  # the profiled steps come after the timed span
     profile = ProfileSteps(first=args.steps) if args.profile else None
     sft.main(
         [
@@ -222,7 +223,7 @@ def bench_sft(args, record):
         ],
         callbacks=[timer] + ([profile] if profile else []),
     )
-    ours = timer.tokens_per_s(args.warmup, upto=args.steps)  # the profiled steps are not timed
+    ours = timer.tokens_per_s()
     row = record.row("align/sft.py", seq=args.seq, tokens_per_s=ours, recipe=str(recipe.relative_to(recipe.parents[3])))
     if profile:
         row["profile"] = profile.result
@@ -264,9 +265,9 @@ def reference_sft(args, work) -> float:
         logging_steps=5,
         include_num_input_tokens_seen=True,
     )
-    timer = StepTimer()
+    timer = SpanTimer(args.warmup, args.steps)
     SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[timer]).train()
-    return timer.tokens_per_s(args.warmup)
+    return timer.tokens_per_s()
 
 
 def trainer_flags(work: Path, args, tokens_seen: bool = True, extra_steps: int = 0) -> list[str]:
@@ -281,8 +282,8 @@ def trainer_flags(work: Path, args, tokens_seen: bool = True, extra_steps: int =
 def bench_dpo(args, record):
     """`align/dpo.py` with the 0.5B full DPO recipe's settings (padding-free pairs, precomputed reference
     log-probs, dpo_norm, β 5) on synthetic pairs, against TRL's DPOTrainer over transformers' model with the same
-    settings where TRL has them (padded rows: its padding-free mode needs flash-attention). Pairs/s of the median
-    optimizer step after warm-up; `--seq` is max_length."""
+    settings where TRL has them (padded rows: its padding-free mode needs flash-attention). Pairs/s over the
+    optimizer steps after warm-up (one span, like sft); `--seq` is max_length."""
     import tempfile
 
     from align import dpo
@@ -296,11 +297,11 @@ def bench_dpo(args, record):
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
     args.seq = args.seq or yaml.safe_load(recipe.read_text())["max_length"]  # both sides at the recipe's length
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
-    timer = StepTimer()
+    timer = SpanTimer(args.warmup, args.steps)
     flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
     flags += ["--init_preset", args.preset, "--sources", sources, "--output_dir", str(work / "ours")]
     dpo.main(["--config", str(recipe), *flags, *args.trainer_args], callbacks=[timer])
-    ours = round(args.pairs / timer.median_step_s(args.warmup), 2)
+    ours = timer.per_s(args.pairs)
     row = record.row(
         "align/dpo.py", seq=args.seq, tokens_per_s=ours, unit="pairs/s", recipe=str(recipe.relative_to(ROOT))
     )
@@ -334,12 +335,12 @@ def reference_dpo(args, work, pairs) -> float:
         logging_steps=5,
         dataloader_num_workers=0,
     )
-    timer = StepTimer()
+    timer = SpanTimer(args.warmup, args.steps)
     tok = AutoTokenizer.from_pretrained(work / "tok")
     DPOTrainer(
         model=model, args=config, train_dataset=Dataset.from_list(pairs), processing_class=tok, callbacks=[timer]
     ).train()
-    return round(args.pairs / timer.median_step_s(args.warmup), 2)
+    return timer.per_s(args.pairs)
 
 
 def bench_demo(args, record):

@@ -32,6 +32,7 @@ run: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check model align demo tests bench
+	$(BIN)/ruff format --check model align demo tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

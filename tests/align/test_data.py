@@ -186,7 +186,10 @@ def test_rows_whose_answer_starts_past_max_length_are_dropped_counted_and_shown(
     train, _, reports = build_mixture(cfg, loader=_loader({"a": rows}))
     rep = reports[0]
     assert (rep.too_long, rep.truncated, rep.valid_rows, len(train)) == (2, 1, 7, 7)
-    assert rep.too_long_examples == [{"row": 6, "tokens": 101, "answer_at": 100}, {"row": 7, "tokens": 61, "answer_at": 60}]
+    assert rep.too_long_examples == [
+        {"row": 6, "tokens": 101, "answer_at": 100},
+        {"row": 7, "tokens": 61, "answer_at": 60},
+    ]
     md = write_report(reports, tmp_path).read_text()
     assert "| a | 1.0 | 9 | 0 | 0 | 0 | 1 | 2 | 0 | 7 |" in md
     assert "Rows too long for max_length" in md and "row 6: 101 tokens, the answer starts at token 100" in md
@@ -211,7 +214,11 @@ def test_token_lengths_put_the_answer_where_the_chat_template_does():
     ids = chat_ids(tok, row["messages"])
     assert measure(row) == (len(ids), len(ids))
     assert tok.decode(ids[measure.answer_at(row) :]).startswith("It is 5.")
-    pair = {"prompt": row["messages"][:2], "chosen": [_turns("", "5")["messages"][1]], "rejected": [_turns("", "6")["messages"][1]]}
+    pair = {
+        "prompt": row["messages"][:2],
+        "chosen": [_turns("", "5")["messages"][1]],
+        "rejected": [_turns("", "6")["messages"][1]],
+    }
     tokens, longest = measure(pair)
     assert tokens == 2 * longest == 2 * len(chat_ids(tok, pair["prompt"] + pair["chosen"]))
     assert tok.decode(chat_ids(tok, pair["prompt"] + pair["chosen"])[measure.answer_at(pair) :]).startswith("5")

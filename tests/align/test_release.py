@@ -43,7 +43,6 @@ def falcon_h1_style_tokenizer(texts, vocab_size=500):
     token), and Falcon-H1's special tokens at their ids (pad 0, BOS 1, EOS 11) plus ChatML's."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-
     special = ["<|pad|>", "<|begin_of_text|>"] + [f"<|reserved_{i}|>" for i in range(2, 11)]
     special += ["<|end_of_text|>", "<|im_start|>", "<|im_end|>"]
     split = pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated")
@@ -206,7 +205,9 @@ def test_folded_weights_compute_our_model_with_every_multiplier_one():
     with torch.no_grad():
         want, got = model(ids).logits, plain(ids).logits
     assert (got - want).abs().max() / want.abs().max() < 1e-5
-    plain.load_state_dict(fold_multipliers(model.state_dict(), config, mup={**multipliers(config), "key_multiplier": 1}))
+    plain.load_state_dict(
+        fold_multipliers(model.state_dict(), config, mup={**multipliers(config), "key_multiplier": 1})
+    )
     with torch.no_grad():
         assert (plain(ids).logits - want).abs().max() / want.abs().max() > 1e-2
 
@@ -308,7 +309,9 @@ def _adapter(base_path, tmp_path):
     from peft import LoraConfig, get_peft_model
 
     base = FalconH1ForCausalLM.from_pretrained(base_path)
-    peft = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "in_proj", "down_proj"], init_lora_weights=False))
+    peft = get_peft_model(
+        base, LoraConfig(r=4, target_modules=["q_proj", "in_proj", "down_proj"], init_lora_weights=False)
+    )
     peft.save_pretrained(tmp_path / "adapter")
     return tmp_path / "adapter", peft
 
@@ -331,7 +334,10 @@ def test_adapter_on_a_different_base_is_refused(source, tmp_path):
     other = tmp_path / "other"
     FalconH1ForCausalLM(tiny_config_for(tokenizer, hidden_size=48, **GATED_NORM)).save_pretrained(other)
     tokenizer.save_pretrained(other)
-    with pytest.raises(InputError, match=r"base: .*down_proj.lora_A.weight was trained on a base whose .*down_proj has 128 inputs; the base .*other has 64: not its base"):
+    with pytest.raises(
+        InputError,
+        match=r"base: .*down_proj.lora_A.weight was trained on a base whose .*down_proj has 128 inputs; the base .*other has 64: not its base",
+    ):
         release.build(adapter, tmp_path / "out", ["bf16"], base=other)
     assert not (tmp_path / "out").exists()
 

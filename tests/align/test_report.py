@@ -44,7 +44,9 @@ def test_report_writes_tables_and_plots(tmp_path):
     assert text.count(header) == 2
     assert "| DPO (Instruct) | 33.3% | 27.8% | 5.6% | 0.0% | 8.3% |" in text
     assert "| SFT | " + " | ".join(["60.0%"] * 18) + " |" in text
-    assert "| GRPO | 60.0% | 70.0% |" in text and "| GRPO | 40.0% | 33.3% | 6.7% | 0.0% |" in text  # its row per language
+    assert (
+        "| GRPO | 60.0% | 70.0% |" in text and "| GRPO | 40.0% | 33.3% | 6.7% | 0.0% |" in text
+    )  # its row per language
     for png in ("training_curves", "exact_match_by_language", "preference_by_language"):
         data = (tmp_path / "plots" / f"{png}.png").read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, png

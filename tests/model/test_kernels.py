@@ -296,4 +296,3 @@ def test_mixer_streams_only_where_they_are_safe_and_pay(monkeypatch):
     assert not kernels.mixer_streams_wanted(in_graphs=True)
     with overridden(mixer_streams=True):
         assert not kernels.mixer_streams_wanted(in_graphs=False)
-

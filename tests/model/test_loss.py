@@ -113,7 +113,9 @@ def test_labels_outside_the_vocabulary_are_refused_by_name(label):
     """Without the check, 300–319 give loss = inf with finite gradients and the others an IndexError."""
     hidden, weight, labels = _case(v=300)
     labels[1, 5] = label
-    with pytest.raises(ValueError, match=rf"labels hold 1 token id\(s\) outside the vocabulary \[0, 300\).*\[{label}\]"):
+    with pytest.raises(
+        ValueError, match=rf"labels hold 1 token id\(s\) outside the vocabulary \[0, 300\).*\[{label}\]"
+    ):
         chunked_causal_lm_loss(hidden, weight, labels, 1.0)
 
 
@@ -122,5 +124,7 @@ def test_input_ids_outside_the_vocabulary_are_refused_by_name(token):
     model = tiny_model(seed=0)  # vocabulary of 97
     ids = torch.randint(0, 97, (2, 9))
     ids[1, 4] = token
-    with pytest.raises(ValueError, match=rf"input_ids hold 1 token id\(s\) outside the vocabulary \[0, 97\).*\[{token}\]"):
+    with pytest.raises(
+        ValueError, match=rf"input_ids hold 1 token id\(s\) outside the vocabulary \[0, 97\).*\[{token}\]"
+    ):
         model(ids)

@@ -91,7 +91,13 @@ class AlignArguments:
         metadata={"help": "Token budget of the captured row (default: per_device_train_batch_size × max_length)."},
     )
     graph_doc_slots: int | None = field(
-        default=None, metadata={"help": "Documents a captured row holds (default: max(64, graph_tokens / 128))."}
+        default=None,
+        metadata={
+            "help": "Documents a captured row holds. Default: what a micro-batch needs (DPO: 2 × "
+            "per_device_train_batch_size; packed rows: the most documents a packed row of the training set holds × "
+            "per_device_train_batch_size; else per_device_train_batch_size), plus the filler documents. Each slot "
+            "costs the varlen attention kernel a launch over max_length tokens, used or not."
+        },
     )
     runtime: dict | None = field(  # a mapping in YAML; JSON on the command line (RecipeParser reads it)
         default=None,

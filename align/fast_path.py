@@ -4,9 +4,12 @@ On CUDA the fastest path that fits is the default, for full fine-tuning and LoRA
 - compiled layers (`compile_layers`; None: on CUDA);
 - CUDA graphs over every layer's forward and backward for padding-free packed rows (`training_graphs`; None: on CUDA,
   one process, padding-free rows). Rows are captured as one row of `graph_tokens` tokens (default: what one
-  micro-batch can hold) with `graph_doc_slots` documents; a shorter row gets a trailing filler document that changes
-  no loss or gradient (model/graphs.py). A micro-batch that does not fit runs eagerly and is counted: the logs carry
-  `graphs_replayed` and `graphs_eager` every logging step;
+  micro-batch can hold) with `graph_doc_slots` documents of at most max_length tokens each; a shorter row gets
+  trailing filler documents that change no loss or gradient (model/graphs.py). The varlen attention kernel launches
+  work for every slot, so the slots are what the micro-batches need: DPO's chosen and rejected sequences, one document
+  a row without packing, and with packing the most documents a packed row of the training set holds
+  (`fit_doc_slots`, once the Trainer has packed it). A micro-batch that does not fit runs eagerly and is counted: the
+  logs carry `graphs_replayed` and `graphs_eager` every logging step;
 - activation checkpointing only where the run would not fit without it (`gradient_checkpointing: auto`, the default:
   model.memory's planner at the micro-batch's tokens, against the card's memory).
 Under torch.distributed the layers compile, and graphs and the mixers' second stream stay off: FSDP gathers weights
@@ -35,12 +38,20 @@ class TrainingPath:
     checkpointing: bool
     graph_tokens: int | None = None
     graph_doc_slots: int | None = None
+    graph_doc_len: int | None = None  # the longest document a captured row takes (max_length)
+    slots_from_data: bool = False  # graph_doc_slots is a placeholder until fit_doc_slots has read the packed rows
     reasons: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = [
             "compiled layers" if self.compile_layers else "eager layers",
-            f"CUDA graphs ({self.graph_tokens} tokens, {self.graph_doc_slots} document slots)"
+            f"CUDA graphs ({self.graph_tokens} tokens, "
+            + (
+                "document slots from the packed rows"
+                if self.slots_from_data
+                else f"{self.graph_doc_slots} document slots"
+            )
+            + f" of up to {self.graph_doc_len} tokens)"
             if self.graphs
             else "no CUDA graphs",
             "activation checkpointing" if self.checkpointing else "no activation checkpointing",
@@ -89,9 +100,51 @@ def decide(model, align_args, train_args, padding_free: bool, pairs: bool = Fals
             raise ValueError("training_graphs and activation checkpointing do not combine; set one of them off")
         graphs = False
         reasons.append("graphs off: activation checkpointing is needed")
-    slots = align_args.graph_doc_slots or max(64, (tokens or 0) // 128)
-    shape = (tokens, slots) if graphs else (None, None)
-    return TrainingPath(compile_layers, graphs, checkpointing, *shape, reasons)
+    if not graphs:
+        return TrainingPath(compile_layers, graphs, checkpointing, reasons=reasons)
+    doc_len = min(getattr(train_args, "max_length", None) or tokens, tokens)
+    slots, from_data = align_args.graph_doc_slots, False
+    if not slots:
+        slots, from_data = default_doc_slots(train_args, tokens, doc_len, pairs)
+    return TrainingPath(compile_layers, graphs, checkpointing, tokens, slots, doc_len, from_data, reasons)
+
+
+def default_doc_slots(train_args, tokens: int, doc_len: int, pairs: bool) -> tuple[int, bool]:
+    """→ (document slots a captured micro-batch holds, whether packed data decides them later). Every slot costs
+    the varlen attention kernel a launch over `doc_len` tokens, used or not."""
+    fillers = -(-tokens // doc_len)  # the most filler documents a short micro-batch takes
+    batch = train_args.per_device_train_batch_size
+    if pairs:  # DPO: each pair's chosen and rejected sequences
+        return 2 * batch + fillers, False
+    if not getattr(train_args, "packing", False):  # padding_free rows: one document each
+        return batch + fillers, False
+    return max(64, tokens // 128), True  # until fit_doc_slots reads the packed rows
+
+
+def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
+    """Packed SFT rows: the slots from the most documents a packed row of `dataset` holds (TRL's `seq_lengths`,
+    read from Arrow without loading the rows) × the rows of a micro-batch, plus the fillers. Kept as they are where
+    the recipe set `graph_doc_slots` or the dataset has no such column (a streamed dataset, say)."""
+    if not (path.graphs and path.slots_from_data):
+        return
+    path.slots_from_data = False
+    table = getattr(dataset, "data", None)
+    if table is None or "seq_lengths" not in getattr(dataset, "column_names", ()):
+        logger.info(
+            "training graphs: %d document slots (the packed rows' documents are not countable)", path.graph_doc_slots
+        )
+        return
+    import pyarrow.compute as pc
+
+    most = pc.max(pc.list_value_length(table.column("seq_lengths"))).as_py() or 1
+    fillers = -(-path.graph_tokens // path.graph_doc_len)
+    path.graph_doc_slots = most * train_args.per_device_train_batch_size + fillers
+    logger.info(
+        "training graphs: %d document slots (packed rows hold up to %d documents; %d for fillers)",
+        path.graph_doc_slots,
+        most,
+        fillers,
+    )
 
 
 def _checkpointing(ours, align_args, train_args, tokens, reasons) -> bool:
@@ -133,7 +186,12 @@ class TrainingGraphsCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         ours = falcon_model(model)
         self.graphs = enable_training_graphs(
-            ours, 1, self.path.graph_tokens, max_docs=self.path.graph_doc_slots, compile=self.path.compile_layers
+            ours,
+            1,
+            self.path.graph_tokens,
+            max_docs=self.path.graph_doc_slots,
+            compile=self.path.compile_layers,
+            max_doc_len=self.path.graph_doc_len,
         )
         logger.info("training graphs captured: %s", self.graphs.settings)
 

@@ -21,7 +21,7 @@ from transformers import set_seed  # noqa: E402
 from trl import ModelConfig, SFTConfig, SFTTrainer  # noqa: E402
 
 from align.args import AlignArguments, RecipeParser  # noqa: E402
-from align.fast_path import apply, decide  # noqa: E402
+from align.fast_path import apply, decide, fit_doc_slots  # noqa: E402
 from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
@@ -50,7 +50,8 @@ def main(argv=None, callbacks=()):
     train_rows, eval_rows = mixture_rows(align_args, "sft", tokenizer, sft_args)
 
     padding_free = sft_args.padding_free or (sft_args.packing and sft_args.packing_strategy in ("bfd", "bfd_split"))
-    extra_callbacks = apply(decide(model, align_args, sft_args, padding_free), model, sft_args)
+    path = decide(model, align_args, sft_args, padding_free)
+    extra_callbacks = apply(path, model, sft_args)
     trainer_cls, extra = SFTTrainer, {}
     if align_args.context_parallel_size > 1:
         from align.long_context import ContextParallelSFTTrainer
@@ -66,6 +67,7 @@ def main(argv=None, callbacks=()):
         peft_config=peft_config(model_args),
         callbacks=[*callbacks, *extra_callbacks],
     )
+    fit_doc_slots(path, trainer.train_dataset, sft_args)  # packed rows: the graphs' document slots
     train_and_save(trainer, sft_args, model_args, align_args, tokenizer, trust)
     return trainer
 

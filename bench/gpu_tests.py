@@ -23,6 +23,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -164,7 +165,7 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     if not xml_path.exists():  # pytest stopped before collecting (a usage error), or the budget ran out before
         return rc or 1
     card = name if count == 1 else f"{count}x {name}"
-    shown = "python -m bench gpu-tests " + " ".join(([f"--budget {budget:g}"] if budget else []) + pytest_args)
+    shown = "python -m bench gpu-tests " + shlex.join((["--budget", f"{budget:g}"] if budget else []) + pytest_args)
     info = dict(commit=commit or git_commit(), card=card, date=date, seconds=round(time.perf_counter() - start))
     if budget:
         info["budget"] = f"{budget:g}"

@@ -8,11 +8,14 @@ Inside the graphs each layer's attention runs on a side stream beside its SSM br
 costs nothing to launch there; model.settings.mixer_streams switches it, and it is off under torch.distributed.
 
 Static-shape rules: padding-free packed rows (TRL's `packing` and `padding_free`, one row of T tokens) are captured as
-one row of a token budget with up to `max_docs` documents. A row of fewer tokens gets a trailing filler document
-(zeros, isolated by seq_idx and cu_seqlens like any document, cut off after the layers), and `cu_seqlens` is padded
-with empty documents to a fixed length (the varlen kernel skips them): the real tokens' outputs and gradients are
-unchanged. A forward that does not fit (more tokens or documents, unpacked rows, padding masks, a cache) runs
-eagerly and is counted by reason in `eager`; `replayed` counts the others.
+one row of a token budget with up to `max_docs` documents of at most `max_doc_len` tokens each. A row of fewer tokens
+gets trailing filler documents (zeros, isolated by seq_idx and cu_seqlens like any document, each at most
+`max_doc_len` tokens, cut off after the layers), and `cu_seqlens` is padded with empty documents to a fixed length:
+the real tokens' outputs and gradients are unchanged. The varlen attention kernel launches a block for every document
+slot × every `max_doc_len`/128 query tile, most of which find nothing to do: slots and the length bound sized to the
+data (align/fast_path.py) keep that launch small. A forward that does not fit (more tokens or documents, a longer
+document, unpacked rows, padding masks, a cache) runs eagerly and is counted by reason in `eager`; `replayed` counts
+the others.
 """
 
 from __future__ import annotations
@@ -41,7 +44,15 @@ class TrainingGraphs:
     `capture=False` the same layer calls run eagerly behind the same padding and slot rules (tests on any device)."""
 
     def __init__(
-        self, model, batch: int, seqlen: int, max_docs: int | None, compile: bool, mixer_streams: bool, capture=True
+        self,
+        model,
+        batch: int,
+        seqlen: int,
+        max_docs: int | None,
+        compile: bool,
+        mixer_streams: bool,
+        capture=True,
+        max_doc_len: int | None = None,
     ):
         from .acceleration import inductor_options
         from .kernels import get_ops
@@ -52,6 +63,7 @@ class TrainingGraphs:
         if max_docs and batch != 1:
             raise ValueError("packed rows are captured as one row of the token budget: batch must be 1")
         self.batch, self.seqlen, self.max_docs, self.dtype = batch, seqlen, max_docs, p.dtype
+        self.max_doc_len = min(max_doc_len or seqlen, seqlen)  # the varlen kernel's bound on a document's length
         self.replayed, self.eager = 0, {}  # forwards replayed; eager ones by reason
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
         # more GPU time than they save (docs/performance.md); the attention branch on a side stream, where the SSD
@@ -62,12 +74,20 @@ class TrainingGraphs:
         cos = torch.ones(batch, 1, seqlen, cfg.head_dim, device=p.device, dtype=p.dtype)
         sin = torch.zeros_like(cos)
         args = (hidden, cos, sin)
-        if max_docs:
-            seq_idx = torch.zeros(batch, seqlen, device=p.device, dtype=torch.int32)
-            cu = torch.full((max_docs + 1,), batch * seqlen, device=p.device, dtype=torch.int32)
+        if max_docs:  # captured on documents within the length bound, as the varlen kernel requires
+            ends = list(range(self.max_doc_len, seqlen, self.max_doc_len)) + [seqlen]
+            if len(ends) > max_docs:
+                raise ValueError(
+                    f"{max_docs} document slots cannot hold a row of {seqlen} tokens in documents of at most "
+                    f"{self.max_doc_len}: at least {len(ends)} are needed"
+                )
+            pieces = torch.arange(seqlen, device=p.device, dtype=torch.int32) // self.max_doc_len
+            seq_idx = pieces[None].expand(batch, seqlen).contiguous()
+            cu = torch.full((max_docs + 1,), seqlen, device=p.device, dtype=torch.int32)
             cu[0] = 0
+            cu[1 : len(ends) + 1] = torch.tensor(ends, dtype=torch.int32)
             args += (seq_idx, cu)
-        calls = tuple(_LayerCall(layer, ops, seqlen, mixer_streams) for layer in backbone.layers)
+        calls = tuple(_LayerCall(layer, ops, self.max_doc_len, mixer_streams) for layer in backbone.layers)
         compiled_layers = any(layer.compiled for layer in backbone.layers)  # compile_layers: they compile themselves
         self.settings["compiled"] = compile or compiled_layers
         if compile and not compiled_layers:  # inductor fuses the elementwise glue (norms, RoPE, multipliers, gates)
@@ -76,9 +96,14 @@ class TrainingGraphs:
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)
         self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3) if capture else calls
 
-    def misfit(self, hidden, seq_idx, cu_seqlens) -> str | None:
-        """Why a training forward cannot replay the graphs, or None. A packed row (1, T) fits when its tokens and
-        documents fit the budget (`__call__` pads it); unpacked batches must have the captured shape."""
+    def fillers(self, tokens: int) -> int:
+        """How many filler documents pad a packed row of `tokens` real tokens to the budget."""
+        return -(-(self.seqlen - tokens) // self.max_doc_len)
+
+    def misfit(self, hidden, seq_idx, cu_seqlens, longest: int | None = None) -> str | None:
+        """Why a training forward cannot replay the graphs, or None. A packed row (1, T) fits when its tokens, its
+        documents and its longest document (`longest`, tokens) fit the budget (`__call__` pads it); unpacked batches
+        must have the captured shape."""
         b, l, _ = hidden.shape
         if hidden.dtype != self.dtype:
             return f"dtype {hidden.dtype} (captured {self.dtype})"
@@ -90,14 +115,17 @@ class TrainingGraphs:
             return "packed rows (captured unpacked)"
         if b != 1 or l > self.seqlen:
             return f"({b}, {l}) tokens over the budget of one row of {self.seqlen}"
-        docs = cu_seqlens.numel() - 1 + (l < self.seqlen)  # the filler takes a slot
+        if longest is not None and longest > self.max_doc_len:
+            return f"a document of {longest} tokens over the bound of {self.max_doc_len}"
+        docs = cu_seqlens.numel() - 1 + self.fillers(l)  # the fillers take slots
         return None if docs <= self.max_docs else f"{docs} documents over {self.max_docs} slots"
 
-    def __call__(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None, eager_reason=None):
+    def __call__(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None, eager_reason=None, longest=None):
         """→ the layers' output, replayed, or None (the caller then runs eagerly); counted either way. A packed row of
-        fewer tokens than the budget gets a trailing filler document of zeros, isolated by seq_idx and cu_seqlens like
-        any other document, and cut off again: the real tokens' outputs and every gradient are the unpadded row's."""
-        why = eager_reason or self.misfit(hidden, seq_idx, cu_seqlens)
+        fewer tokens than the budget gets trailing filler documents of zeros, isolated by seq_idx and cu_seqlens like
+        any other document, and cut off again: the real tokens' outputs and every gradient are the unpadded row's.
+        longest: the row's longest document (tokens), checked against the captured bound."""
+        why = eager_reason or self.misfit(hidden, seq_idx, cu_seqlens, longest)
         if why:
             self.eager[why] = self.eager.get(why, 0) + 1
             return None
@@ -115,15 +143,19 @@ class TrainingGraphs:
 
     def _fill(self, hidden, cos, sin, seq_idx, cu_seqlens):
         """A packed row (1, T): hidden (1, T, d), cos/sin (1, 1, T, hd), seq_idx (1, T) → the same at the budget's
-        length, the filler document (zeros, RoPE position 0) after the real ones."""
-        extra = self.seqlen - hidden.size(1)
+        length, the filler documents (zeros, RoPE position 0, `max_doc_len` tokens each but the last) after the real
+        ones."""
+        real = hidden.size(1)
+        extra = self.seqlen - real
         if not extra:
             return hidden, cos, sin, seq_idx, cu_seqlens
         hidden = torch.cat([hidden, hidden.new_zeros(1, extra, hidden.size(-1))], 1)
         cos = torch.cat([cos, cos.new_ones(1, 1, extra, cos.size(-1))], 2)
         sin = torch.cat([sin, sin.new_zeros(1, 1, extra, sin.size(-1))], 2)
-        seq_idx = torch.cat([seq_idx, (seq_idx[:, -1:] + 1).expand(1, extra)], 1)
-        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor([self.seqlen])])
+        piece = torch.arange(extra, device=seq_idx.device, dtype=seq_idx.dtype) // self.max_doc_len  # (extra,)
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:] + 1 + piece[None]], 1)
+        ends = list(range(real + self.max_doc_len, self.seqlen, self.max_doc_len)) + [self.seqlen]
+        cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor(ends)])
         return hidden, cos, sin, seq_idx, cu_seqlens
 
 
@@ -134,9 +166,11 @@ def enable_training_graphs(
     max_docs: int | None = None,
     compile: bool = False,
     mixer_streams: bool | None = None,
+    max_doc_len: int | None = None,
 ) -> TrainingGraphs:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
-    tokens — one padding-free row of up to `max_docs` packed documents when given. mixer_streams: attention on a side
+    tokens — one padding-free row of up to `max_docs` packed documents of at most `max_doc_len` tokens (default:
+    seqlen) when given. mixer_streams: attention on a side
     stream beside the SSM branch (None: model.settings.mixer_streams, whose default is on in graphs; never under
     torch.distributed, which must be set up before the capture). Returns the graphs (also set on the model);
     `disable_training_graphs` drops them."""
@@ -149,7 +183,9 @@ def enable_training_graphs(
     from .kernels import mixer_streams_wanted, streams_allowed
 
     streams = mixer_streams_wanted(in_graphs=True) if mixer_streams is None else mixer_streams and streams_allowed()
-    graphs = TrainingGraphs(model, batch, seqlen, max_docs, compile=compile, mixer_streams=streams)
+    graphs = TrainingGraphs(
+        model, batch, seqlen, max_docs, compile=compile, mixer_streams=streams, max_doc_len=max_doc_len
+    )
     model.model.set_training_graphs(graphs)
     return graphs
 

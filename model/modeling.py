@@ -321,8 +321,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
         graphs = self._training_graphs
         if graphs is not None and self.training and torch.is_grad_enabled():  # captured forward/backward per layer
             why = "cache" if inputs.cache is not None else "padding" if inputs.pad_mask is not None else None
-            cu_seqlens = inputs.packed[0] if inputs.packed else None
-            replayed = graphs(hidden, inputs.cos, inputs.sin, inputs.seq_idx, cu_seqlens, why)
+            cu_seqlens, longest = inputs.packed if inputs.packed else (None, None)
+            replayed = graphs(hidden, inputs.cos, inputs.sin, inputs.seq_idx, cu_seqlens, why, longest)
             if replayed is not None:
                 return replayed
         with self._offload_context():

@@ -1,6 +1,7 @@
 """The training path a stage takes: `gradient_checkpointing: auto` through the recipe parser, and the decisions the
 shipped recipes get on a CPU and on an 80 GB card (the card simulated: the planner's arithmetic, no GPU)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from align import dpo, fast_path, sft
 from model import FalconH1ForCausalLM, preset_config
+from tests.align.test_sft import COMMON, base  # noqa: F401  (the tiny base checkpoint + jsonl mix)
 from tests.conftest import tiny_model
 
 ROOT = Path(__file__).resolve().parents[2] / "recipes"
@@ -16,10 +18,10 @@ CPU = ["--use_cpu", "True", "--bf16", "False"]
 
 
 def _recipe(tmp_path, **fields) -> str:
-    base = yaml.safe_load((ROOT / "tiny" / "sft.yaml").read_text())
-    base.pop("gradient_checkpointing")
+    recipe = yaml.safe_load((ROOT / "tiny" / "sft.yaml").read_text())
+    recipe.pop("gradient_checkpointing")
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({**base, **fields}))
+    path.write_text(yaml.safe_dump({**recipe, **fields}))
     return str(path)
 
 
@@ -69,8 +71,33 @@ def test_shipped_recipes_take_the_fastest_path_that_fits(monkeypatch, recipe, ch
     assert path.compile_layers
     assert path.checkpointing is checkpointing, path.describe()
     assert path.graphs is not checkpointing, path.describe()  # graphs wherever no recompute is needed
-    if path.graphs:
-        assert path.graph_tokens >= 8192 and path.graph_doc_slots >= 64
+    if path.graphs:  # documents up to max_length; slots for what a micro-batch holds (the varlen kernel's launch)
+        raw = yaml.safe_load((ROOT / recipe).read_text())
+        assert path.graph_tokens >= 8192 and path.graph_doc_len == raw["max_length"]
+        fillers = -(-path.graph_tokens // path.graph_doc_len)
+        if "/dpo/" in recipe:  # each pair's chosen and rejected sequences
+            assert path.graph_doc_slots == 2 * raw["per_device_train_batch_size"] + fillers
+        else:  # packed rows: the slots come from the packed data once the Trainer has it
+            assert path.slots_from_data and "document slots from the packed rows" in path.describe()
+
+
+def test_packed_rows_set_the_document_slots(tmp_path):
+    """fit_doc_slots reads the most documents a packed row holds from TRL's `seq_lengths`: the captured slots are
+    those × the micro-batch's rows + the fillers; a dataset without the column keeps the placeholder."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rows = Dataset.from_dict({"input_ids": [[1] * n for n in (5, 3, 9, 2, 2, 1, 7, 4)]})
+    packed = pack_dataset(rows, seq_length=10, strategy="bfd")
+    most = max(len(x) for x in packed["seq_lengths"])
+    train_args = type("A", (), {"per_device_train_batch_size": 2})()
+    path = fast_path.TrainingPath(True, True, False, 20, 64, 10, slots_from_data=True)
+    fast_path.fit_doc_slots(path, packed, train_args)
+    assert most >= 2 and path.graph_doc_slots == 2 * most + 2 and not path.slots_from_data
+
+    path = fast_path.TrainingPath(True, True, False, 20, 64, 10, slots_from_data=True)
+    fast_path.fit_doc_slots(path, rows, train_args)  # no seq_lengths: the placeholder stays
+    assert path.graph_doc_slots == 64
 
 
 def test_cpu_runs_eager_without_checkpointing(tmp_path):
@@ -95,3 +122,22 @@ def test_runtime_settings_from_a_recipe_or_the_command_line(tmp_path):
     assert align_args.runtime == {"kernels": "reference"}
     align_args, _, _ = sft.parse(["--config", _recipe(tmp_path), "--runtime", '{"compile_loss": false}', *CPU])
     assert align_args.runtime == {"compile_loss": False}
+
+
+def test_align_sft_sizes_the_slots_from_its_packed_rows(tmp_path, monkeypatch, base):  # noqa: F811
+    """align/sft.py hands the Trainer's packed training set to fit_doc_slots before training (the capture itself
+    needs CUDA: here the decision is forced and the capture and training are left out)."""
+    decided = {}
+
+    def graphs_path(model, align_args, train_args, padding_free, pairs=False):
+        decided["path"] = fast_path.TrainingPath(False, True, False, 4 * 128, 64, 128, slots_from_data=True)
+        return decided["path"]
+
+    monkeypatch.setattr(sft, "decide", graphs_path)
+    monkeypatch.setattr(sft, "apply", lambda path, model, train_args: [])
+    monkeypatch.setattr(sft, "train_and_save", lambda trainer, *args: None)
+    sources = json.dumps([{"path": str(base / "mix.jsonl"), "language_column": "language"}])
+    argv = ["--model_name_or_path", str(base / "base"), "--output_dir", str(tmp_path), "--sources", sources]
+    trainer = sft.main(argv + COMMON + ["--packing", "True"])
+    most = max(len(lengths) for lengths in trainer.train_dataset["seq_lengths"])
+    assert 1 < most and 4 * most + 4 != 64 and decided["path"].graph_doc_slots == 4 * most + 4

@@ -129,7 +129,7 @@ def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
         return
     path.slots_from_data = False
     table = getattr(dataset, "data", None)
-    if table is None or "seq_lengths" not in getattr(dataset, "column_names", ()):
+    if table is None or "seq_lengths" not in (getattr(dataset, "column_names", None) or ()):
         logger.info(
             "training graphs: %d document slots (the packed rows' documents are not countable)", path.graph_doc_slots
         )

@@ -42,6 +42,11 @@ class TrainingPath:
     slots_from_data: bool = False  # graph_doc_slots is a placeholder until fit_doc_slots has read the packed rows
     reasons: list[str] = field(default_factory=list)
 
+    @property
+    def fillers(self) -> int:
+        """The most filler documents a short micro-batch takes: each at most graph_doc_len tokens."""
+        return -(-self.graph_tokens // self.graph_doc_len)
+
     def describe(self) -> str:
         parts = [
             "compiled layers" if self.compile_layers else "eager layers",
@@ -103,22 +108,23 @@ def decide(model, align_args, train_args, padding_free: bool, pairs: bool = Fals
     if not graphs:
         return TrainingPath(compile_layers, graphs, checkpointing, reasons=reasons)
     doc_len = min(getattr(train_args, "max_length", None) or tokens, tokens)
-    slots, from_data = align_args.graph_doc_slots, False
-    if not slots:
-        slots, from_data = default_doc_slots(train_args, tokens, doc_len, pairs)
-    return TrainingPath(compile_layers, graphs, checkpointing, tokens, slots, doc_len, from_data, reasons)
+    path = TrainingPath(
+        compile_layers, graphs, checkpointing, tokens, align_args.graph_doc_slots, doc_len, reasons=reasons
+    )
+    if not path.graph_doc_slots:
+        path.graph_doc_slots, path.slots_from_data = default_doc_slots(path, train_args, pairs)
+    return path
 
 
-def default_doc_slots(train_args, tokens: int, doc_len: int, pairs: bool) -> tuple[int, bool]:
+def default_doc_slots(path: TrainingPath, train_args, pairs: bool) -> tuple[int, bool]:
     """→ (document slots a captured micro-batch holds, whether packed data decides them later). Every slot costs
-    the varlen attention kernel a launch over `doc_len` tokens, used or not."""
-    fillers = -(-tokens // doc_len)  # the most filler documents a short micro-batch takes
+    the varlen attention kernel a launch over `graph_doc_len` tokens, used or not."""
     batch = train_args.per_device_train_batch_size
     if pairs:  # DPO: each pair's chosen and rejected sequences
-        return 2 * batch + fillers, False
+        return 2 * batch + path.fillers, False
     if not getattr(train_args, "packing", False):  # padding_free rows: one document each
-        return batch + fillers, False
-    return max(64, tokens // 128), True  # until fit_doc_slots reads the packed rows
+        return batch + path.fillers, False
+    return max(64, path.graph_tokens // 128), True  # until fit_doc_slots reads the packed rows
 
 
 def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
@@ -137,13 +143,12 @@ def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
     import pyarrow.compute as pc
 
     most = pc.max(pc.list_value_length(table.column("seq_lengths"))).as_py() or 1
-    fillers = -(-path.graph_tokens // path.graph_doc_len)
-    path.graph_doc_slots = most * train_args.per_device_train_batch_size + fillers
+    path.graph_doc_slots = most * train_args.per_device_train_batch_size + path.fillers
     logger.info(
         "training graphs: %d document slots (packed rows hold up to %d documents; %d for fillers)",
         path.graph_doc_slots,
         most,
-        fillers,
+        path.fillers,
     )
 
 

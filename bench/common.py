@@ -209,11 +209,10 @@ class SpanTimer(TrainerCallback):
 
 
 class StepTimer(TrainerCallback):
-    """A Trainer's optimizer steps: each step's wall time (synchronised) and the input tokens it saw (with
-    include_num_input_tokens_seen)."""
+    """A Trainer's optimizer steps: each step's wall time, synchronised at both ends."""
 
     def __init__(self):
-        self.steps, self._t, self._seen = [], None, 0
+        self.steps, self._t = [], None
 
     def on_step_begin(self, args, state, control, **kwargs):
         sync()
@@ -221,16 +220,10 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         sync()
-        seen = state.num_input_tokens_seen or 0
-        self.steps.append((time.perf_counter() - self._t, seen - self._seen))
-        self._seen = seen
+        self.steps.append(time.perf_counter() - self._t)
 
     def median_step_s(self, warmup: int) -> float:
-        return statistics.median(t for t, _ in self.steps[warmup:])
-
-    def tokens_per_s(self, warmup: int, upto: int | None = None) -> float:
-        timed = self.steps[warmup:upto]
-        return round(sum(n for _, n in timed) / sum(t for t, _ in timed), 1)
+        return statistics.median(self.steps[warmup:])
 
 
 def card() -> str:

@@ -295,7 +295,6 @@ def bench_dpo(args, record):
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
     recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
-    args.seq = args.seq or yaml.safe_load(recipe.read_text())["max_length"]  # both sides at the recipe's length
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
     timer = SpanTimer(args.warmup, args.steps)
     flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
@@ -422,10 +421,19 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def default_seq(args) -> int | None:
+    """max_length where --seq is not given: 8,192 for sft, the recipe's for dpo (both sides run at it)."""
+    if args.path == "sft":
+        return 8192
+    if args.path == "dpo":
+        recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
+        return yaml.safe_load(recipe.read_text())["max_length"]
+    return None
+
+
 def main(argv: list[str]) -> dict:
     args = parse(parser(), argv)
-    if args.path == "sft":
-        args.seq = args.seq or 8192
+    args.seq = args.seq or default_seq(args)
     result = envelope(f"user path {args.path}, {args.preset}", "user-paths", argv, args)
 
     record = Record(result, args)

@@ -204,7 +204,7 @@ def bench_sft(args, record):
     work = Path(tempfile.mkdtemp())
     texts = synthetic_chats(work / "chats.jsonl", args.rows)
     build_tokenizer(texts[:4000]).save_pretrained(work / "tok")
-    recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "sft" / "full.yaml"
+    recipe = full_recipe(args.preset, "sft")
     sources = json.dumps([{"path": str(work / "chats.jsonl"), "label": "synthetic", "language": "en"}])
     timer = SpanTimer(args.warmup, args.steps)  # the profiled steps come after the timed span
     profile = ProfileSteps(first=args.steps) if args.profile else None
@@ -294,7 +294,7 @@ def bench_dpo(args, record):
     pairs = synthetic_pairs(args.pairs * (args.steps + 1))
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
-    recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
+    recipe = full_recipe(args.preset, "dpo")
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
     timer = SpanTimer(args.warmup, args.steps)
     flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
@@ -421,12 +421,17 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def full_recipe(preset: str, stage: str) -> Path:
+    """The shipped full fine-tuning recipe of a preset's stage, whose settings both sides run."""
+    return ROOT / "recipes" / f"falcon-h1-{preset}" / stage / "full.yaml"
+
+
 def default_seq(args) -> int | None:
     """max_length where --seq is not given: 8,192 for sft, the recipe's for dpo (both sides run at it)."""
     if args.path == "sft":
         return 8192
     if args.path == "dpo":
-        recipe = ROOT / "recipes" / f"falcon-h1-{args.preset}" / "dpo" / "full.yaml"
+        recipe = full_recipe(args.preset, "dpo")
         return yaml.safe_load(recipe.read_text())["max_length"]
     return None
 

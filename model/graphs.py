@@ -75,13 +75,12 @@ class TrainingGraphs:
         sin = torch.zeros_like(cos)
         args = (hidden, cos, sin)
         if max_docs:  # captured on documents within the length bound, as the varlen kernel requires
-            ends = list(range(self.max_doc_len, seqlen, self.max_doc_len)) + [seqlen]
+            pieces, ends = self._pieces(0, p.device, torch.int32)
             if len(ends) > max_docs:
                 raise ValueError(
                     f"{max_docs} document slots cannot hold a row of {seqlen} tokens in documents of at most "
                     f"{self.max_doc_len}: at least {len(ends)} are needed"
                 )
-            pieces = torch.arange(seqlen, device=p.device, dtype=torch.int32) // self.max_doc_len
             seq_idx = pieces[None].expand(batch, seqlen).contiguous()
             cu = torch.full((max_docs + 1,), seqlen, device=p.device, dtype=torch.int32)
             cu[0] = 0
@@ -95,6 +94,12 @@ class TrainingGraphs:
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)
         self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3) if capture else calls
+
+    def _pieces(self, start: int, device, dtype) -> tuple[torch.Tensor, list[int]]:
+        """Tokens start..seqlen cut into documents of at most `max_doc_len` → each token's document, counted from 0
+        (seqlen - start,), and the documents' ends (cu_seqlens entries)."""
+        pieces = torch.arange(self.seqlen - start, device=device, dtype=dtype) // self.max_doc_len
+        return pieces, list(range(start + self.max_doc_len, self.seqlen, self.max_doc_len)) + [self.seqlen]
 
     def fillers(self, tokens: int) -> int:
         """How many filler documents pad a packed row of `tokens` real tokens to the budget."""
@@ -152,9 +157,8 @@ class TrainingGraphs:
         hidden = torch.cat([hidden, hidden.new_zeros(1, extra, hidden.size(-1))], 1)
         cos = torch.cat([cos, cos.new_ones(1, 1, extra, cos.size(-1))], 2)
         sin = torch.cat([sin, sin.new_zeros(1, 1, extra, sin.size(-1))], 2)
-        piece = torch.arange(extra, device=seq_idx.device, dtype=seq_idx.dtype) // self.max_doc_len  # (extra,)
-        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:] + 1 + piece[None]], 1)
-        ends = list(range(real + self.max_doc_len, self.seqlen, self.max_doc_len)) + [self.seqlen]
+        pieces, ends = self._pieces(real, seq_idx.device, seq_idx.dtype)
+        seq_idx = torch.cat([seq_idx, seq_idx[:, -1:] + 1 + pieces[None]], 1)
         cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor(ends)])
         return hidden, cos, sin, seq_idx, cu_seqlens
 

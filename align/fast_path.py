@@ -11,7 +11,9 @@ On CUDA the fastest path that fits is the default, for full fine-tuning and LoRA
   (`fit_doc_slots`, once the Trainer has packed it). A micro-batch that does not fit runs eagerly and is counted: the
   logs carry `graphs_replayed` and `graphs_eager` every logging step;
 - activation checkpointing only where the run would not fit without it (`gradient_checkpointing: auto`, the default:
-  model.memory's planner at the micro-batch's tokens, against the card's memory).
+  model.memory's planner at the micro-batch's tokens, against the card's memory);
+- batches copied to the GPU asynchronously from pinned memory (`accelerator_config.non_blocking`), so the host does not
+  wait for the GPU between micro-batches.
 Under torch.distributed the layers compile, and graphs and the mixers' second stream stay off: FSDP gathers weights
 inside each forward, and DDP's gradient hooks are not validated with captured backwards.
 """
@@ -172,6 +174,9 @@ def apply(path: TrainingPath, model, train_args) -> list[TrainerCallback]:
     built); → the callbacks the Trainer takes (graph capture at the start of training, counts in the logs)."""
     logger.info("training path: %s", path.describe())
     train_args.gradient_checkpointing = path.checkpointing
+    if torch.cuda.is_available() and train_args.dataloader_pin_memory:
+        # batches reach the GPU by asynchronous copies from pinned memory: a blocking copy waits for the GPU
+        train_args.accelerator_config.non_blocking = True
     ours = falcon_model(model)
     if path.compile_layers and ours is not None:
         ours.compile_layers()

@@ -18,11 +18,12 @@ if __package__ in (None, ""):  # `python align/sft.py` / `accelerate launch alig
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import set_seed  # noqa: E402
-from trl import ModelConfig, SFTConfig, SFTTrainer  # noqa: E402
+from trl import ModelConfig, SFTConfig  # noqa: E402
 
 from align.args import AlignArguments, RecipeParser  # noqa: E402
 from align.fast_path import apply, decide, fit_doc_slots  # noqa: E402
 from align.models import load_model, load_tokenizer, peft_config  # noqa: E402
+from align.sft_trainer import FalconSFTTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def main(argv=None, callbacks=()):
     padding_free = sft_args.padding_free or (sft_args.packing and sft_args.packing_strategy in ("bfd", "bfd_split"))
     path = decide(model, align_args, sft_args, padding_free)
     extra_callbacks = apply(path, model, sft_args)
-    trainer_cls, extra = SFTTrainer, {}
+    trainer_cls, extra = FalconSFTTrainer, {}
     if align_args.context_parallel_size > 1:
         from align.long_context import ContextParallelSFTTrainer
 

@@ -34,7 +34,7 @@ from .checks import check_input_ids
 from .config import FalconH1Config
 from .decode import DecodeSettings, StaticCaches, replayable, static_cache_for
 from .kernels import Ops, get_ops, mixer_streams_wanted
-from .loss import chunked_causal_lm_loss
+from .loss import TokenMetrics, causal_lm_loss_and_metrics, chunked_causal_lm_loss
 from .mixers import (  # noqa: F401  (SCAN_SEGMENT_TOKENS, _rope_cos_sin: imported from here too)
     SCAN_SEGMENT_TOKENS,
     FalconH1Attention,
@@ -61,6 +61,13 @@ _LOGGED_PATHS: set = set()  # generate's decode paths already logged
 
 # transformers ≥ 5.24 names the output field `cache`; earlier releases `past_key_values`
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+@dataclass
+class FalconCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal LM output, and the token metrics of the loss when the forward was asked for them."""
+
+    token_metrics: TokenMetrics | None = None
 
 
 class FalconH1MLP(nn.Module):
@@ -251,10 +258,16 @@ class FalconH1Model(FalconH1PreTrainedModel):
         use_cache=None,
         seq_idx=None,
         cu_seq_lens_q=None,
+        max_length_q=None,
+        checked_ids=False,
         **kwargs,
     ):
+        """checked_ids: the caller has range-checked input_ids on the host (a Trainer's collator), so the device check
+        and its host sync are skipped. A padding-free row (1, l) whose collator gives `cu_seq_lens_q` and
+        `max_length_q` (TRL's, transformers' DataCollatorWithFlattening: boundaries of every token's document) takes
+        them as the varlen kernel's boundaries instead of deriving them on the device, which waits for it twice."""
         cache = kwargs.pop("cache", None) or past_key_values
-        hidden = self._embed(input_ids, inputs_embeds)
+        hidden = self._embed(input_ids, inputs_embeds, check=not checked_ids)
         b, l, _ = hidden.shape
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
@@ -276,24 +289,29 @@ class FalconH1Model(FalconH1PreTrainedModel):
             cache = FalconH1HybridCache(self.config, b)
         if seq_idx is not None and cache is not None:
             raise ValueError("packed documents (seq_idx / restarting position_ids) cannot be combined with a cache")
-        inputs = self._layer_inputs(hidden, attention_mask if padded else None, position_ids, seq_idx, cache)
+        host_docs = None
+        if seq_idx is not None and b == 1 and cu_seq_lens_q is not None and isinstance(max_length_q, int):
+            host_docs = (cu_seq_lens_q.to(torch.int32), max_length_q)
+        inputs = self._layer_inputs(hidden, attention_mask if padded else None, position_ids, seq_idx, cache, host_docs)
         hidden = self._run_layers(hidden, inputs)
         if cache is not None:
             cache.advance(l)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: cache})
 
-    def _embed(self, input_ids, inputs_embeds):
+    def _embed(self, input_ids, inputs_embeds, check=True):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            check_input_ids(input_ids, self.config.vocab_size)
+            if check:
+                check_input_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         # µP: the embedding multiplier applies to inputs_embeds too (HF skips it there, spec §9 #9)
         return inputs_embeds * self.config.embedding_multiplier
 
-    def _layer_inputs(self, hidden, attention_mask, position_ids, seq_idx, cache) -> LayerInputs:
+    def _layer_inputs(self, hidden, attention_mask, position_ids, seq_idx, cache, host_docs=None) -> LayerInputs:
         """What the layers share for hidden (b, l, d): positions (from the padding, or after the cache's), RoPE, the
-        kernels, packed documents (varlen attention, or a dense document mask: the kernel bundle decides), masks."""
+        kernels, packed documents (varlen attention, or a dense document mask: the kernel bundle decides), masks.
+        host_docs: (cu_seqlens, longest) of packed documents as the collator gave them, else derived from seq_idx."""
         b, l, _ = hidden.shape
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None and attention_mask is not None:
@@ -302,7 +320,9 @@ class FalconH1Model(FalconH1PreTrainedModel):
             position_ids = torch.arange(past_len, past_len + l, device=hidden.device)[None].expand(b, l)
         ops = get_ops(hidden.device)
         cos, sin = _rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta_value, hidden.dtype)
-        packed = cu_seqlens_from_seq_idx(seq_idx) if seq_idx is not None and ops.varlen_for_packing else None
+        packed = None
+        if seq_idx is not None and ops.varlen_for_packing:
+            packed = host_docs or cu_seqlens_from_seq_idx(seq_idx)
         dense_docs = seq_idx if packed is None else None
         attn_mask = build_attention_mask(b, l, past_len, hidden.device, attention_mask, dense_docs)
         if isinstance(cache, StaticHybridCache):  # keys live in fixed buffers: the cache knows which are valid
@@ -463,10 +483,13 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         shift_labels=None,
         num_items_in_batch=None,
         return_logits=False,
+        loss_metrics=False,
         **kwargs,
     ):
         """Causal LM forward. With `labels` (or pre-shifted `shift_labels`) the loss is a chunked CE over the
-        scaled logits and the full logits are not built unless `return_logits=True`."""
+        scaled logits and the full logits are not built unless `return_logits=True`. loss_metrics: the loss is
+        taken without a host sync and the output carries `token_metrics` (model.loss.TokenMetrics: scored tokens,
+        summed entropy, top-1 hits, on the device); the labels' range is then the caller's to check on the host."""
         cache = cache if cache is not None else past_key_values
         for unused in ("output_attentions", "output_hidden_states", "return_dict", "cache_position"):
             kwargs.pop(unused, None)
@@ -484,9 +507,10 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
         )
         hidden = out.last_hidden_state
         mult = self.config.lm_head_multiplier
-        loss = logits = None
+        loss = logits = metrics = None
         if labels is not None or shift_labels is not None:
-            loss = chunked_causal_lm_loss(
+            loss_fn = causal_lm_loss_and_metrics if loss_metrics else chunked_causal_lm_loss
+            loss = loss_fn(
                 hidden,
                 self.lm_head.weight,
                 labels,
@@ -494,10 +518,13 @@ class FalconH1ForCausalLM(FalconH1PreTrainedModel, GenerationMixin):
                 shift_labels=shift_labels,
                 num_items_in_batch=num_items_in_batch,
             )
+            if loss_metrics:
+                loss, metrics = loss
         if loss is None or return_logits:
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = self.lm_head(hidden[:, keep]) * mult
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        cache_out = {_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
+        return FalconCausalLMOutput(loss=loss, logits=logits, token_metrics=metrics, **cache_out)
 
     # ------------------------------------------------------------------ generation
     def set_decode(self, **settings) -> FalconH1ForCausalLM:

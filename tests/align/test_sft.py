@@ -233,18 +233,18 @@ def test_assistant_only_loss_trains_exactly_the_replies_and_their_end_tokens(bas
     """Multi-turn chats through the script (the Falcon-H1 template's {% generation %} markers, TRL's assistant masks
     and collator): the labels the loss sees are set on every assistant reply and its <|im_end|>, and on no system,
     user, role-header, newline or BOS token."""
-    from trl import SFTTrainer
+    from align.sft_trainer import FalconSFTTrainer
 
     data = tmp_path / "chats.jsonl"
     data.write_text("".join(json.dumps({"messages": c, "language": "en"}) + "\n" for c in CHATS))
     batches = []
-    compute_loss = SFTTrainer.compute_loss
+    compute_loss = FalconSFTTrainer.compute_loss
 
     def spy(self, model, inputs, *args, **kwargs):
         batches.append({k: v.clone() for k, v in inputs.items() if torch.is_tensor(v)})
         return compute_loss(self, model, inputs, *args, **kwargs)
 
-    monkeypatch.setattr(SFTTrainer, "compute_loss", spy)
+    monkeypatch.setattr(FalconSFTTrainer, "compute_loss", spy)
     argv = ["--model_name_or_path", str(base / "base"), "--output_dir", str(tmp_path / "out"), "--sources"]
     argv += [json.dumps([{"path": str(data), "language_column": "language"}]), *COMMON, "--max_length", "512"]
     trainer = sft.main(argv + ["--chat_template", "falcon_h1", "--packing", str(packing), "--max_steps", "1"])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model.loss import chunked_causal_lm_loss
+from model.loss import causal_lm_loss_and_metrics, chunked_causal_lm_loss
 from tests.conftest import tiny_model
 
 
@@ -100,8 +100,8 @@ def test_chunk_loss_traces_under_torch_compile(vocab):
     for n in (7, 4):
         logits = torch.randn(n, 320, generator=gen, dtype=torch.bfloat16)
         labels = torch.randint(0, vocab, (n,), generator=gen)
-        loss, grad = compiled(logits, labels, 0.37, vocab)
-        ref_loss, ref_grad = chunk_loss_and_grad(logits, labels, 0.37, vocab)
+        loss, grad, _, _ = compiled(logits, labels, 0.37, vocab)
+        ref_loss, ref_grad, _, _ = chunk_loss_and_grad(logits, labels, 0.37, vocab)
         full = F.cross_entropy(logits.float()[:, :vocab] * 0.37, labels, reduction="sum")
         assert abs(loss.item() - full.item()) < 1e-4 and abs(ref_loss.item() - full.item()) < 1e-4
         torch.testing.assert_close(grad, ref_grad, rtol=0, atol=0)
@@ -128,3 +128,77 @@ def test_input_ids_outside_the_vocabulary_are_refused_by_name(token):
         ValueError, match=rf"input_ids hold 1 token id\(s\) outside the vocabulary \[0, 97\).*\[{token}\]"
     ):
         model(ids)
+
+
+def _full_metrics(hidden, weight, labels, mult):
+    """Scored tokens, summed entropy and top-1 hits from the full fp64 logits."""
+    logits = (hidden.detach() @ weight.detach().t()).double() * mult
+    z, y = logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1)
+    keep = y != -100
+    logp = z[keep].log_softmax(-1)
+    return int(keep.sum()), float(-(logp.exp() * logp).sum()), int((z[keep].argmax(-1) == y[keep]).sum())
+
+
+def _case_with_hits(vocab, mult=0.37):
+    """_case, with every third scored label set to its position's argmax: the top-1 count is far from 0."""
+    hidden, weight, labels = _case(v=vocab)
+    best = (hidden.detach() @ weight.detach().t())[:, :-1].argmax(-1)  # (b, l-1) predicts labels[:, 1:]
+    targets = labels[:, 1:]
+    pick = (targets != -100) & (torch.arange(targets.numel()).view_as(targets) % 3 == 0)
+    targets[pick] = best[pick]
+    return hidden, weight, labels
+
+
+@pytest.mark.parametrize("vocab", [300, 320])
+def test_loss_with_metrics_equals_the_compacted_loss_and_the_full_logits_metrics(vocab):
+    """Scoring every position in place (unscored ones weighted by zero) gives the compacted loss and its gradients,
+    and the entropy and top-1 count of the full logits over the scored tokens (fp64)."""
+    hidden, weight, labels = _case_with_hits(vocab)
+    ref = chunked_causal_lm_loss(hidden, weight, labels, 0.37, chunk_size=7)
+    g_ref = torch.autograd.grad(ref, (hidden, weight))
+    got, metrics = causal_lm_loss_and_metrics(hidden, weight, labels, 0.37, chunk_size=7)
+    g_got = torch.autograd.grad(got, (hidden, weight))
+    assert abs(got.item() - ref.item()) < 1e-12
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    scored, entropy, hits = _full_metrics(hidden, weight, labels, 0.37)
+    assert metrics.scored.item() == scored and metrics.hits.item() == hits and hits >= scored // 3
+    assert abs(metrics.entropy.item() - entropy) < 1e-9 * scored
+    with torch.no_grad():  # evaluation: the same loss and metrics without gradients
+        loss, again = causal_lm_loss_and_metrics(hidden, weight, labels, 0.37, num_items_in_batch=2 * scored)
+    assert abs(loss.item() * 2 - ref.item()) < 1e-12
+    assert (again.scored.item(), again.hits.item()) == (scored, hits) and abs(again.entropy.item() - entropy) < 1e-9
+
+
+@pytest.mark.parametrize("vocab", [300, 320])
+def test_chunk_metrics_trace_under_torch_compile_with_unscored_rows(vocab):
+    from model.loss import chunk_loss_and_grad
+
+    compiled = torch.compile(chunk_loss_and_grad, dynamic=True, backend="aot_eager")
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(9, 320, generator=gen, dtype=torch.bfloat16)
+    labels = torch.randint(0, vocab, (9,), generator=gen)
+    labels[[1, 4]] = -100
+    labels[2] = logits[2, :vocab].float().argmax()
+    got = compiled(logits, labels, 0.37, vocab, metrics=True)
+    ref = chunk_loss_and_grad(logits, labels, 0.37, vocab, metrics=True)
+    keep = labels != -100
+    z = logits.float()[:, :vocab] * 0.37
+    logp = z[keep].log_softmax(-1)
+    assert abs(ref[0].item() - F.cross_entropy(z, labels, reduction="sum").item()) < 1e-3
+    assert abs(ref[2].item() - float(-(logp.exp() * logp).sum())) < 1e-3
+    assert ref[3].item() == int((z[keep].argmax(-1) == labels[keep]).sum()) >= 1
+    assert ref[1][~keep].abs().max() == 0
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_model_forward_with_loss_metrics_returns_the_same_loss():
+    model = tiny_model(seed=2)
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :8] = -100
+    plain = model(ids, labels=labels).loss
+    out = model(ids, labels=labels, loss_metrics=True, checked_ids=True)
+    assert abs(out.loss.item() - plain.item()) < 1e-6 and out.loss.requires_grad
+    assert out.token_metrics.scored.item() == 12 + 19 and 0 < out.token_metrics.entropy.item() / 31 < 4.58  # ln 97

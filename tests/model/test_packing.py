@@ -134,3 +134,35 @@ def test_long_rows_scan_in_segments_exactly(monkeypatch):
     from tests.model.scan_segments import check_segmented_scan
 
     check_segmented_scan("cpu", monkeypatch, 1e-5)
+
+
+def test_collator_boundaries_are_taken_without_deriving_them(monkeypatch):
+    """With the varlen path (as on CUDA), a TRL padding-free row's `cu_seq_lens_q` and `max_length_q` are the kernel's
+    boundaries as given: nothing is derived from seq_idx on the device, and the logits equal the derived ones'."""
+    import dataclasses
+
+    from model import kernels, modeling
+    from model.kernels import ref
+
+    seen = []
+
+    def varlen(q, k, v, cu_seqlens, max_len, scale):
+        seen.append((cu_seqlens.tolist(), max_len))
+        return ref.varlen_attention_ref(q, k, v, cu_seqlens, max_len, scale)
+
+    monkeypatch.setitem(
+        kernels._chosen, "cpu", dataclasses.replace(kernels.REFERENCE, varlen_for_packing=True, varlen_attention=varlen)
+    )
+    model = tiny_model(seed=6)
+    docs = _docs([7, 12, 5, 9])
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": d} for d in docs])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        derived = model(inputs["input_ids"], position_ids=inputs["position_ids"]).logits
+    calls = []
+    monkeypatch.setattr(modeling, "cu_seqlens_from_seq_idx", lambda *a: calls.append(a))
+    seen.clear()
+    with torch.no_grad():
+        given = model(**inputs).logits
+    assert not calls and seen and all(s == ([0, 7, 19, 24, 33], 12) for s in seen)
+    assert rel_err(given, derived) < 1e-6

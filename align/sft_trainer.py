@@ -1,0 +1,140 @@
+"""TRL's SFTTrainer, with a training step that does not wait for the GPU when it trains falcon-align's Falcon-H1.
+
+TRL 1.16's step reads its metrics back every micro-batch (entropy, top-1 accuracy and token counts with `.item()`),
+scores the loss on the labelled positions picked by boolean indexing (each a device-to-host sync), and the Trainer
+tests every loss for NaN on the host. Each such read stalls the host until the GPU has drained, and the GPU then idles
+until the host has launched the next kernels. Here, on our model:
+
+- the loss and the metrics come from the model's own chunked head (`loss_metrics=True`): every position is scored,
+  unlabelled ones weighted by zero, so the loss, every gradient and the metrics equal TRL's with no sync;
+- the metrics stay on the device until a log reads them, in one go, and log the same averages as TRL's;
+- token ids and labels are range-checked on the host, in the collator, before they reach the device (the model's
+  device check is skipped);
+- the Trainer's NaN filter runs on the device: a non-finite loss counts as the mean of those logged so far, as there;
+- `include_num_input_tokens_seen: all` counts on the host in one process.
+
+Other models, and TRL's paths this does not cover (`compute_loss_func`, label smoothing, the DFT loss, MoE auxiliary
+losses, Ulysses sequence parallelism, `return_outputs`), take TRL's own step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import is_tensor
+from trl import SFTTrainer
+
+from align.fast_path import falcon_model
+from model.checks import IGNORE_INDEX, check_input_ids, check_labels
+
+_DEVICE_METRICS = ("entropy", "mean_token_accuracy")
+
+
+class HostCheckedCollator:
+    """A collator whose batches have their token ids and labels checked against the vocabulary on the host, where
+    the check costs no wait for the device; a bad id raises the model's error naming it."""
+
+    def __init__(self, collate, vocab: int):
+        self.collate, self.vocab = collate, vocab
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        check_input_ids(batch["input_ids"], self.vocab)
+        labels = batch.get("labels")
+        if labels is not None:
+            check_labels(labels[labels != IGNORE_INDEX], self.vocab)
+        return batch
+
+
+class FalconSFTTrainer(SFTTrainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        ours = falcon_model(self.model)
+        self.own_step = (
+            ours is not None
+            and self.compute_loss_func is None
+            and self.label_smoother is None
+            and self.args.loss_type == "nll"
+            and not self.aux_loss_enabled
+        )
+        self._device_tokens = None  # (), int64: tokens trained since the last log, on the device
+        self._nan_filter = False
+        if self.own_step:
+            self.data_collator = HostCheckedCollator(self.data_collator, ours.config.vocab_size)
+            # the Trainer's filter reads the loss back every micro-batch; training_step applies it on the device
+            self._nan_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+
+    def _sequence_parallel(self) -> bool:
+        config = getattr(self.accelerator, "parallelism_config", None)
+        return config is not None and config.sp_backend == "deepspeed" and config.sp_enabled
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.own_step or return_outputs or (self.model.training and self._sequence_parallel()):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, num_items_in_batch=num_items_in_batch, loss_metrics=True, checked_ids=True)
+        loss = outputs.loss
+        # like TRL: num_items_in_batch counts every rank's tokens, and DDP averages the gradients across ranks
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._record(mode, outputs.token_metrics, inputs)
+        return loss
+
+    def _record(self, mode, metrics, inputs):
+        """TRL's per-micro-batch metrics, kept on the device: entropy and top-1 accuracy over the scored tokens of
+        every rank (0 where none is scored), and the tokens trained."""
+        gather = self.accelerator.gather_for_metrics
+        scored = gather(metrics.scored).sum()
+        nonzero = scored.clamp(min=1)
+        for name, total in zip(_DEVICE_METRICS, (metrics.entropy, metrics.hits)):
+            value = torch.where(scored > 0, gather(total.detach()).sum() / nonzero, 0.0)
+            self._metrics[mode][name].append(value)
+        if mode != "train":
+            return
+        if "attention_mask" in inputs:
+            local = inputs["attention_mask"].sum()
+        elif "position_ids" in inputs:
+            ids = inputs["position_ids"]  # padding-free: the row's length, made on the device without a host copy
+            local = torch.full((), ids.size(1), device=ids.device, dtype=torch.long)
+        else:
+            raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
+        tokens = gather(local).sum() // self._tp_size
+        self._device_tokens = tokens if self._device_tokens is None else self._device_tokens + tokens
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nan_filter:  # the Trainer's rule: a non-finite loss adds the mean of the losses since the last log
+            since = 1 + self.state.global_step - self._globalstep_last_logged
+            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss / since)
+        return loss
+
+    def _track_num_input_tokens(self, inputs):
+        """`include_num_input_tokens_seen: all` in one process counts the input's shape on the host, where the Trainer
+        copies the count to the device and reads it back every micro-batch; the same count."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if self.args.include_num_input_tokens_seen == "all" and self.accelerator.num_processes == 1 and main in inputs:
+            self.state.num_input_tokens_seen += inputs[main].numel()
+            return
+        super()._track_num_input_tokens(inputs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        self._read_device_metrics(mode)
+        super().log(logs, start_time)
+
+    def _read_device_metrics(self, mode):
+        """The device-held metrics since the last log become floats, in one read of the device."""
+        metrics = self._metrics[mode]
+        held = [(name, i) for name in _DEVICE_METRICS for i, v in enumerate(metrics.get(name, ())) if is_tensor(v)]
+        tensors = [metrics[name][i] for name, i in held]
+        if self._device_tokens is not None:
+            tensors.append(self._device_tokens)
+        if not tensors:
+            return
+        values = torch.stack([t.to(torch.float64) for t in tensors]).tolist()
+        for (name, i), value in zip(held, values):
+            metrics[name][i] = value
+        if self._device_tokens is not None:
+            self._total_train_tokens += round(values[-1])
+            self._device_tokens = None
+        metrics["num_tokens"] = [self._total_train_tokens]  # TRL's: the training tokens so far, also in eval logs

@@ -28,8 +28,11 @@ def _argv(base, out, *extra):  # noqa: F811
     )
 
 
-def _losses(trainer):
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+def _losses(trainer, key="loss"):
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+LOGGED = ("entropy", "mean_token_accuracy", "num_tokens")  # the SFT trainer's metrics, gathered over the ranks
 
 
 def _worker(rank, world, port, argv, result_path):
@@ -48,6 +51,7 @@ def _worker(rank, world, port, argv, result_path):
     backbone = trainer.accelerator.unwrap_model(trainer.model).model
     if rank == 0:
         result = {"losses": _losses(trainer), "slices": seen, "cp": backbone.context_parallel is not None}
+        result.update({key: _losses(trainer, key) for key in LOGGED})
         if not result["cp"]:
             result["slices"] = []
         result_path.write_text(json.dumps(result))
@@ -99,13 +103,17 @@ def test_data_parallel_groups_of_context_parallel_ranks(base, tmp_path):  # noqa
 def test_data_parallel_equals_one_process(base, tmp_path):  # noqa: F811
     """Plain DDP through align/sft.py (the stage's default path: on CPU eager layers, no graphs; under
     torch.distributed never graphs or a second stream): 2 processes × 2 rows per step train as one process × 4 rows
-    — the same losses step by step and the same weights (fp32; Adam's normalised steps turn the all-reduce's other
-    summation order into ~1e-4 of the weights)."""
+    — the same losses, entropy, top-1 accuracy and token counts step by step and the same weights (fp32; Adam's
+    normalised steps turn the all-reduce's other summation order into ~1e-4 of the weights)."""
     single = sft.main(_argv(base, tmp_path / "single"))
     ddp = _run(_argv(base, tmp_path / "ddp", "--per_device_train_batch_size", "2"), 2, tmp_path, "ddp")
     assert not ddp["cp"] and len(ddp["losses"]) == 3
     for a, b in zip(ddp["losses"], _losses(single)):
         assert abs(a - b) <= 1e-4 * abs(b), (ddp["losses"], _losses(single))
+    for key in LOGGED:  # sums of both ranks' tokens, as the one process counts them
+        got, want = ddp[key], _losses(single, key)
+        assert len(got) == 3 and all(abs(a - b) <= 1e-4 * abs(b) for a, b in zip(got, want)), (key, got, want)
+    assert ddp["num_tokens"] == _losses(single, "num_tokens")
     ours = FalconH1ForCausalLM.from_pretrained(tmp_path / "ddp").state_dict()
     reference = FalconH1ForCausalLM.from_pretrained(tmp_path / "single").state_dict()
     before = FalconH1ForCausalLM.from_pretrained(base / "base").state_dict()

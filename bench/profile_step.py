@@ -2,6 +2,7 @@
 
     python -m bench profile --preset 0.5b --seq 8192 --mode compiled --out <json>
     python -m bench profile --preset 1.5b-deep --seq 8192 --mode graphs
+    python -m bench profile --preset 0.5b --seq 8192 --packed-docs 4 --mode compiled   # the Trainer's packed rows
 
 Modes: `eager`, `graphs` (per-layer CUDA graphs), `compiled` (compiled layers inside the graphs) — the columns
 of docs/performance.md — and `compiled-eager` (`compile_layers`, what `compile_layers: true` runs in the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -80,6 +82,14 @@ def kernel_table(events, steps: int, on_gpu: bool, top: int = 40) -> tuple[list[
     return families, top, busy
 
 
+# host-device syncs: each stops the host from queueing work ahead of the GPU
+SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
+
+
+def syncs_per_step(events, steps: int) -> dict:
+    return {e.key: round(e.count / steps, 1) for e in events if e.key in SYNCS and e.count}
+
+
 def build(args, device):
     if args.tiny:
         from tests.conftest import tiny_kwargs
@@ -98,7 +108,8 @@ def prepare(model, args, on_gpu: bool) -> None:
     elif on_gpu and args.mode != "eager":
         from model.graphs import enable_training_graphs
 
-        enable_training_graphs(model, 1, args.seq, compile=args.mode == "compiled")
+        docs = args.packed_docs or None
+        enable_training_graphs(model, 1, args.seq, max_docs=docs, compile=args.mode == "compiled")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -106,6 +117,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seq", type=int, default=8192)
     ap.add_argument("--mode", choices=("eager", "graphs", "compiled", "compiled-eager"), default="compiled")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--packed-docs", type=int, default=0, help="rows of this many documents (the Trainer's packing)")
     ap.add_argument("--tiny", action="store_true", help="2-layer model on CPU: a smoke test of this benchmark")
     ap.add_argument("--top", type=int, default=40, help="how many kernels to list by time")
     ap.add_argument("--trace", default=None, help="also write a Chrome trace of the profiled steps here")
@@ -120,9 +132,14 @@ def main(argv: list[str]) -> dict:
     prepare(model, args, on_gpu)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=on_gpu)
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), device=device)
+    packed = {}
+    if args.packed_docs:
+        from bench.train import packed_positions
+
+        packed = {"position_ids": packed_positions(args.seq, args.packed_docs, device)}
 
     def step():
-        model(input_ids=ids, labels=ids).loss.backward()
+        model(input_ids=ids, labels=ids, **packed).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -130,19 +147,25 @@ def main(argv: list[str]) -> dict:
     step_ms = statistics.mean(common.step_times(step, args.steps, warmup=3)) * 1e3
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(args.steps):
             step()
         common.sync()
-    families, top, busy = kernel_table(prof.key_averages(), args.steps, on_gpu, args.top)
+        profiled_ms = (time.perf_counter() - start) * 1e3 / args.steps
+    events = prof.key_averages()
+    families, top, busy = kernel_table(events, args.steps, on_gpu, args.top)
     if args.trace:
         prof.export_chrome_trace(args.trace)
-    name = f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}, {args.mode}"
+    packing = f", {args.packed_docs} documents a row" if args.packed_docs else ""
+    name = f"profile, {args.preset if not args.tiny else 'tiny'} seq {args.seq}{packing}, {args.mode}"
     record = common.envelope(name, "profile", argv, args)
     record.update(
         step_ms=round(step_ms, 2),
         tokens_per_s=round(args.seq / step_ms * 1e3),
         busy_ms_per_step=round(busy, 2),
         busy_share=round(busy / step_ms, 3),
+        wall_ms_per_step_profiled=round(profiled_ms, 2),  # as bench.user_paths' Trainer profile measures its steps
+        syncs_per_step=syncs_per_step(events, args.steps),
         families=families,
         top_kernels=top,
     )

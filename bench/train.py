@@ -34,10 +34,10 @@ def step_flops(cfg, n_params, T):
     return 6 * n_params * T + 6 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * T * T
 
 
-def packed_positions(T: int, docs: int) -> torch.Tensor:
+def packed_positions(T: int, docs: int, device="cuda") -> torch.Tensor:
     """position_ids (1, T) of `docs` equal documents packed in one row."""
     bounds = torch.linspace(0, T, docs + 1).long().tolist()
-    return torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None].cuda()
+    return torch.cat([torch.arange(b - a) for a, b in zip(bounds[:-1], bounds[1:])])[None].to(device)
 
 
 def time_training(model, T, steps, ckpt=False, packed_docs=0, reset_peak=True, warmup=2, offload=False):

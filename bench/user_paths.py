@@ -48,7 +48,7 @@ from bench.common import (
     sync,
     write_result,
 )
-from bench.profile_step import kernel_table
+from bench.profile_step import kernel_table, syncs_per_step
 from model import preset_config
 
 
@@ -103,8 +103,6 @@ class ProfileSteps(TrainerCallback):
     stop the host from running ahead (`.item()`, boolean indexing). The gap between a Trainer step and the bench's
     bare step of the same shape is host work the GPU waits for, or GPU work the bench does not do."""
 
-    SYNCS = ("aten::_local_scalar_dense", "aten::nonzero", "cudaStreamSynchronize", "cudaDeviceSynchronize")
-
     def __init__(self, first: int, n: int = 3):
         self.first, self.n, self.result, self._prof, self._t = first, n, None, None, 0.0
 
@@ -126,7 +124,7 @@ class ProfileSteps(TrainerCallback):
         events = self._prof.key_averages()
         families, top, busy = kernel_table(events, self.n, on_gpu=True, top=12)
         _, host_top, _ = kernel_table(events, self.n, on_gpu=False, top=12)
-        syncs = {e.key: round(e.count / self.n, 1) for e in events if e.key in self.SYNCS and e.count}
+        syncs = syncs_per_step(events, self.n)
         self.result = dict(
             steps=self.n,
             wall_ms_per_step=round(wall_ms, 2),

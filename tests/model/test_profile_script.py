@@ -56,7 +56,7 @@ def test_profile_script_runs_on_cpu(tmp_path):
     trace = tmp_path / "trace.json"
     # compiled-eager: the layers through compile_layers (aot_eager on CPU), as `compile_layers: true` runs them
     command = [sys.executable, "-m", "bench", "profile", "--tiny", "--seq", "48", "--mode", "compiled-eager"]
-    command += ["--top", "5", "--trace", str(trace), "--out", str(out)]
+    command += ["--packed-docs", "3", "--top", "5", "--trace", str(trace), "--out", str(out)]
     done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     record = json.loads(out.read_text())
@@ -65,3 +65,5 @@ def test_profile_script_runs_on_cpu(tmp_path):
     assert abs(sum(f["share"] for f in record["families"]) - 1) < 1e-2
     assert {"GEMM", "attention"} <= {f["family"] for f in record["families"]}
     assert record["command"] == "python -m bench " + " ".join(command[3:]) and record["card"] == "cpu"
+    # packed rows: the documents' boundaries are found on the host's side of the device (one read a forward)
+    assert record["syncs_per_step"].get("aten::_local_scalar_dense", 0) >= 1 and record["wall_ms_per_step_profiled"] > 0

@@ -11,6 +11,7 @@ from tests.conftest import rel_err
 
 STEPS = ("--max_steps", "6", "--learning_rate", "2e-2", "--gradient_accumulation_steps", "2")
 STEPS += ("--include_num_input_tokens_seen", "true")  # "all"
+STEPS += ("--eval_fraction", "0.2", "--eval_strategy", "steps", "--eval_steps", "3")
 
 
 def _logged(trainer, key):
@@ -19,8 +20,9 @@ def _logged(trainer, key):
 
 @pytest.mark.parametrize("packing", ["True", "False"])
 def test_falcon_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, packing):  # noqa: F811
-    """Same loss, gradient norm, entropy, top-1 accuracy and token count at every log, and the same weights after
-    6 steps of 2 micro-batches, packed (padding-free) and padded, with the prompt tokens unscored."""
+    """Same loss, gradient norm, entropy, top-1 accuracy and token count at every log, the same evaluation figures,
+    and the same weights after 6 steps of 2 micro-batches, packed (padding-free) and padded, with the prompt tokens
+    unscored."""
     ours = run_sft(base, tmp_path / "ours", *STEPS, "--packing", packing)
     assert type(ours) is FalconSFTTrainer and ours.own_step
     assert isinstance(ours.data_collator, HostCheckedCollator)
@@ -31,6 +33,10 @@ def test_falcon_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, packin
         got, want = _logged(ours, key), _logged(theirs, key)
         assert len(got) == len(want) == 6, key
         assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (key, got, want)
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):  # evaluation at steps 3 and 6
+        got, want = _logged(ours, key), _logged(theirs, key)
+        assert len(got) == len(want) == 2 and all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), key
+    assert _logged(ours, "eval_num_tokens") == _logged(theirs, "eval_num_tokens") == _logged(ours, "num_tokens")[2::3]
     assert _logged(ours, "num_tokens") == _logged(theirs, "num_tokens")
     assert ours.state.num_input_tokens_seen == theirs.state.num_input_tokens_seen > 0
     assert 0.05 < _logged(ours, "mean_token_accuracy")[-1] < 1  # learning: the top-1 count is no constant 0

@@ -12,6 +12,8 @@ What TRL 1.16 leaves out and this adds:
 - **Loss names**: TRL's by name, plus `dpo_norm` (TII's length-normalised DPO, open-instruct's name), which is
   exactly TRL's `sigmoid_norm` (tests/align/test_dpo_losses.py proves it on hand-made log-probs).
 - Pairs TRL drops (a prompt that fills max_length) are counted and logged, not lost silently.
+- The padded batches' real tokens are located on the host, in the collator (`HostUnpaddedCollator`), so the
+  packed forward does not read the attention mask back from the device.
 """
 
 from __future__ import annotations
@@ -31,8 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
+from model.checks import check_input_ids
 from model.kernels import get_ops
-from model.modeling import configure_backbones
+from model.modeling import FalconH1ForCausalLM, configure_backbones
 
 logger = logging.getLogger("falcon_align.dpo")
 
@@ -92,6 +95,27 @@ def hash_token_columns(dataset, columns=("prompt_ids", "chosen_ids", "rejected_i
     return h.hexdigest()
 
 
+class HostUnpaddedCollator:
+    """TRL's preference batches (chosen rows, then rejected rows, right-padded), with what the model's padding-free
+    forward would otherwise read back from the device found on the host: the flat index of every real token
+    (`real_token_index`), the rows' boundaries among them and the longest row (`cu_seq_lens_q`, `max_length_q`); the
+    token ids are range-checked here too (`checked_ids`)."""
+
+    def __init__(self, collate, vocab: int):
+        self.collate, self.vocab = collate, vocab
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        check_input_ids(batch["input_ids"], self.vocab)
+        real = batch["attention_mask"].bool()  # (2n, l)
+        lengths = real.sum(1)
+        batch["real_token_index"] = real.reshape(-1).nonzero().squeeze(1)
+        batch["cu_seq_lens_q"] = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        batch["max_length_q"] = int(lengths.max())
+        batch["checked_ids"] = True
+        return batch
+
+
 class FalconDPOTrainer(DPOTrainer):
     """TRL's DPOTrainer with padding-free pairs, a keyed disk cache of reference log-probs and counted drops.
 
@@ -115,6 +139,9 @@ class FalconDPOTrainer(DPOTrainer):
                 logger.warning("padding_free needs falcon-align's Falcon-H1 model; other models run padded")
         super().__init__(*args, **kwargs)
         self.args.padding_free = self.packed_pairs  # saved and logged as asked
+        ours = next((m for m in self.model.modules() if isinstance(m, FalconH1ForCausalLM)), None)
+        if self.packed_pairs and ours is not None:  # the training batches' real tokens found on the host
+            self.data_collator = HostUnpaddedCollator(self.data_collator, ours.config.vocab_size)
 
     # ------------------------------------------------------------------ counted drops
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -260,12 +260,16 @@ class FalconH1Model(FalconH1PreTrainedModel):
         cu_seq_lens_q=None,
         max_length_q=None,
         checked_ids=False,
+        real_token_index=None,
         **kwargs,
     ):
         """checked_ids: the caller has range-checked input_ids on the host (a Trainer's collator), so the device check
         and its host sync are skipped. A padding-free row (1, l) whose collator gives `cu_seq_lens_q` and
         `max_length_q` (TRL's, transformers' DataCollatorWithFlattening: boundaries of every token's document) takes
-        them as the varlen kernel's boundaries instead of deriving them on the device, which waits for it twice."""
+        them as the varlen kernel's boundaries instead of deriving them on the device, which waits for it twice.
+        A padded batch run padding-free (`set_padding_free`) likewise takes its real tokens from the collator where
+        it gives them: `real_token_index` (T,), the flat indices of the attention mask's real tokens in the (b·l)
+        batch, with `cu_seq_lens_q` (b+1,) and `max_length_q`, the rows' boundaries among them and the longest row."""
         cache = kwargs.pop("cache", None) or past_key_values
         hidden = self._embed(input_ids, inputs_embeds, check=not checked_ids)
         b, l, _ = hidden.shape
@@ -273,7 +277,8 @@ class FalconH1Model(FalconH1PreTrainedModel):
             raise ValueError(
                 f"attention_mask must be 2D (batch, past+current length), got {tuple(attention_mask.shape)}"
             )
-        padded = attention_mask is not None and not bool(attention_mask.all())
+        # a collator that located the real tokens saw the padding on the host: no read of the mask on the device
+        padded = real_token_index is not None or (attention_mask is not None and not bool(attention_mask.all()))
         if self.context_parallel is not None:
             if padded or cache is not None or use_cache:
                 raise ValueError("context parallelism runs packed rows without padding or a cache")
@@ -284,7 +289,10 @@ class FalconH1Model(FalconH1PreTrainedModel):
         if use_cache is None:  # default: a cache for inference, none for training or packed rows
             use_cache = self.config.use_cache and not self.training and seq_idx is None
         if padded and self.padding_free and not use_cache and cache is None:
-            return self._forward_unpadded(hidden, attention_mask, position_ids)
+            real = None
+            if real_token_index is not None and cu_seq_lens_q is not None and isinstance(max_length_q, int):
+                real = (real_token_index, cu_seq_lens_q.to(torch.int32), max_length_q)
+            return self._forward_unpadded(hidden, attention_mask, position_ids, real)
         if use_cache and cache is None:
             cache = FalconH1HybridCache(self.config, b)
         if seq_idx is not None and cache is not None:
@@ -386,20 +394,27 @@ class FalconH1Model(FalconH1PreTrainedModel):
                 hidden = layer(hidden, inputs)
         return BaseModelOutputWithPast(last_hidden_state=self.final_layernorm(hidden), **{_CACHE_FIELD: None})
 
-    def _forward_unpadded(self, hidden, attention_mask, position_ids=None):
+    def _forward_unpadded(self, hidden, attention_mask, position_ids=None, real=None):
         """A padded batch (b, l) of embedded tokens run as one packed row of its T real tokens, each row its own
         document (exact isolation in the scan, the conv and attention), then scattered back: pads get zeros, never
-        computed."""
-        l = hidden.size(1)
-        keep = attention_mask[:, -l:].bool()  # (b, l)
+        computed. real: (index (T,), cu_seqlens (b+1,), longest) of the real tokens, found by the collator on the
+        host; else they are found here, which reads the mask back from the device."""
+        b, l, d = hidden.shape
         if position_ids is None:
             position_ids = positions_from_attention_mask(attention_mask)[:, -l:]
-        rows = torch.arange(keep.size(0), device=keep.device).repeat_interleave(keep.sum(1))  # (T,) row of each token
-        packed = hidden[keep][None]  # (1, T, d)
-        seq_idx = rows[None].to(torch.int32)
-        inputs = self._layer_inputs(packed, None, position_ids[keep][None], seq_idx, None)
+        if real is None:
+            keep = attention_mask[:, -l:].bool()  # (b, l)
+            index = keep.reshape(-1).nonzero().squeeze(1)  # (T,) flat index of each real token
+            docs = None
+        else:
+            index, cu_seqlens, longest = real
+            docs = (cu_seqlens, longest)
+        packed = hidden.reshape(b * l, d).index_select(0, index)[None]  # (1, T, d)
+        seq_idx = (index // l).to(torch.int32)[None]  # (1, T) each token's row: its document
+        positions = position_ids.reshape(-1).index_select(0, index)[None]
+        inputs = self._layer_inputs(packed, None, positions, seq_idx, None, docs)
         out = self.final_layernorm(self._run_layers(packed, inputs))
-        scattered = out.new_zeros(*keep.shape, out.size(-1)).masked_scatter(keep[..., None], out[0])
+        scattered = out.new_zeros(b * l, d).index_copy(0, index, out[0]).view(b, l, d)
         return BaseModelOutputWithPast(last_hidden_state=scattered, **{_CACHE_FIELD: None})
 
 

@@ -122,11 +122,12 @@ def count_models(monkeypatch):
 
 def test_padding_free_dpo_log_probs_equal_padded(base, tmp_path):
     """fp32 CPU: the packed pairs give the padded log-probs within 1e-5, through TRL's fused LM head, and the
-    model really ran one packed row of the real tokens."""
+    model really ran one packed row of the real tokens, located by the collator on the host."""
     trainer = make_trainer(base, tmp_path, precompute_ref_log_probs=False)
     model = trainer.model.eval()
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(8)])
     assert batch["attention_mask"].float().mean() < 0.95, "the batch must contain padding"
+    assert batch["real_token_index"].numel() == batch["attention_mask"].sum()  # found on the host by the collator
     shapes = []
     hook = model.model.layers[0].register_forward_pre_hook(
         lambda m, args, kw: shapes.append(tuple(args[0].shape[:2])), with_kwargs=True

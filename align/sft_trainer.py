@@ -3,7 +3,7 @@
 TRL 1.16's step reads its metrics back every micro-batch (entropy, top-1 accuracy and token counts with `.item()`),
 scores the loss on the labelled positions picked by boolean indexing (each a device-to-host sync), and the Trainer
 tests every loss for NaN on the host. Each such read stalls the host until the GPU has drained, and the GPU then idles
-until the host has launched the next kernels. Here, on our model:
+until the host has launched the next kernels. Here, on our model on CUDA:
 
 - the loss and the metrics come from the model's own chunked head (`loss_metrics=True`): every position is scored,
   unlabelled ones weighted by zero, so the loss, every gradient and the metrics equal TRL's with no sync;
@@ -13,7 +13,8 @@ until the host has launched the next kernels. Here, on our model:
 - the Trainer's NaN filter runs on the device: a non-finite loss counts as the mean of those logged so far, as there;
 - `include_num_input_tokens_seen: all` counts on the host in one process.
 
-Other models, and TRL's paths this does not cover (`compute_loss_func`, label smoothing, the DFT loss, MoE auxiliary
+On CPU, where a read costs no wait, TRL's own step runs (`sync_free` chooses). Other models, and TRL's paths this
+does not cover (`compute_loss_func`, label smoothing, the DFT loss, MoE auxiliary
 losses, Ulysses sequence parallelism, `return_outputs`), take TRL's own step.
 """
 
@@ -46,11 +47,17 @@ class HostCheckedCollator:
 
 
 class FalconSFTTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
+    """sync_free: take the step above (None: where the model trains on CUDA, the only place a read of the device costs a
+    wait; on CPU TRL's own step runs, and the offline default's figures stay those of TRL's arithmetic)."""
+
+    def __init__(self, *args, sync_free: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         ours = falcon_model(self.model)
+        if sync_free is None:
+            sync_free = self.args.device.type == "cuda"
         self.own_step = (
-            ours is not None
+            sync_free
+            and ours is not None
             and self.compute_loss_func is None
             and self.label_smoother is None
             and self.args.loss_type == "nll"

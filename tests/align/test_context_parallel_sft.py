@@ -5,11 +5,13 @@ data parallelism on 2 processes — the same losses step by step and the same we
 import json
 import os
 import socket
+from functools import partial
 
 import torch
 import torch.multiprocessing as mp
 
 from align import sft
+from align.sft_trainer import FalconSFTTrainer
 from align.stage import finish
 from model import FalconH1ForCausalLM
 from tests.align.test_sft import COMMON, base  # noqa: F401  (the tiny base checkpoint + jsonl mix)
@@ -47,6 +49,7 @@ def _worker(rank, world, port, argv, result_path):
 
     original = FalconH1ForCausalLM.forward
     FalconH1ForCausalLM.forward = lambda self, *a, **kw: (spy(self, a, kw), original(self, *a, **kw))[1]
+    sft.FalconSFTTrainer = partial(FalconSFTTrainer, sync_free=True)  # the CUDA step, on these CPU ranks
     trainer = sft.main(argv)
     backbone = trainer.accelerator.unwrap_model(trainer.model).model
     if rank == 0:
@@ -102,9 +105,10 @@ def test_data_parallel_groups_of_context_parallel_ranks(base, tmp_path):  # noqa
 
 def test_data_parallel_equals_one_process(base, tmp_path):  # noqa: F811
     """Plain DDP through align/sft.py (the stage's default path: on CPU eager layers, no graphs; under
-    torch.distributed never graphs or a second stream): 2 processes × 2 rows per step train as one process × 4 rows
-    — the same losses, entropy, top-1 accuracy and token counts step by step and the same weights (fp32; Adam's
-    normalised steps turn the all-reduce's other summation order into ~1e-4 of the weights)."""
+    torch.distributed never graphs or a second stream), the ranks on the CUDA step (sync_free), the one process on
+    TRL's: 2 processes × 2 rows per step train as one process × 4 rows — the same losses, entropy, top-1 accuracy and
+    token counts step by step and the same weights (fp32; Adam's normalised steps turn the all-reduce's other
+    summation order into ~1e-4 of the weights)."""
     single = sft.main(_argv(base, tmp_path / "single"))
     ddp = _run(_argv(base, tmp_path / "ddp", "--per_device_train_batch_size", "2"), 2, tmp_path, "ddp")
     assert not ddp["cp"] and len(ddp["losses"]) == 3

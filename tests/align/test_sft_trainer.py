@@ -1,5 +1,7 @@
 """FalconSFTTrainer: the SFT step without host reads of the device trains and logs as TRL's own step does."""
 
+from functools import partial
+
 import pytest
 import torch
 from trl import SFTTrainer
@@ -22,13 +24,13 @@ def _logged(trainer, key):
 def test_falcon_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, packing):  # noqa: F811
     """Same loss, gradient norm, entropy, top-1 accuracy and token count at every log, the same evaluation figures,
     and the same weights after 6 steps of 2 micro-batches, packed (padding-free) and padded, with the prompt tokens
-    unscored."""
+    unscored: the CUDA step (sync_free, taken here on CPU) against TRL's, which the CPU default runs."""
+    theirs = run_sft(base, tmp_path / "trl", *STEPS, "--packing", packing)
+    assert type(theirs) is FalconSFTTrainer and not theirs.own_step  # on CPU: TRL's step
+    monkeypatch.setattr(sft, "FalconSFTTrainer", partial(FalconSFTTrainer, sync_free=True))
     ours = run_sft(base, tmp_path / "ours", *STEPS, "--packing", packing)
     assert type(ours) is FalconSFTTrainer and ours.own_step
     assert isinstance(ours.data_collator, HostCheckedCollator)
-    monkeypatch.setattr(sft, "FalconSFTTrainer", SFTTrainer)
-    theirs = run_sft(base, tmp_path / "trl", *STEPS, "--packing", packing)
-    assert type(theirs) is SFTTrainer
     for key in ("loss", "grad_norm", "entropy", "mean_token_accuracy"):
         got, want = _logged(ours, key), _logged(theirs, key)
         assert len(got) == len(want) == 6, key
@@ -49,6 +51,7 @@ def test_falcon_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, packin
 def test_non_finite_loss_counts_as_the_mean_since_the_last_log(base, tmp_path, monkeypatch):  # noqa: F811
     """The Trainer's NaN filter, on the device: a finite loss passes; a NaN or inf one becomes the mean of the losses
     summed since the last log, as the Trainer's host-side filter makes it (which then stays off)."""
+    monkeypatch.setattr(sft, "FalconSFTTrainer", partial(FalconSFTTrainer, sync_free=True))
     trainer = run_sft(base, tmp_path / "run", "--max_steps", "1")
     assert trainer._nan_filter and not trainer.args.logging_nan_inf_filter
     trainer._tr_loss = torch.tensor(6.0)

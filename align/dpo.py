@@ -27,7 +27,7 @@ from transformers import set_seed  # noqa: E402
 from trl import DPOConfig, ModelConfig  # noqa: E402
 
 from align.args import PreferenceArguments, RecipeParser  # noqa: E402
-from align.fast_path import apply, decide  # noqa: E402
+from align.fast_path import apply, decide, fit_pair_tokens  # noqa: E402
 from align.models import load_model, load_reference, load_tokenizer, peft_config  # noqa: E402
 from align.preference import FalconDPOTrainer  # noqa: E402
 from align.stage import finish, mixture_rows, train_and_save  # noqa: E402
@@ -80,6 +80,7 @@ def main(argv=None, callbacks=()):
         ref_logps_cache_dir=align_args.ref_logps_cache_dir or str(Path(dpo_args.output_dir) / "ref_logps"),
         callbacks=[*callbacks, *extra_callbacks],
     )
+    fit_pair_tokens(path, trainer.train_dataset, dpo_args)  # the graphs' token budget from the tokenized pairs
     train_and_save(trainer, dpo_args, model_args, align_args, tokenizer, trust)
     return trainer
 

@@ -42,6 +42,7 @@ class TrainingPath:
     graph_doc_slots: int | None = None
     graph_doc_len: int | None = None  # the longest document a captured row takes (max_length)
     slots_from_data: bool = False  # graph_doc_slots is a placeholder until fit_doc_slots has read the packed rows
+    tokens_from_data: bool = False  # graph_tokens is the worst case until fit_pair_tokens has read the pairs
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -115,6 +116,7 @@ def decide(model, align_args, train_args, padding_free: bool, pairs: bool = Fals
     )
     if not path.graph_doc_slots:
         path.graph_doc_slots, path.slots_from_data = default_doc_slots(path, train_args, pairs)
+    path.tokens_from_data = pairs and not align_args.graph_tokens and not align_args.graph_doc_slots
     return path
 
 
@@ -151,6 +153,44 @@ def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
         path.graph_doc_slots,
         most,
         path.fillers,
+    )
+
+
+def fit_pair_tokens(path: TrainingPath, dataset, train_args, multiple: int = 256) -> None:
+    """DPO: the captured token budget from the pairs themselves, not per_device_train_batch_size × 2 × max_length.
+    A micro-batch holds at most the `batch` longest pairs of `dataset` (prompt + chosen and prompt + rejected, each
+    cut at max_length), rounded up to `multiple`; every captured token is computed, so pairs far shorter than
+    max_length would otherwise spend most of the step on filler. The slots follow (2 a pair, plus the fillers).
+    Kept as decided where the recipe set `graph_tokens` or `graph_doc_slots`, or the columns are not there."""
+    if not (path.graphs and path.tokens_from_data):
+        return
+    path.tokens_from_data = False
+    names = getattr(dataset, "column_names", None) or ()
+    table = getattr(dataset, "data", None)
+    if table is None or not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
+        return
+    import numpy as np
+    import pyarrow.compute as pc
+
+    def length(name):
+        return pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+
+    cut = path.graph_doc_len
+    prompt = length("prompt_ids")
+    pairs = np.minimum(prompt + length("chosen_ids"), cut) + np.minimum(prompt + length("rejected_ids"), cut)
+    batch = train_args.per_device_train_batch_size
+    most = int(np.sort(pairs)[-batch:].sum()) if len(pairs) else path.graph_tokens
+    tokens = min(path.graph_tokens, -(-most // multiple) * multiple)
+    if tokens == path.graph_tokens:
+        return
+    path.graph_tokens = tokens
+    path.graph_doc_slots = 2 * batch + path.fillers
+    logger.info(
+        "training graphs: %d tokens, %d document slots (the %d longest pairs hold %d tokens)",
+        tokens,
+        path.graph_doc_slots,
+        batch,
+        most,
     )
 
 

@@ -100,6 +100,37 @@ def test_packed_rows_set_the_document_slots(tmp_path):
     assert path.graph_doc_slots == 64
 
 
+def test_pairs_set_the_token_budget():
+    """fit_pair_tokens: DPO's captured budget is what the `batch` longest pairs hold (each sequence cut at max_length),
+    rounded up, not batch × 2 × max_length; the slots follow. A recipe's own budget, or missing columns, keep it."""
+    from datasets import Dataset
+
+    lengths = [(30, 50, 10), (5, 5, 5), (200, 100, 120), (10, 400, 20)]  # prompt, chosen, rejected
+    pairs = Dataset.from_dict(
+        {name: [[1] * row[i] for row in lengths] for i, name in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))}
+    )
+    train_args = type("A", (), {"per_device_train_batch_size": 2})()
+
+    def path(**kw):
+        return fast_path.TrainingPath(True, True, False, 2 * 2 * 256, 4 + 4, 256, tokens_from_data=True, **kw)
+
+    fitted = path()
+    fast_path.fit_pair_tokens(fitted, pairs, train_args, multiple=64)
+    longest = (256 + 256) + (256 + 30)  # 300 and 310 cut at 256; 410 cut at 256, then 30
+    assert fitted.graph_tokens == 832 == -(-longest // 64) * 64 and fitted.graph_doc_slots == 4 + 4
+    assert not fitted.tokens_from_data
+    fitted = path()
+    fast_path.fit_pair_tokens(fitted, pairs.select([0, 1]), train_args, multiple=64)  # 90 + 40 and 10 + 10
+    assert fitted.graph_tokens == 192 and fitted.graph_doc_slots == 4 + 1
+    kept = path()
+    kept.tokens_from_data = False  # graph_tokens from the recipe
+    fast_path.fit_pair_tokens(kept, pairs, train_args)
+    assert kept.graph_tokens == 1024
+    kept = path()
+    fast_path.fit_pair_tokens(kept, pairs.remove_columns("prompt_ids"), train_args)
+    assert kept.graph_tokens == 1024
+
+
 def test_cpu_runs_eager_without_checkpointing(tmp_path):
     align_args, sft_args, _ = sft.parse(["--config", _recipe(tmp_path), *CPU])
     model = tiny_model()

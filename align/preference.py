@@ -33,9 +33,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
-from model.checks import check_input_ids
+from align.fast_path import falcon_model
+from align.sft_trainer import HostCheckedCollator
 from model.kernels import get_ops
-from model.modeling import FalconH1ForCausalLM, configure_backbones
+from model.modeling import configure_backbones
 
 logger = logging.getLogger("falcon_align.dpo")
 
@@ -95,18 +96,14 @@ def hash_token_columns(dataset, columns=("prompt_ids", "chosen_ids", "rejected_i
     return h.hexdigest()
 
 
-class HostUnpaddedCollator:
+class HostUnpaddedCollator(HostCheckedCollator):
     """TRL's preference batches (chosen rows, then rejected rows, right-padded), with what the model's padding-free
     forward would otherwise read back from the device found on the host: the flat index of every real token
     (`real_token_index`), the rows' boundaries among them and the longest row (`cu_seq_lens_q`, `max_length_q`); the
     token ids are range-checked here too (`checked_ids`)."""
 
-    def __init__(self, collate, vocab: int):
-        self.collate, self.vocab = collate, vocab
-
     def __call__(self, examples):
-        batch = self.collate(examples)
-        check_input_ids(batch["input_ids"], self.vocab)
+        batch = super().__call__(examples)
         real = batch["attention_mask"].bool()  # (2n, l)
         lengths = real.sum(1)
         batch["real_token_index"] = real.reshape(-1).nonzero().squeeze(1)
@@ -139,7 +136,7 @@ class FalconDPOTrainer(DPOTrainer):
                 logger.warning("padding_free needs falcon-align's Falcon-H1 model; other models run padded")
         super().__init__(*args, **kwargs)
         self.args.padding_free = self.packed_pairs  # saved and logged as asked
-        ours = next((m for m in self.model.modules() if isinstance(m, FalconH1ForCausalLM)), None)
+        ours = falcon_model(self.model)
         if self.packed_pairs and ours is not None:  # the training batches' real tokens found on the host
             self.data_collator = HostUnpaddedCollator(self.data_collator, ours.config.vocab_size)
 

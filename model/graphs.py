@@ -157,10 +157,10 @@ class TrainingGraphs:
         hidden = torch.cat([hidden, hidden.new_zeros(1, extra, hidden.size(-1))], 1)
         cos = torch.cat([cos, cos.new_ones(1, 1, extra, cos.size(-1))], 2)
         sin = torch.cat([sin, sin.new_zeros(1, 1, extra, sin.size(-1))], 2)
-        pieces, ends = self._pieces(real, seq_idx.device, seq_idx.dtype)
+        pieces, _ = self._pieces(real, seq_idx.device, seq_idx.dtype)
         seq_idx = torch.cat([seq_idx, seq_idx[:, -1:] + 1 + pieces[None]], 1)
-        # the ends made on the device: a tensor from a host list is a blocking copy, which waits for the GPU
-        ends = torch.arange(len(ends), device=cu_seqlens.device, dtype=cu_seqlens.dtype) * self.max_doc_len
+        # the fillers' ends made on the device: a tensor from a host list is a blocking copy, which waits for the GPU
+        ends = torch.arange(self.fillers(real), device=cu_seqlens.device, dtype=cu_seqlens.dtype) * self.max_doc_len
         ends = (ends + real + self.max_doc_len).clamp(max=self.seqlen)
         cu_seqlens = torch.cat([cu_seqlens, ends])
         return hidden, cos, sin, seq_idx, cu_seqlens

@@ -88,7 +88,19 @@ class AlignArguments:
     )
     graph_tokens: int | None = field(
         default=None,
-        metadata={"help": "Token budget of the captured row (default: per_device_train_batch_size × max_length)."},
+        metadata={
+            "help": "Token budget of the captured row. Default: per_device_train_batch_size × max_length; DPO: what "
+            "the per_device_train_batch_size longest pairs of the training set hold."
+        },
+    )
+    graph_budgets: int | None = field(
+        default=None,
+        metadata={
+            "help": "How many token budgets are captured, up to graph_tokens; each micro-batch replays the smallest "
+            "that holds it (every captured token is computed). Default: DPO 4, chosen where micro-batches of the "
+            "training pairs land (least filler), as many as the memory planner's headroom holds; else 1. Each budget "
+            "keeps its own trainable gradients and every layer's input and output at its size."
+        },
     )
     graph_doc_slots: int | None = field(
         default=None,

@@ -80,7 +80,7 @@ def main(argv=None, callbacks=()):
         ref_logps_cache_dir=align_args.ref_logps_cache_dir or str(Path(dpo_args.output_dir) / "ref_logps"),
         callbacks=[*callbacks, *extra_callbacks],
     )
-    fit_pair_tokens(path, trainer.train_dataset, dpo_args)  # the graphs' token budget from the tokenized pairs
+    fit_pair_tokens(path, trainer.train_dataset, dpo_args, model=model)  # the graphs' budgets from the tokenized pairs
     train_and_save(trainer, dpo_args, model_args, align_args, tokenizer, trust)
     return trainer
 

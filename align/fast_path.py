@@ -43,6 +43,9 @@ class TrainingPath:
     graph_doc_len: int | None = None  # the longest document a captured row takes (max_length)
     slots_from_data: bool = False  # graph_doc_slots is a placeholder until fit_doc_slots has read the packed rows
     tokens_from_data: bool = False  # graph_tokens is the worst case until fit_pair_tokens has read the pairs
+    budget_count: int = 1  # token budgets to capture (DPO: the smaller ones from the pairs' micro-batch lengths)
+    graph_budgets: list[int] = field(default_factory=list)  # the smaller budgets captured beside graph_tokens
+    headroom_gib: float | None = None  # the card's memory the planner leaves free at graph_tokens, where it planned
     reasons: list[str] = field(default_factory=list)
 
     @property
@@ -53,7 +56,7 @@ class TrainingPath:
     def describe(self) -> str:
         parts = [
             "compiled layers" if self.compile_layers else "eager layers",
-            f"CUDA graphs ({self.graph_tokens} tokens, "
+            f"CUDA graphs ({'/'.join(map(str, [*self.graph_budgets, self.graph_tokens]))} tokens, "
             + (
                 "document slots from the packed rows"
                 if self.slots_from_data
@@ -102,7 +105,7 @@ def decide(model, align_args, train_args, padding_free: bool, pairs: bool = Fals
             reasons.append(f"graphs off: {why or 'no max_length'}")
     if graphs and (not padding_free or tokens is None):
         raise ValueError("training_graphs needs padding-free rows (packing or padding_free) and max_length")
-    checkpointing = _checkpointing(ours, align_args, train_args, tokens, reasons)
+    checkpointing, headroom = _checkpointing(ours, align_args, train_args, tokens, reasons)
     if graphs and checkpointing:
         if align_args.training_graphs:
             raise ValueError("training_graphs and activation checkpointing do not combine; set one of them off")
@@ -117,6 +120,10 @@ def decide(model, align_args, train_args, padding_free: bool, pairs: bool = Fals
     if not path.graph_doc_slots:
         path.graph_doc_slots, path.slots_from_data = default_doc_slots(path, train_args, pairs)
     path.tokens_from_data = pairs and not align_args.graph_tokens and not align_args.graph_doc_slots
+    path.headroom_gib = headroom
+    if (align_args.graph_budgets or 1) > 1 and not pairs:
+        raise ValueError("graph_budgets: several token budgets are captured for DPO's pairs only")
+    path.budget_count = align_args.graph_budgets or (DPO_BUDGETS if pairs else 1)
     return path
 
 
@@ -156,18 +163,22 @@ def fit_doc_slots(path: TrainingPath, dataset, train_args) -> None:
     )
 
 
-def fit_pair_tokens(path: TrainingPath, dataset, train_args, multiple: int = 256) -> None:
-    """DPO: the captured token budget from the pairs themselves, not per_device_train_batch_size × 2 × max_length.
+DPO_BUDGETS = 4  # token budgets captured for DPO by default: their mean filler is a few % of a micro-batch
+
+
+def fit_pair_tokens(path: TrainingPath, dataset, train_args, multiple: int = 256, model=None) -> None:
+    """DPO: the captured token budgets from the pairs themselves, not per_device_train_batch_size × 2 × max_length.
     A micro-batch holds at most the `batch` longest pairs of `dataset` (prompt + chosen and prompt + rejected, each
-    cut at max_length), rounded up to `multiple`; every captured token is computed, so pairs far shorter than
-    max_length would otherwise spend most of the step on filler. The slots follow (2 a pair, plus the fillers).
-    Kept as decided where the recipe set `graph_tokens` or `graph_doc_slots`, or the columns are not there."""
-    if not (path.graphs and path.tokens_from_data):
-        return
-    path.tokens_from_data = False
+    cut at max_length), rounded up to `multiple`: the largest budget, with the slots it needs (2 a pair, plus the
+    fillers); kept as decided where the recipe set `graph_tokens` or `graph_doc_slots`. Every captured token is
+    computed, so pairs far shorter than that would spend much of the step on filler: `budget_count - 1` smaller
+    budgets are captured too, where micro-batches of random pairs land (`pair_budgets`), as many as the planner's
+    headroom holds (`model`: ours, for their sizes). Nothing changes where the pairs' columns are not there."""
     names = getattr(dataset, "column_names", None) or ()
     table = getattr(dataset, "data", None)
-    if table is None or not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
+    fit = path.tokens_from_data
+    path.tokens_from_data = False
+    if not path.graphs or table is None or not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(names):
         return
     import numpy as np
     import pyarrow.compute as pc
@@ -180,33 +191,89 @@ def fit_pair_tokens(path: TrainingPath, dataset, train_args, multiple: int = 256
     pairs = np.minimum(prompt + length("chosen_ids"), cut) + np.minimum(prompt + length("rejected_ids"), cut)
     batch = train_args.per_device_train_batch_size
     most = int(np.sort(pairs)[-batch:].sum()) if len(pairs) else path.graph_tokens
-    tokens = min(path.graph_tokens, -(-most // multiple) * multiple)
-    if tokens == path.graph_tokens:
-        return
-    path.graph_tokens = tokens
-    path.graph_doc_slots = 2 * batch + path.fillers
+    if fit and most < path.graph_tokens:
+        path.graph_tokens = min(path.graph_tokens, -(-most // multiple) * multiple)
+        path.graph_doc_slots = 2 * batch + path.fillers
+    path.graph_budgets = pair_budgets(pairs, batch, path.budget_count, path.graph_tokens, multiple)
+    while path.graph_budgets and not _rungs_fit(path, model):
+        path.graph_budgets = path.graph_budgets[1:]  # the smallest rung saves the least
     logger.info(
-        "training graphs: %d tokens, %d document slots (the %d longest pairs hold %d tokens)",
-        tokens,
+        "training graphs: %s tokens, %d document slots (the %d longest pairs hold %d tokens)",
+        "/".join(map(str, [*path.graph_budgets, path.graph_tokens])),
         path.graph_doc_slots,
         batch,
         most,
     )
 
 
-def _checkpointing(ours, align_args, train_args, tokens, reasons) -> bool:
-    """`gradient_checkpointing: auto`: on where the planner puts the run without it over the card's memory."""
+def micro_batch_sizes(pairs, batch: int, top: int, multiple: int, draws: int = 4096) -> tuple[list[int], list[int]]:
+    """Micro-batches of `batch` pairs drawn at random from `pairs` (each pair's tokens), as the Trainer's shuffled
+    sampler draws them, their tokens rounded up to `multiple` and capped at `top` → (distinct sizes, ascending; how
+    many draws took each)."""
+    import numpy as np
+
+    drawn = np.asarray(pairs)[np.random.default_rng(0).integers(0, len(pairs), (draws, batch))].sum(1)
+    sizes, counts = np.unique(np.minimum(-(-drawn // multiple) * multiple, top), return_counts=True)
+    return sizes.tolist(), counts.tolist()
+
+
+def pair_budgets(pairs, batch: int, count: int, top: int, multiple: int) -> list[int]:
+    """The `count - 1` token budgets below `top` that minimise the mean budget a micro-batch replays (the smallest
+    that holds it) over `micro_batch_sizes`: exact, by dynamic programming over the distinct sizes. Ascending; fewer
+    where fewer save anything."""
+    if count <= 1 or len(pairs) == 0:
+        return []
+    sizes, counts = micro_batch_sizes(pairs, batch, top, multiple)
+    if sizes[-1] == top:  # those draws replay the top budget whatever the rungs below it
+        sizes, counts = sizes[:-1], counts[:-1]
+    n = len(sizes)
+    above = [sum(counts[i:]) for i in range(n + 1)]  # draws of size index ≥ i
+    # best[r][i]: least total budget over the draws of sizes[:i] with r rungs, the highest at sizes[i - 1]
+    inf = float("inf")
+    best = [[0.0] + [inf] * n] + [[inf] * (n + 1) for _ in range(count - 1)]
+    back = [[0] * (n + 1) for _ in range(count)]
+    for r in range(1, count):
+        for i in range(1, n + 1):
+            for j in range(i):  # the rung below at sizes[j - 1] (j = 0: none): sizes[j:i] replay sizes[i - 1]
+                cost = best[r - 1][j] + sizes[i - 1] * (above[j] - above[i])
+                if cost < best[r][i]:
+                    best[r][i], back[r][i] = cost, j
+    # the draws above the highest rung replay the top budget
+    total = {(r, i): best[r][i] + top * above[i] for r in range(count) for i in range(n + 1) if best[r][i] < inf}
+    r, i = min(total, key=lambda ri: (total[ri], ri[0]))
+    chosen = []
+    while r > 0:
+        chosen.append(sizes[i - 1])
+        r, i = r - 1, back[r][i]
+    return sorted(chosen)
+
+
+def _rungs_fit(path: TrainingPath, model) -> bool:
+    """Whether the smaller budgets' own memory fits the planner's headroom: each rung keeps its own copy of the
+    trainable parameters' gradients and every layer's input and output at its budget (bf16)."""
+    ours = falcon_model(model) if model is not None else None
+    if ours is None or path.headroom_gib is None:
+        return True
+    cfg = ours.config
+    grads = sum(p.numel() * p.element_size() for p in ours.model.layers.parameters() if p.requires_grad)
+    per_rung = [grads + 2 * cfg.num_hidden_layers * b * cfg.hidden_size * 2 for b in path.graph_budgets]
+    return sum(per_rung) / 2**30 < path.headroom_gib
+
+
+def _checkpointing(ours, align_args, train_args, tokens, reasons) -> tuple[bool, float | None]:
+    """`gradient_checkpointing: auto`: on where the planner puts the run without it over the card's memory. → (on,
+    the GiB it leaves free of 90% of the card, where it planned)."""
     if not getattr(align_args, "auto_checkpointing", False):
-        return bool(train_args.gradient_checkpointing)
+        return bool(train_args.gradient_checkpointing), None
     if not torch.cuda.is_available() or ours is None or tokens is None:
         reasons.append("checkpointing off: auto, " + ("nothing to plan" if torch.cuda.is_available() else "on CPU"))
-        return False
+        return False, None
     card = torch.cuda.get_device_properties(0).total_memory / 2**30
     method = "lora" if any("lora_" in n for n, _ in ours.named_parameters()) else "full"
     need = plan(ours.config, method=method, card_gib=card, seq=tokens, checkpointing=False).peak_gib_at_seq
     on = need > card * 0.9
     reasons.append(f"checkpointing {'on' if on else 'off'}: auto, {need:.1f} GiB planned without it of {card:.0f} GiB")
-    return on
+    return on, card * 0.9 - need
 
 
 def apply(path: TrainingPath, model, train_args) -> list[TrainerCallback]:
@@ -225,12 +292,13 @@ def apply(path: TrainingPath, model, train_args) -> list[TrainerCallback]:
 
 class TrainingGraphsCallback(TrainerCallback):
     """Captures the layers once the model sits on its device (the Trainer's start), and adds the graphs' counts to
-    every log: `graphs_replayed` and `graphs_eager` since the last log, and the eager forwards' reasons once each."""
+    every log: `graphs_replayed` and `graphs_eager` since the last log, `graphs_fill` (the replayed rows' real tokens
+    over the captured tokens computed for them), and the eager forwards' reasons once each."""
 
     def __init__(self, path: TrainingPath):
         self.path = path
         self.graphs = None
-        self._seen = (0, 0)
+        self._seen = (0, 0, 0, 0)
         self._reasons: set = set()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -242,15 +310,20 @@ class TrainingGraphsCallback(TrainerCallback):
             max_docs=self.path.graph_doc_slots,
             compile=self.path.compile_layers,
             max_doc_len=self.path.graph_doc_len,
+            budgets=self.path.graph_budgets,
         )
         logger.info("training graphs captured: %s", self.graphs.settings)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.graphs is None or logs is None:
             return
-        replayed, eager = self.graphs.replayed, sum(self.graphs.eager.values())
-        logs["graphs_replayed"], logs["graphs_eager"] = replayed - self._seen[0], eager - self._seen[1]
-        self._seen = (replayed, eager)
+        g = self.graphs
+        now = (g.replayed, sum(g.eager.values()), g.real_tokens, g.captured_tokens)
+        replayed, eager, real, captured = (a - b for a, b in zip(now, self._seen))
+        logs["graphs_replayed"], logs["graphs_eager"] = replayed, eager
+        if captured:
+            logs["graphs_fill"] = round(real / captured, 4)
+        self._seen = now
         for reason in set(self.graphs.eager) - self._reasons:
             logger.warning("training graphs: a micro-batch ran eagerly (%s)", reason)
             self._reasons.add(reason)

@@ -289,19 +289,24 @@ def bench_dpo(args, record):
     from bench.dpo import synthetic_pairs
 
     work = Path(tempfile.mkdtemp())
-    pairs = synthetic_pairs(args.pairs * (args.steps + 1))
+    pairs = synthetic_pairs(args.pairs * (args.steps + 4))
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
     recipe = full_recipe(args.preset, "dpo")
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
     timer = SpanTimer(args.warmup, args.steps)
-    flags = trainer_flags(work, args, tokens_seen=False) + ["--per_device_train_batch_size", str(args.pairs)]
+    profile = ProfileSteps(first=args.steps) if args.profile else None
+    extra = profile.n if profile else 0
+    flags = trainer_flags(work, args, tokens_seen=False, extra_steps=extra)
+    flags += ["--per_device_train_batch_size", str(args.pairs)]
     flags += ["--init_preset", args.preset, "--sources", sources, "--output_dir", str(work / "ours")]
-    dpo.main(["--config", str(recipe), *flags, *args.trainer_args], callbacks=[timer])
+    dpo.main(["--config", str(recipe), *flags, *args.trainer_args], callbacks=[timer] + ([profile] if profile else []))
     ours = timer.per_s(args.pairs)
     row = record.row(
         "align/dpo.py", seq=args.seq, tokens_per_s=ours, unit="pairs/s", recipe=str(recipe.relative_to(ROOT))
     )
+    if profile:
+        row["profile"] = profile.result
     record.emit(row)
     if not args.no_reference:
         record.reference(row, reference_dpo, args, work, pairs)
@@ -414,7 +419,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--check-tokens", type=int, default=64, help="tokens compared between graph and eager (bf16)")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument(
-        "--profile", action="store_true", help="generate: profile the first batch's decode; sft: 3 more steps (GPU)"
+        "--profile",
+        action="store_true",
+        help="generate: profile the first batch's decode; sft, dpo: 3 steps more (GPU)",
     )
     return ap
 

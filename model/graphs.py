@@ -16,6 +16,17 @@ slot × every `max_doc_len`/128 query tile, most of which find nothing to do: sl
 data (align/fast_path.py) keep that launch small. A forward that does not fit (more tokens or documents, a longer
 document, unpacked rows, padding masks, a cache) runs eagerly and is counted by reason in `eager`; `replayed` counts
 the others.
+
+Rows whose lengths vary from micro-batch to micro-batch (DPO's pairs) waste the budget's unused tokens: every captured
+token is computed. `budgets` captures the layers at several token budgets in one memory pool (`TrainingGraphLadder`),
+and each forward replays the smallest that holds it. The rungs share the pool safely because a step replays one rung's
+forwards and backwards to the end before another rung runs.
+
+Gradient accumulation: a captured backward hands each parameter's gradient over as a view of a static buffer that the
+next replay overwrites, and autograd adopts such a tensor as `.grad` when the parameter has none. The second
+micro-batch would then overwrite the first one's gradient and add itself twice. So before a replayed forward every
+trainable parameter of the layers without a gradient gets a zeroed one of its own (`TrainingGraphs.own_grads`), into
+which autograd adds.
 """
 
 from __future__ import annotations
@@ -41,7 +52,9 @@ class _LayerCall(nn.Module):
 
 class TrainingGraphs:
     """The layers captured for one micro-batch shape, and the counts of forwards replayed and run eagerly. With
-    `capture=False` the same layer calls run eagerly behind the same padding and slot rules (tests on any device)."""
+    `capture=False` the same layer calls run eagerly behind the same padding and slot rules (tests on any device).
+    pool: a CUDA graph memory pool to capture into (`torch.cuda.graph_pool_handle()`), shared with other captures
+    that never replay between this one's forward and backward."""
 
     def __init__(
         self,
@@ -53,6 +66,7 @@ class TrainingGraphs:
         mixer_streams: bool,
         capture=True,
         max_doc_len: int | None = None,
+        pool=None,
     ):
         from .acceleration import inductor_options
         from .kernels import get_ops
@@ -65,6 +79,8 @@ class TrainingGraphs:
         self.batch, self.seqlen, self.max_docs, self.dtype = batch, seqlen, max_docs, p.dtype
         self.max_doc_len = min(max_doc_len or seqlen, seqlen)  # the varlen kernel's bound on a document's length
         self.replayed, self.eager = 0, {}  # forwards replayed; eager ones by reason
+        self.real_tokens = self.captured_tokens = 0  # over the replayed forwards: the rows' tokens, the budget's
+        self.params = [p for layer in backbone.layers for p in layer.parameters() if p.requires_grad]
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
         # more GPU time than they save (docs/performance.md); the attention branch on a side stream, where the SSD
         # scan's kernels leave room
@@ -93,7 +109,10 @@ class TrainingGraphs:
             calls = tuple(torch.compile(c, dynamic=False, options=inductor_options()) for c in calls)
         # one sample-args tuple per layer; the graphs share one memory pool and replay in this order
         samples = tuple(tuple(a.detach().clone().requires_grad_(a.requires_grad) for a in args) for _ in calls)
-        self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3) if capture else calls
+        if capture:
+            self.layers = torch.cuda.make_graphed_callables(calls, samples, num_warmup_iters=3, pool=pool)
+        else:
+            self.layers = calls
 
     def _pieces(self, start: int, device, dtype) -> tuple[torch.Tensor, list[int]]:
         """Tokens start..seqlen cut into documents of at most `max_doc_len` → each token's document, counted from 0
@@ -136,6 +155,9 @@ class TrainingGraphs:
             return None
         self.replayed += 1
         real = hidden.size(1)
+        self.real_tokens += self.batch * real
+        self.captured_tokens += self.batch * self.seqlen
+        self.own_grads()
         args = (cos, sin)
         if self.max_docs:
             hidden, cos, sin, seq_idx, cu_seqlens = self._fill(hidden, cos, sin, seq_idx, cu_seqlens)
@@ -145,6 +167,20 @@ class TrainingGraphs:
         for layer in self.layers:
             hidden = layer(hidden, *args)
         return hidden[:, :real]
+
+    def own_grads(self) -> None:
+        """Zeroed gradients of their own for the layers' trainable parameters that have none, one buffer per dtype:
+        the captured backward's gradients are views of static buffers, which autograd would otherwise adopt as
+        `.grad` and the next micro-batch's replay overwrite (module docstring)."""
+        missing = [p for p in self.params if p.grad is None]
+        for p in [p for p in missing if not p.is_contiguous()]:
+            p.grad = torch.zeros_like(p)
+        missing = [p for p in missing if p.grad is None]
+        for dtype in {p.dtype for p in missing}:
+            group = [p for p in missing if p.dtype == dtype]
+            flat = torch.zeros(sum(p.numel() for p in group), device=group[0].device, dtype=dtype)
+            for p, view in zip(group, flat.split([p.numel() for p in group])):
+                p.grad = view.view_as(p)
 
     def _fill(self, hidden, cos, sin, seq_idx, cu_seqlens):
         """A packed row (1, T): hidden (1, T, d), cos/sin (1, 1, T, hd), seq_idx (1, T) → the same at the budget's
@@ -166,6 +202,43 @@ class TrainingGraphs:
         return hidden, cos, sin, seq_idx, cu_seqlens
 
 
+class TrainingGraphLadder:
+    """Packed rows captured at several token budgets ("rungs", ascending) in one memory pool: each forward replays the
+    smallest rung it fits, and runs eagerly (counted) only where the largest does not hold it. Same counts and call as
+    `TrainingGraphs`; `replayed_at` counts the forwards each budget served."""
+
+    def __init__(self, rungs: list[TrainingGraphs]):
+        self.rungs = sorted(rungs, key=lambda g: g.seqlen)
+        self.eager: dict[str, int] = {}
+        self.settings = {**self.rungs[0].settings, "budgets": [g.seqlen for g in self.rungs]}
+
+    @property
+    def replayed(self) -> int:
+        return sum(g.replayed for g in self.rungs)
+
+    @property
+    def replayed_at(self) -> dict[int, int]:
+        return {g.seqlen: g.replayed for g in self.rungs}
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(g.real_tokens for g in self.rungs)
+
+    @property
+    def captured_tokens(self) -> int:
+        return sum(g.captured_tokens for g in self.rungs)
+
+    def __call__(self, hidden, cos, sin, seq_idx=None, cu_seqlens=None, eager_reason=None, longest=None):
+        why = eager_reason
+        if not why:
+            rung = next((g for g in self.rungs if g.misfit(hidden, seq_idx, cu_seqlens, longest) is None), None)
+            if rung is not None:
+                return rung(hidden, cos, sin, seq_idx, cu_seqlens, longest=longest)
+            why = self.rungs[-1].misfit(hidden, seq_idx, cu_seqlens, longest)
+        self.eager[why] = self.eager.get(why, 0) + 1
+        return None
+
+
 def enable_training_graphs(
     model,
     batch: int,
@@ -174,10 +247,13 @@ def enable_training_graphs(
     compile: bool = False,
     mixer_streams: bool | None = None,
     max_doc_len: int | None = None,
-) -> TrainingGraphs:
+    budgets: list[int] | None = None,
+) -> TrainingGraphs | TrainingGraphLadder:
     """Capture every layer of `model` (a FalconH1ForCausalLM on CUDA) for micro-batches of (batch, seqlen)
     tokens — one padding-free row of up to `max_docs` packed documents of at most `max_doc_len` tokens (default:
-    seqlen) when given. mixer_streams: attention on a side
+    seqlen) when given. budgets: smaller token budgets for packed rows, captured beside `seqlen` in the same memory
+    pool (→ a `TrainingGraphLadder`); each holds as many real documents as the full budget, plus its own fillers.
+    mixer_streams: attention on a side
     stream beside the SSM branch (None: model.settings.mixer_streams, whose default is on in graphs; never under
     torch.distributed, which must be set up before the capture). Returns the graphs (also set on the model);
     `disable_training_graphs` drops them."""
@@ -190,9 +266,19 @@ def enable_training_graphs(
     from .kernels import mixer_streams_wanted, streams_allowed
 
     streams = mixer_streams_wanted(in_graphs=True) if mixer_streams is None else mixer_streams and streams_allowed()
-    graphs = TrainingGraphs(
-        model, batch, seqlen, max_docs, compile=compile, mixer_streams=streams, max_doc_len=max_doc_len
-    )
+    budgets = sorted({b for b in budgets or () if b < seqlen})
+    if budgets and not max_docs:
+        raise ValueError("several token budgets are captured for packed rows only (max_docs)")
+    pool = torch.cuda.graph_pool_handle() if budgets else None
+    kw = dict(compile=compile, mixer_streams=streams, max_doc_len=max_doc_len, pool=pool)
+    graphs = TrainingGraphs(model, batch, seqlen, max_docs, **kw)
+    if budgets:
+        real_docs = max_docs - graphs.fillers(0)  # slots for real documents, the same in every rung
+
+        def slots(tokens):  # and the most fillers a row of `tokens` can take
+            return real_docs + -(-tokens // min(max_doc_len or tokens, tokens))
+
+        graphs = TrainingGraphLadder([TrainingGraphs(model, batch, b, slots(b), **kw) for b in budgets] + [graphs])
     model.model.set_training_graphs(graphs)
     return graphs
 

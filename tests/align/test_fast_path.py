@@ -131,6 +131,62 @@ def test_pairs_set_the_token_budget():
     assert kept.graph_tokens == 1024
 
 
+def test_pair_budgets_are_the_least_mean_budget():
+    """pair_budgets: the smaller budgets are where micro-batches of random pairs land, chosen for the least mean
+    budget a micro-batch replays over the draws (checked against every choice of sizes), ascending, below the top."""
+    import itertools
+
+    import numpy as np
+
+    pairs = np.random.default_rng(1).integers(40, 900, 50)
+    batch, top, multiple = 4, 4096, 128
+    sizes, counts = fast_path.micro_batch_sizes(pairs, batch, top, multiple)
+
+    def mean_budget(rungs):
+        return sum(c * min(b for b in [*rungs, top] if b >= s) for s, c in zip(sizes, counts)) / sum(counts)
+
+    means = [mean_budget([])]
+    for count in (2, 3):
+        got = fast_path.pair_budgets(pairs, batch, count, top, multiple)
+        assert len(got) == count - 1 and got == sorted(got) and got[-1] < top
+        assert mean_budget(got) == pytest.approx(min(map(mean_budget, itertools.combinations(sizes, count - 1))))
+        means.append(mean_budget(got))
+    assert means[2] < means[1] < means[0] == top
+    assert fast_path.pair_budgets(pairs, batch, 1, top, multiple) == []
+    assert fast_path.pair_budgets([100] * 9, 2, 4, 512, 64) == [256]  # one size: one rung saves all there is
+
+
+def test_pairs_set_budgets_the_memory_holds():
+    """fit_pair_tokens with several budgets: the smaller ones below the fitted top, as many as asked; none where the
+    planner's headroom cannot hold a rung's gradients and layer buffers; a recipe's graph_tokens keeps the top."""
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(8, 200, (40, 3))
+    pairs = Dataset.from_dict(
+        {
+            name: [[1] * int(row[i]) for row in lengths]
+            for i, name in enumerate(("prompt_ids", "chosen_ids", "rejected_ids"))
+        }
+    )
+    train_args = type("A", (), {"per_device_train_batch_size": 4})()
+    model = tiny_model()
+
+    def path(**kw):
+        return fast_path.TrainingPath(True, True, False, 4 * 2 * 512, 8 + 16, 512, budget_count=4, **kw)
+
+    fitted = path(tokens_from_data=True)
+    fast_path.fit_pair_tokens(fitted, pairs, train_args, multiple=64, model=model)
+    assert len(fitted.graph_budgets) == 3 and fitted.graph_budgets[-1] < fitted.graph_tokens < 4 * 2 * 512
+    tight = path(tokens_from_data=True, headroom_gib=1e-6)
+    fast_path.fit_pair_tokens(tight, pairs, train_args, multiple=64, model=model)
+    assert tight.graph_budgets == [] and tight.graph_tokens == fitted.graph_tokens
+    kept = path()  # graph_tokens from the recipe: budgets below it
+    fast_path.fit_pair_tokens(kept, pairs, train_args, multiple=64, model=model)
+    assert kept.graph_tokens == 4096 and len(kept.graph_budgets) == 3 and kept.graph_doc_slots == 24
+
+
 def test_cpu_runs_eager_without_checkpointing(tmp_path):
     align_args, sft_args, _ = sft.parse(["--config", _recipe(tmp_path), *CPU])
     model = tiny_model()

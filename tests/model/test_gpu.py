@@ -370,6 +370,39 @@ def test_training_graphs_match_eager(configured, packed, compile):
         assert_as_accurate(got, base, fp32)
 
 
+def test_training_graphs_accumulate_gradients_over_a_ladder(configured):
+    """Gradient accumulation through captured layers at two token budgets (the Trainer's micro-batches, no zero_grad
+    between them): the replayed backward hands gradients over as views of static buffers, which autograd would adopt
+    as `.grad` and the next replay overwrite. Three packed rows (two on the small budget, one on the large) summed:
+    loss and every gradient as accurate as eager's against fp32."""
+    from model.graphs import disable_training_graphs, enable_training_graphs
+
+    fast_ops("ssd_scan")
+    configured(fused_projections=False, mixer_streams=True)
+    model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
+    truth_model = copy.deepcopy(model).float()
+    gen = torch.Generator("cuda").manual_seed(3)
+    docs = [(60, 3, 57), (100, 120, 30), (40, 70)]  # 120 and 110 tokens on the 128 budget, 250 on the 256
+    rows = [torch.randint(1, 97, (1, sum(d)), device="cuda", generator=gen) for d in docs]
+    kws = [{"position_ids": torch.cat([torch.arange(n, device="cuda") for n in d])[None]} for d in docs]
+
+    def accumulated(m):
+        m.zero_grad()  # set_to_none, as the Trainer does after each optimizer step
+        losses = []
+        for ids, kw in zip(rows, kws):
+            loss = m(ids, labels=ids, **kw).loss
+            loss.backward()
+            losses.append(loss.detach().float())
+        return torch.stack(losses), {n: p.grad.float().clone() for n, p in m.named_parameters()}
+
+    eager, truth = accumulated(model), accumulated(truth_model)
+    graphs = enable_training_graphs(model, 1, 256, max_docs=6, budgets=[128], max_doc_len=128, mixer_streams=True)
+    graphed = accumulated(model)
+    disable_training_graphs(model)
+    assert graphs.replayed_at == {128: 2, 256: 1} and not graphs.eager
+    assert_as_accurate(graphed, eager, truth)
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_compile_layers_match_eager_on_gpu(packed):
     """`compile_layers` (inductor) on the fast ops: the scan as one custom op, the conv as taps, the gated norm

@@ -24,9 +24,9 @@ forwards and backwards to the end before another rung runs.
 
 Gradient accumulation: a captured backward hands each parameter's gradient over as a view of a static buffer that the
 next replay overwrites, and autograd adopts such a tensor as `.grad` when the parameter has none. The second
-micro-batch would then overwrite the first one's gradient and add itself twice. So before a replayed forward every
-trainable parameter of the layers without a gradient gets a zeroed one of its own (`TrainingGraphs.own_grads`), into
-which autograd adds.
+micro-batch would then overwrite the first one's gradient and add itself twice. So before a replay, the gradients
+adopted since the last one are copied into memory of their own (`AdoptedGrads`), and autograd adds into those. With
+one micro-batch a step the optimizer reads the adopted views before any replay, and nothing is copied.
 """
 
 from __future__ import annotations
@@ -48,6 +48,27 @@ class _LayerCall(nn.Module):
         packed = (cu_seqlens, self.max_len) if cu_seqlens is not None else None
         inputs = LayerInputs(cos, sin, self.ops, seq_idx=seq_idx, packed=packed, streams=self.streams)
         return self.layer(hidden, inputs)
+
+
+class AdoptedGrads:
+    """The layers' trainable parameters, and which of them had no gradient before the last replay: autograd gave those
+    the replay's static gradient buffers as `.grad`, which the next replay (of any graph in the pool) overwrites."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params, self.fresh = params, []
+
+    def before_replay(self) -> None:
+        """Gradients adopted since the last replay → copies of their own (one buffer per dtype, one foreach copy);
+        then note the parameters this replay's backward will give gradients to."""
+        adopted = [p for p in self.fresh if p.grad is not None]
+        for dtype in {p.dtype for p in adopted}:
+            group = [p for p in adopted if p.dtype == dtype]
+            flat = torch.empty(sum(p.numel() for p in group), device=group[0].device, dtype=dtype)
+            views = [v.view_as(p) for p, v in zip(group, flat.split([p.numel() for p in group]))]
+            torch._foreach_copy_(views, [p.grad for p in group])
+            for p, view in zip(group, views):
+                p.grad = view if p.grad.stride() == view.stride() else p.grad.clone()
+        self.fresh = [p for p in self.params if p.grad is None]
 
 
 class TrainingGraphs:
@@ -80,7 +101,7 @@ class TrainingGraphs:
         self.max_doc_len = min(max_doc_len or seqlen, seqlen)  # the varlen kernel's bound on a document's length
         self.replayed, self.eager = 0, {}  # forwards replayed; eager ones by reason
         self.real_tokens = self.captured_tokens = 0  # over the replayed forwards: the rows' tokens, the budget's
-        self.params = [p for layer in backbone.layers for p in layer.parameters() if p.requires_grad]
+        self.grads = AdoptedGrads([p for layer in backbone.layers for p in layer.parameters() if p.requires_grad])
         # unfused projections: replayed graphs launch for free, and there the fused GEMMs' gradient assembly costs
         # more GPU time than they save (docs/performance.md); the attention branch on a side stream, where the SSD
         # scan's kernels leave room
@@ -157,7 +178,7 @@ class TrainingGraphs:
         real = hidden.size(1)
         self.real_tokens += self.batch * real
         self.captured_tokens += self.batch * self.seqlen
-        self.own_grads()
+        self.grads.before_replay()
         args = (cos, sin)
         if self.max_docs:
             hidden, cos, sin, seq_idx, cu_seqlens = self._fill(hidden, cos, sin, seq_idx, cu_seqlens)
@@ -167,20 +188,6 @@ class TrainingGraphs:
         for layer in self.layers:
             hidden = layer(hidden, *args)
         return hidden[:, :real]
-
-    def own_grads(self) -> None:
-        """Zeroed gradients of their own for the layers' trainable parameters that have none, one buffer per dtype:
-        the captured backward's gradients are views of static buffers, which autograd would otherwise adopt as
-        `.grad` and the next micro-batch's replay overwrite (module docstring)."""
-        missing = [p for p in self.params if p.grad is None]
-        for p in [p for p in missing if not p.is_contiguous()]:
-            p.grad = torch.zeros_like(p)
-        missing = [p for p in missing if p.grad is None]
-        for dtype in {p.dtype for p in missing}:
-            group = [p for p in missing if p.dtype == dtype]
-            flat = torch.zeros(sum(p.numel() for p in group), device=group[0].device, dtype=dtype)
-            for p, view in zip(group, flat.split([p.numel() for p in group])):
-                p.grad = view.view_as(p)
 
     def _fill(self, hidden, cos, sin, seq_idx, cu_seqlens):
         """A packed row (1, T): hidden (1, T, d), cos/sin (1, 1, T, hd), seq_idx (1, T) → the same at the budget's
@@ -209,6 +216,8 @@ class TrainingGraphLadder:
 
     def __init__(self, rungs: list[TrainingGraphs]):
         self.rungs = sorted(rungs, key=lambda g: g.seqlen)
+        for rung in self.rungs[1:]:  # one account of adopted gradients: every rung's replay overwrites the pool
+            rung.grads = self.rungs[0].grads
         self.eager: dict[str, int] = {}
         self.settings = {**self.rungs[0].settings, "budgets": [g.seqlen for g in self.rungs]}
 

@@ -120,27 +120,34 @@ def _static_grad_callables(callables, sample_args, num_warmup_iters=3, pool=None
 def test_accumulated_gradients_survive_static_buffers(monkeypatch):
     """Gradient accumulation through captured layers: the replayed backward hands each parameter's gradient over as a
     view of a static buffer, which autograd adopts as `.grad` where there is none; the next micro-batch's replay would
-    overwrite it and add itself twice. The layers' parameters get gradients of their own first (`own_grads`): three
-    micro-batches summed equal the plain model's, every parameter."""
+    overwrite it and add itself twice. Adopted gradients are copied into memory of their own before the next replay
+    (`AdoptedGrads`): three micro-batches summed equal the plain model's, every parameter, with one copy a step (none
+    where a step is one micro-batch)."""
     ops = dataclasses.replace(kernels.REFERENCE, varlen_for_packing=True)
     monkeypatch.setitem(kernels._chosen, "cpu", ops)
     monkeypatch.setattr(torch.cuda, "make_graphed_callables", _static_grad_callables)
     model = tiny_model(seed=5).train()
     rows = [_packed((20, 3, 22), seed=1), _packed((30, 34), seed=2), _packed((9, 40), seed=3)]
 
-    def accumulated():
+    def accumulated(rows):
         model.zero_grad()  # set_to_none, as the Trainer does after each optimizer step
         for ids, pos in rows:
             model(ids, labels=ids, position_ids=pos).loss.backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
-    plain = accumulated()
+    plain = accumulated(rows)
     graphs = TrainingGraphs(model, 1, 64, max_docs=4, compile=False, mixer_streams=False)
     model.model._training_graphs = graphs
-    captured = accumulated()
-    assert graphs.replayed == 3 and not graphs.eager
+    copies = []
+    copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda *a, **k: copies.append(1) or copy(*a, **k))
+    captured = accumulated(rows)
+    assert graphs.replayed == 3 and not graphs.eager and len(copies) == 1
     for name, g in plain.items():
         assert rel_err(captured[name], g) < 1e-5, name
+    accumulated(rows[:1])
+    accumulated(rows[1:2])
+    assert len(copies) == 1  # one micro-batch a step: the optimizer reads the adopted gradients as they are
 
 
 def test_ladder_replays_the_smallest_budget_that_holds_a_row(monkeypatch):

@@ -8,8 +8,10 @@ On CUDA the fastest path that fits is the default, for full fine-tuning and LoRA
   trailing filler documents that change no loss or gradient (model/graphs.py). The varlen attention kernel launches
   work for every slot, so the slots are what the micro-batches need: DPO's chosen and rejected sequences, one document
   a row without packing, and with packing the most documents a packed row of the training set holds
-  (`fit_doc_slots`, once the Trainer has packed it). A micro-batch that does not fit runs eagerly and is counted: the
-  logs carry `graphs_replayed` and `graphs_eager` every logging step;
+  (`fit_doc_slots`, once the Trainer has packed it). DPO's budget is what its longest pairs hold, and three smaller
+  budgets are captured beside it where micro-batches of its pairs land (`fit_pair_tokens`, `graph_budgets`): each
+  micro-batch replays the smallest that holds it. A micro-batch that does not fit runs eagerly and is counted: the
+  logs carry `graphs_replayed`, `graphs_eager` and `graphs_fill` every logging step;
 - activation checkpointing only where the run would not fit without it (`gradient_checkpointing: auto`, the default:
   model.memory's planner at the micro-batch's tokens, against the card's memory);
 - batches copied to the GPU asynchronously from pinned memory (`accelerator_config.non_blocking`), so the host does not
@@ -250,13 +252,14 @@ def pair_budgets(pairs, batch: int, count: int, top: int, multiple: int) -> list
 
 def _rungs_fit(path: TrainingPath, model) -> bool:
     """Whether the smaller budgets' own memory fits the planner's headroom: each rung keeps its own copy of the
-    trainable parameters' gradients and every layer's input and output at its budget (bf16)."""
+    trainable parameters' gradients and every layer's input and output at its budget."""
     ours = falcon_model(model) if model is not None else None
     if ours is None or path.headroom_gib is None:
         return True
     cfg = ours.config
     grads = sum(p.numel() * p.element_size() for p in ours.model.layers.parameters() if p.requires_grad)
-    per_rung = [grads + 2 * cfg.num_hidden_layers * b * cfg.hidden_size * 2 for b in path.graph_budgets]
+    width = next(ours.parameters()).element_size()
+    per_rung = [grads + 2 * cfg.num_hidden_layers * b * cfg.hidden_size * width for b in path.graph_budgets]
     return sum(per_rung) / 2**30 < path.headroom_gib
 
 

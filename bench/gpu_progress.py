@@ -3,14 +3,16 @@ a run stopped at its time budget still leaves a record of what finished (bench/g
 
     pytest -p bench.gpu_progress --gpu-progress <file.jsonl> ...
 
-Lines: {"collected": [node ids]} (the last one counts), then {"nodeid", "when", "outcome", "duration", "message"}
-per test phase. Under pytest-xdist (`-n 4`: the GPU tests are mostly compilation, which runs in parallel on the
-host's cores) the controller writes: it receives every worker's reports and each worker's collection.
+Lines: {"collected": [node ids]} (the last one counts), {"started": node id, "at": unix time} as each test starts,
+then {"nodeid", "when", "outcome", "duration", "message"} per test phase. Under pytest-xdist (`-n 4`: the GPU tests
+are mostly compilation, which runs in parallel on the host's cores) the controller writes: it receives every worker's
+starts, reports and collection.
 """
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -42,6 +44,10 @@ def pytest_collection_finish(session):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids):
     _write({"collected": list(ids)})
+
+
+def pytest_runtest_logstart(nodeid, location):  # under xdist the controller hears of each worker's starts
+    _write({"started": nodeid, "at": round(time.time(), 1)})
 
 
 def pytest_runtest_logreport(report):

@@ -99,7 +99,8 @@ def summary(xml_path: Path) -> str:
         "|---|" + "---|" * len(shown),
     ]
     lines += ["| " + " | ".join([name, *(str(c[k]) for k in shown)]) + " |" for name, c in per_test.items()]
-    notes = [note for note in notes if note[0] != "not run"]
+    running = [note for note in notes if note[0] == "not run" and "still running" in note[2]]
+    notes = [note for note in notes if note[0] != "not run"] + running
     if notes:
         lines += ["", "Not passed:", ""]
         lines += [f"- {kind}: `{case}`: {message}" for kind, case, message in notes]
@@ -149,6 +150,8 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     command = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs"]
     command += ["-p", "bench.gpu_progress", f"--gpu-progress={progress}"]
     command += [f"--junitxml={xml_path}", *(pytest_args or ["tests"])]
+    if budget:  # a test still running at half the budget dumps every thread's stack: where a slow or stuck one is
+        command += ["-o", f"faulthandler_timeout={max(10, int(budget / 2))}"]
     start = time.perf_counter()
     stopped = None  # why pytest was stopped before it ended: the record then comes from its progress file
     try:
@@ -160,7 +163,7 @@ def run_tests(results: Path, pytest_args: list[str], commit: str | None, budget:
     if stopped:
         print(f"\n{stopped}: what finished is recorded")
         if progress.exists():
-            xml_from_progress(progress, xml_path)
+            xml_from_progress(progress, xml_path, stopped_at=time.time())
     progress.unlink(missing_ok=True)
     if not xml_path.exists():  # pytest stopped before collecting (a usage error), or the budget ran out before
         return rc or 1
@@ -201,14 +204,17 @@ def run_to_budget(command: list[str], budget: float | None) -> int:
             proc.wait()
 
 
-def xml_from_progress(progress: Path, xml_path: Path) -> None:
+def xml_from_progress(progress: Path, xml_path: Path, stopped_at: float | None = None) -> None:
     """A stopped run's JSON-lines progress (bench/gpu_progress.py) → JUnit XML like pytest's: a testcase per test
-    that ended, with its failure or skip, and one `<skipped type="not-run">` per collected test it did not reach."""
-    collected, reports = [], {}
+    that ended, with its failure or skip, and one `<skipped type="not-run">` per collected test that did not end,
+    saying whether it was running when the run stopped (and for how long) or was never reached."""
+    collected, reports, started = [], {}, {}
     for line in progress.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if "collected" in record:
             collected = record["collected"]
+        elif "started" in record:
+            started[record["started"]] = record["at"]
         else:
             reports.setdefault(record["nodeid"], []).append(record)
     suite = ET.Element("testsuite", name="pytest")
@@ -227,7 +233,11 @@ def xml_from_progress(progress: Path, xml_path: Path) -> None:
         elif skipped:
             ET.SubElement(case, "skipped", type="pytest.skip", message=skipped[0]["message"])
         elif not any(p["when"] == "call" for p in phases):
-            ET.SubElement(case, "skipped", type=NOT_RUN, message="not run: the run was stopped first")
+            message = "not run: the run was stopped first"
+            if nodeid in started:
+                ran = f" after {stopped_at - started[nodeid]:.0f} s" if stopped_at else ""
+                message = f"still running when the run was stopped{ran}"
+            ET.SubElement(case, "skipped", type=NOT_RUN, message=message)
     root = ET.Element("testsuites")
     root.append(suite)
     ET.ElementTree(root).write(xml_path, encoding="utf-8", xml_declaration=True)

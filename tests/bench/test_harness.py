@@ -223,6 +223,9 @@ def test_gpu_tests_stopped_at_their_budget_still_leave_a_record(tmp_path, monkey
         ("0", "0", "0", "1"),
     ]
     assert "ours differs" in md and "`python -m bench gpu-tests --budget 15 " in md
+    # the test it was in is named with how long it had run; the stack dump at half the budget says where it was
+    (running,) = re.findall(r"^- not run: `(\S+)`: still running when the run was stopped after (\d+) s$", md, re.M)
+    assert running[0].endswith("::test_never_ends") and 8 <= int(running[1]) <= 16
 
 
 def test_gpu_tests_stopped_by_sigterm_still_leave_a_record(tmp_path, monkeypatch):

@@ -196,9 +196,9 @@ def fit_pair_tokens(path: TrainingPath, dataset, train_args, multiple: int = 256
     if fit and most < path.graph_tokens:
         path.graph_tokens = min(path.graph_tokens, -(-most // multiple) * multiple)
         path.graph_doc_slots = 2 * batch + path.fillers
-    path.graph_budgets = pair_budgets(pairs, batch, path.budget_count, path.graph_tokens, multiple)
-    while path.graph_budgets and not _rungs_fit(path, model):
-        path.graph_budgets = path.graph_budgets[1:]  # the smallest rung saves the least
+    path.graph_budgets = _affordable(
+        pair_budgets(pairs, batch, path.budget_count, path.graph_tokens, multiple), path, model
+    )
     logger.info(
         "training graphs: %s tokens, %d document slots (the %d longest pairs hold %d tokens)",
         "/".join(map(str, [*path.graph_budgets, path.graph_tokens])),
@@ -250,17 +250,20 @@ def pair_budgets(pairs, batch: int, count: int, top: int, multiple: int) -> list
     return sorted(chosen)
 
 
-def _rungs_fit(path: TrainingPath, model) -> bool:
-    """Whether the smaller budgets' own memory fits the planner's headroom: each rung keeps its own copy of the
-    trainable parameters' gradients and every layer's input and output at its budget."""
+def _affordable(budgets: list[int], path: TrainingPath, model) -> list[int]:
+    """The smaller budgets whose own memory fits the planner's headroom, the smallest dropped first (it saves the
+    least): each rung keeps its own copy of the trainable parameters' gradients and every layer's input and output at
+    its budget. All of them where nothing was planned (`model`: ours, for the sizes)."""
     ours = falcon_model(model) if model is not None else None
     if ours is None or path.headroom_gib is None:
-        return True
+        return budgets
     cfg = ours.config
     grads = sum(p.numel() * p.element_size() for p in ours.model.layers.parameters() if p.requires_grad)
     width = next(ours.parameters()).element_size()
-    per_rung = [grads + 2 * cfg.num_hidden_layers * b * cfg.hidden_size * width for b in path.graph_budgets]
-    return sum(per_rung) / 2**30 < path.headroom_gib
+    gib = [(grads + 2 * cfg.num_hidden_layers * b * cfg.hidden_size * width) / 2**30 for b in budgets]
+    while budgets and sum(gib) >= path.headroom_gib:
+        budgets, gib = budgets[1:], gib[1:]
+    return budgets
 
 
 def _checkpointing(ours, align_args, train_args, tokens, reasons) -> tuple[bool, float | None]:

@@ -288,15 +288,15 @@ def bench_dpo(args, record):
     from align.offline.base import build_tokenizer
     from bench.dpo import synthetic_pairs
 
+    profile = ProfileSteps(first=args.steps) if args.profile else None
+    extra = profile.n if profile else 0
     work = Path(tempfile.mkdtemp())
-    pairs = synthetic_pairs(args.pairs * (args.steps + 4))
+    pairs = synthetic_pairs(args.pairs * (args.steps + extra + 1))
     (work / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
     build_tokenizer([p["prompt"] for p in pairs[:200]], vocab_size=600).save_pretrained(work / "tok")
     recipe = full_recipe(args.preset, "dpo")
     sources = json.dumps([{"path": str(work / "pairs.jsonl"), "label": "synthetic", "prompt_column": "prompt"}])
     timer = SpanTimer(args.warmup, args.steps)
-    profile = ProfileSteps(first=args.steps) if args.profile else None
-    extra = profile.n if profile else 0
     flags = trainer_flags(work, args, tokens_seen=False, extra_steps=extra)
     flags += ["--per_device_train_batch_size", str(args.pairs)]
     flags += ["--init_preset", args.preset, "--sources", sources, "--output_dir", str(work / "ours")]

@@ -14,6 +14,14 @@ What TRL 1.16 leaves out and this adds:
 - Pairs TRL drops (a prompt that fills max_length) are counted and logged, not lost silently.
 - The padded batches' real tokens are located on the host, in the collator (`HostUnpaddedCollator`), so the
   packed forward does not read the attention mask back from the device.
+- **A step that does not wait for the GPU** (`sync_free`; on by default on CUDA): TRL's step reads 13 metrics back
+  with `.item()` and picks the chosen tokens' logits by boolean indexing, each micro-batch, before the backward is
+  launched; the GPU idles through every round trip (18 ms of a 138 ms 0.5B step on an H100,
+  bench/results/h100-user-paths-dpo-0.5b-budgets-2026-12-08.json). Here the same loss and the same metrics are
+  computed on the device and read at the next log, in one go (align/device_metrics.py). It covers the standard DPO
+  divergence with `sigmoid`, `sigmoid_norm`/`dpo_norm` and `sft` losses on precomputed reference log-probs, what the
+  shipped recipes run; anything else takes TRL's step. One wait remains, in TRL's fused LM head: on CUDA it picks
+  the scored positions by boolean indexing, once a micro-batch, as the forward's last step.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import trl
 from accelerate.utils import broadcast_object_list
 from datasets import Dataset, Features, Value, concatenate_datasets
@@ -33,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from trl import DPOTrainer
 
+from align.device_metrics import DeviceMetrics
 from align.fast_path import falcon_model
 from align.sft_trainer import HostCheckedCollator
 from model.kernels import get_ops
@@ -113,13 +123,20 @@ class HostUnpaddedCollator(HostCheckedCollator):
         return batch
 
 
-class FalconDPOTrainer(DPOTrainer):
-    """TRL's DPOTrainer with padding-free pairs, a keyed disk cache of reference log-probs and counted drops.
+# the losses the sync-free step computes (TRL's names), each per pair from the same log-probs as TRL's step
+OWN_STEP_LOSSES = {"sigmoid", "sigmoid_norm", "sft"}
+
+
+class FalconDPOTrainer(DeviceMetrics, DPOTrainer):
+    """TRL's DPOTrainer with padding-free pairs, a keyed disk cache of reference log-probs, counted drops and a step
+    that does not wait for the GPU.
 
     `ref_logps_cache_dir`: where precomputed reference log-probs are kept (None: TRL's behaviour).
+    `sync_free`: take the sync-free step where it covers the configuration (None: on CUDA, the only place a read of
+    the device costs a wait; on CPU TRL's own step runs).
     """
 
-    def __init__(self, *args, ref_logps_cache_dir: str | None = None, **kwargs):
+    def __init__(self, *args, ref_logps_cache_dir: str | None = None, sync_free: bool | None = None, **kwargs):
         config = kwargs["args"]
         self.ref_logps_cache_dir = Path(ref_logps_cache_dir) if ref_logps_cache_dir else None
         self.ref_cache_events: list[tuple[str, str]] = []  # (split, "hit" | "miss"), for logs and tests
@@ -139,6 +156,81 @@ class FalconDPOTrainer(DPOTrainer):
         ours = falcon_model(self.model)
         if self.packed_pairs and ours is not None:  # the training batches' real tokens found on the host
             self.data_collator = HostUnpaddedCollator(self.data_collator, ours.config.vocab_size)
+        if sync_free is None:
+            sync_free = self.args.device.type == "cuda"
+        self.own_step = (
+            sync_free
+            and self.precompute_ref_logps
+            and set(self.loss_types) <= OWN_STEP_LOSSES
+            and self.f_divergence_type == "reverse_kl"
+            and self.ld_alpha is None
+            and not self.use_weighting
+            and not self.aux_loss_enabled
+        )
+        if self.own_step:
+            self._keep_metrics_on_device()
+
+    # ------------------------------------------------------------------ the sync-free step
+    def _compute_loss(self, model, inputs, return_outputs):
+        """TRL's loss and metrics for the configurations `own_step` covers, with no read of the device: counts and
+        means are masked sums, and every metric stays a device tensor until the next log."""
+        if not self.own_step or return_outputs:
+            return super()._compute_loss(model, inputs, return_outputs)
+        mode = "train" if self.model.training else "eval"
+        completion = inputs["completion_mask"]  # (2n, l): chosen rows, then rejected rows
+        kwargs = {k: v for k, v in inputs.items() if k not in ("completion_mask", *REF_COLUMNS)}
+        kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(completion == 0, -100)
+        out = model(**kwargs, labels=labels, fused_lm_head=True)  # TRL's fused head: per-token outputs (2n, l-1)
+        scored = completion[:, 1:]  # the positions whose next token is a completion token
+        width = scored.size(1)
+        per_token = out.log_probs[:, -width:]
+        chosen, rejected = per_token.sum(1).chunk(2)
+        chosen_ratio = chosen - inputs["ref_chosen_logps"]
+        rejected_ratio = rejected - inputs["ref_rejected_logps"]
+        lengths = completion.sum(1).clamp(min=1.0).chunk(2)  # TRL's sigmoid_norm normalises by these
+        loss = 0.0
+        for name, weight in zip(self.loss_types, self.loss_weights, strict=True):
+            if name == "sigmoid":
+                per_pair = -F.logsigmoid(self.beta * (chosen_ratio - rejected_ratio))
+            elif name == "sigmoid_norm":
+                per_pair = -F.logsigmoid(self.beta * (chosen_ratio / lengths[0] - rejected_ratio / lengths[1]))
+            else:  # sft: the mean NLL of the chosen completions' tokens
+                chosen_scored = scored.chunk(2)[0]
+                nll = -(per_token.chunk(2)[0] * chosen_scored).sum() / chosen_scored.sum().clamp(min=1)
+                per_pair = nll.expand(chosen.size(0))
+            loss = loss + per_pair.mean() * weight
+        self._record_pairs(mode, out, inputs, scored, (chosen, rejected), (chosen_ratio, rejected_ratio))
+        return loss
+
+    def _record_pairs(self, mode, out, inputs, scored, logps, ratios):
+        """TRL's per-micro-batch DPO metrics as 0-d device tensors (0 where a ratio has no tokens), gathered over
+        ranks as TRL gathers each."""
+        gather, gather_all = self.accelerator.gather_for_metrics, self.accelerator.gather
+        metrics = self._metrics[mode]
+        width = scored.size(1)
+
+        def ratio(total, count):
+            total, count = gather(total).sum(), gather(count).sum()
+            return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+
+        weights = scored.to(out.entropy.dtype)
+        metrics["entropy"].append(ratio((out.entropy[:, -width:].detach() * weights).sum(), scored.sum()))
+        if mode == "train":
+            self._count_tokens(gather(inputs["attention_mask"].sum()).sum() // self._tp_size)
+        sides = zip(("chosen", "rejected"), out.mean_logits[:, -width:].chunk(2), scored.chunk(2))
+        for side, mean_logits, mask in sides:
+            metrics[f"logits/{side}"].append(ratio(torch.where(mask.bool(), mean_logits, 0).sum(), mask.sum()))
+        chosen_scored = scored.chunk(2)[0]
+        top1 = out.is_top1[:, -width:].chunk(2)[0] & chosen_scored.bool()
+        metrics["mean_token_accuracy"].append(ratio(top1.sum(), chosen_scored.sum()))
+        chosen_reward, rejected_reward = (self.beta * r.detach() for r in ratios)
+        metrics["rewards/chosen"].append(gather_all(chosen_reward).mean())
+        metrics["rewards/rejected"].append(gather_all(rejected_reward).mean())
+        metrics["rewards/accuracies"].append(gather_all((chosen_reward > rejected_reward).float()).mean())
+        metrics["rewards/margins"].append(gather_all(chosen_reward - rejected_reward).mean())
+        metrics["logps/chosen"].append(gather_all(logps[0].detach()).mean())
+        metrics["logps/rejected"].append(gather_all(logps[1].detach()).mean())
 
     # ------------------------------------------------------------------ counted drops
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

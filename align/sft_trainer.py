@@ -21,9 +21,9 @@ losses, Ulysses sequence parallelism, `return_outputs`), take TRL's own step.
 from __future__ import annotations
 
 import torch
-from torch import is_tensor
 from trl import SFTTrainer
 
+from align.device_metrics import DeviceMetrics
 from align.fast_path import falcon_model
 from model.checks import IGNORE_INDEX, check_input_ids, check_labels
 
@@ -46,7 +46,7 @@ class HostCheckedCollator:
         return batch
 
 
-class FalconSFTTrainer(SFTTrainer):
+class FalconSFTTrainer(DeviceMetrics, SFTTrainer):
     """sync_free: take the step above (None: where the model trains on CUDA, the only place a read of the device costs a
     wait; on CPU TRL's own step runs, and the offline default's figures stay those of TRL's arithmetic)."""
 
@@ -63,12 +63,9 @@ class FalconSFTTrainer(SFTTrainer):
             and self.args.loss_type == "nll"
             and not self.aux_loss_enabled
         )
-        self._device_tokens = None  # (), int64: tokens trained since the last log, on the device
-        self._nan_filter = False
         if self.own_step:
             self.data_collator = HostCheckedCollator(self.data_collator, ours.config.vocab_size)
-            # the Trainer's filter reads the loss back every micro-batch; training_step applies it on the device
-            self._nan_filter, self.args.logging_nan_inf_filter = self.args.logging_nan_inf_filter, False
+            self._keep_metrics_on_device()
 
     def _sequence_parallel(self) -> bool:
         config = getattr(self.accelerator, "parallelism_config", None)
@@ -105,15 +102,7 @@ class FalconSFTTrainer(SFTTrainer):
             local = torch.full((), ids.size(1), device=ids.device, dtype=torch.long)
         else:
             raise ValueError("Expected 'attention_mask' or 'position_ids' in inputs.")
-        tokens = gather(local).sum() // self._tp_size
-        self._device_tokens = tokens if self._device_tokens is None else self._device_tokens + tokens
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        if self._nan_filter:  # the Trainer's rule: a non-finite loss adds the mean of the losses since the last log
-            since = 1 + self.state.global_step - self._globalstep_last_logged
-            loss = torch.where(torch.isfinite(loss), loss, self._tr_loss / since)
-        return loss
+        self._count_tokens(gather(local).sum() // self._tp_size)
 
     def _track_num_input_tokens(self, inputs):
         """`include_num_input_tokens_seen: all` in one process counts the input's shape on the host, where the Trainer
@@ -123,25 +112,3 @@ class FalconSFTTrainer(SFTTrainer):
             self.state.num_input_tokens_seen += inputs[main].numel()
             return
         super()._track_num_input_tokens(inputs)
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        self._read_device_metrics(mode)
-        super().log(logs, start_time)
-
-    def _read_device_metrics(self, mode):
-        """The device-held metrics since the last log become floats, in one read of the device."""
-        metrics = self._metrics[mode]
-        held = [(name, i) for name in _DEVICE_METRICS for i, v in enumerate(metrics.get(name, ())) if is_tensor(v)]
-        tensors = [metrics[name][i] for name, i in held]
-        if self._device_tokens is not None:
-            tensors.append(self._device_tokens)
-        if not tensors:
-            return
-        values = torch.stack([t.to(torch.float64) for t in tensors]).tolist()
-        for (name, i), value in zip(held, values):
-            metrics[name][i] = value
-        if self._device_tokens is not None:
-            self._total_train_tokens += round(values[-1])
-            self._device_tokens = None
-        metrics["num_tokens"] = [self._total_train_tokens]  # TRL's: the training tokens so far, also in eval logs

@@ -1,7 +1,7 @@
 """Every DPO loss align/dpo.py offers, on hand-made log-probs, through the trainer's own loss code.
 
-The trainer's `_compute_loss` (TRL 1.16's, which FalconDPOTrainer keeps) is fed per-token log-probs chosen by
-hand through a stand-in model, so what is checked is the code that trains. Each loss: the preferred answer gives
+The trainer's `_compute_loss` (TRL 1.16's, and FalconDPOTrainer's sync-free step for the losses that covers) is fed
+per-token log-probs chosen by hand through a stand-in model, so what is checked is the code that trains. Each loss: the preferred answer gives
 the lower loss, and the value equals a direct computation from the loss's paper formula. `dpo_norm` (TII's
 length-normalised DPO, open-instruct's name) is shown to be exactly TRL's `sigmoid_norm` and our pure function.
 """
@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from trl import DPOConfig
 from trl.trainer.utils import FusedCausalLMOutput
 
-from align.preference import LOSS_ALIASES, TRL_LOSSES, FalconDPOTrainer, dpo_norm_loss, resolve_loss_types
+from align.preference import (
+    LOSS_ALIASES,
+    OWN_STEP_LOSSES,
+    TRL_LOSSES,
+    FalconDPOTrainer,
+    dpo_norm_loss,
+    resolve_loss_types,
+)
 
 BETA = 0.5
 CHOSEN = [-0.5, -1.0, -0.2]  # per-token log-probs of the chosen completion (3 tokens) under the policy
@@ -43,11 +50,12 @@ class _StandIn(torch.nn.Module):
         return FusedCausalLMOutput(log_probs=self.log_probs, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
 
 
-def trainer_loss(loss_type, chosen, rejected, ref_chosen, ref_rejected, tmp_path, **config):
-    """The loss FalconDPOTrainer computes for one pair: a 1-token prompt, then the completions."""
+def trainer_loss(loss_type, chosen, rejected, ref_chosen, ref_rejected, tmp_path, own_step=False, **config):
+    """The loss FalconDPOTrainer computes for one pair: a 1-token prompt, then the completions; `own_step`: through
+    the sync-free step (else TRL's)."""
     args = DPOConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, loss_type=[loss_type], beta=BETA, **config)
     trainer = FalconDPOTrainer.__new__(FalconDPOTrainer)
-    trainer.args, trainer.accelerator = args, _Accelerator()
+    trainer.args, trainer.accelerator, trainer.own_step = args, _Accelerator(), own_step
     trainer.loss_types, trainer.loss_weights = resolve_loss_types(args.loss_type), [1.0]
     trainer.beta, trainer.label_smoothing, trainer.ld_alpha = args.beta, args.label_smoothing, args.ld_alpha
     trainer.f_divergence_type, trainer.f_alpha_divergence_coef = "reverse_kl", args.f_alpha_divergence_coef
@@ -106,13 +114,17 @@ def _config(loss_type):
     return {}
 
 
-@pytest.mark.parametrize("loss_type", TRL_LOSSES + tuple(LOSS_ALIASES))
-def test_preferred_answer_gives_the_lower_loss_and_values_match(loss_type, tmp_path):
+STEPS = [(name, False) for name in TRL_LOSSES + tuple(LOSS_ALIASES)]
+STEPS += [(name, True) for name in TRL_LOSSES + tuple(LOSS_ALIASES) if resolve_loss_types(name)[0] in OWN_STEP_LOSSES]
+
+
+@pytest.mark.parametrize("loss_type, own_step", STEPS, ids=[f"{n}-{'own' if o else 'trl'}" for n, o in STEPS])
+def test_preferred_answer_gives_the_lower_loss_and_values_match(loss_type, own_step, tmp_path):
     cfg = _config(loss_type)
     eps = cfg.get("label_smoothing", 0.0)
     name = resolve_loss_types([loss_type])[0]
-    good = trainer_loss(loss_type, CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, tmp_path, **cfg)
-    bad = trainer_loss(loss_type, REJECTED, CHOSEN, REF_REJECTED, REF_CHOSEN, tmp_path, **cfg)  # sides swapped
+    good = trainer_loss(loss_type, CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, tmp_path, own_step, **cfg)
+    bad = trainer_loss(loss_type, REJECTED, CHOSEN, REF_REJECTED, REF_CHOSEN, tmp_path, own_step, **cfg)  # swapped
     assert good < bad, (loss_type, good, bad)
     assert good == pytest.approx(direct(name, CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, eps), rel=1e-5, abs=1e-6)
     assert bad == pytest.approx(direct(name, REJECTED, CHOSEN, REF_REJECTED, REF_CHOSEN, eps), rel=1e-5, abs=1e-6)

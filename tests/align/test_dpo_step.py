@@ -1,0 +1,75 @@
+"""FalconDPOTrainer's sync-free step: the DPO loss and every metric on the device, read at the log, train and log as
+TRL's own step does (taken here on CPU, where the default is TRL's)."""
+
+from functools import partial
+
+import pytest
+
+from align import dpo
+from align.preference import FalconDPOTrainer
+from tests.align.test_dpo import base, run_dpo  # noqa: F401  (base: the module's tiny checkpoint and pairs)
+from tests.conftest import rel_err
+
+STEPS = ("--max_steps", "4", "--learning_rate", "3e-3", "--gradient_accumulation_steps", "2")
+STEPS += ("--per_device_train_batch_size", "4", "--padding_free", "True", "--precompute_ref_log_probs", "True")
+STEPS += (
+    "--eval_fraction",
+    "0.25",
+    "--eval_strategy",
+    "steps",
+    "--eval_steps",
+    "2",
+    "--per_device_eval_batch_size",
+    "4",
+)
+METRICS = ("loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+METRICS += ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
+METRICS += ("logps/rejected",)
+
+
+def _logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+def _close(got, want, key):
+    assert len(got) == len(want) > 0, key
+    assert all(abs(a - b) <= 1e-5 * max(abs(b), 1e-3) for a, b in zip(got, want)), (key, got, want)
+
+
+@pytest.mark.parametrize("losses", [["dpo_norm", "sft"], ["sigmoid"]], ids=["dpo_norm+sft", "sigmoid"])
+def test_sync_free_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, losses):  # noqa: F811
+    """4 steps of 2 micro-batches and 2 evaluations: the same loss, gradient norm and DPO metrics at every log
+    (training and evaluation), the same token count, and the same weights after."""
+    args = (*STEPS, "--loss_type", *losses)
+    theirs = run_dpo(base, tmp_path / "trl", *args)
+    assert not theirs.own_step  # on CPU: TRL's step
+    monkeypatch.setattr(dpo, "FalconDPOTrainer", partial(FalconDPOTrainer, sync_free=True))
+    ours = run_dpo(base, tmp_path / "ours", *args)
+    assert ours.own_step and ours._nan_filter and not ours.args.logging_nan_inf_filter
+    for key in METRICS:
+        _close(_logged(ours, key), _logged(theirs, key), key)
+        if key != "grad_norm":
+            _close(_logged(ours, f"eval_{key}"), _logged(theirs, f"eval_{key}"), f"eval_{key}")
+    assert len(_logged(ours, "loss")) == 4 and len(_logged(ours, "eval_loss")) == 2
+    assert _logged(ours, "num_tokens") == _logged(theirs, "num_tokens")
+    assert _logged(ours, "num_tokens")[-1] > 100 and 0 < _logged(ours, "mean_token_accuracy")[-1] < 1
+    mine = dict(ours.model.named_parameters())
+    for name, p in theirs.model.named_parameters():
+        assert rel_err(mine[name].detach(), p.detach()) < 1e-4, name
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--loss_type", "ipo"),
+        ("--loss_type", "dpo_norm", "--ld_alpha", "0.5"),
+        ("--loss_type", "dpo_norm", "--use_weighting", "True"),
+        ("--loss_type", "dpo_norm", "--precompute_ref_log_probs", "False"),
+    ],
+    ids=["ipo", "ld_alpha", "weighting", "reference-model"],
+)
+def test_what_the_sync_free_step_does_not_cover_takes_trls(base, tmp_path, monkeypatch, flags):  # noqa: F811
+    monkeypatch.setattr(dpo, "FalconDPOTrainer", partial(FalconDPOTrainer, sync_free=True))
+    trainer = run_dpo(base, tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-3", *flags)
+    assert not trainer.own_step and trainer.args.logging_nan_inf_filter
+    assert all(isinstance(v, float) for values in trainer._metrics["train"].values() for v in values)

@@ -9,6 +9,11 @@ the scan: softplus(dt + dt_bias)); one row of --seq tokens, packed documents of
 events) and, on CUDA, the forward + backward replayed from a CUDA graph (what training graphs run). `speedup`:
 mamba-ssm's time over ours at each length; `agreement`: each provider's y and dx against the first provider's.
 `--kernels`: each row also lists its longest kernels in one forward + backward (torch.profiler), what to tune.
+`--tune`: a coordinate descent over our kernels' launch options (model/kernels/ssd.py LAUNCH: warps, pipelining
+stages) and tile caps (CAPS) at the first --seqs length, each trial the forward + backward timed as the rows are
+(in a CUDA graph on a GPU): the record's `tune` holds every trial, the best settings, and the best settings' y and dx
+against the starting settings' (a tiling that computed something else shows there). `--tune rows num_warps:dx`
+limits the sweep to those knobs.
 Rows from 32K tokens on recompute the chunk states in the backward (model/kernels/cuda.py KEEP_STATES_BELOW_TOKENS),
 as the model does. `--device cpu` runs the harness: the reference scan, or ours in Triton's interpreter
 (TRITON_INTERPRET=1).
@@ -121,6 +126,84 @@ def kernel_times(fn, args, calls: int = 3, top: int = 12) -> list[dict]:
     return [dict(kernel=k["kernel"], us=round(k["ms_per_step"] * 1e3, 1), calls=k["calls_per_step"]) for k in longest]
 
 
+# the knobs `--tune` walks: "<launch option>:<kernel>" for each of ssd.LAUNCH's kernels, and ssd.CAPS's tile caps
+LAUNCH_CHOICES = {"num_warps": (2, 4, 8), "num_stages": (1, 2, 3, 4)}
+CAP_CHOICES = {"rows": (32, 64, 128), "cols": (16, 32, 64), "dx_cols": (16, 32, 64), "n": (32, 64, 128), "p": (32, 64)}
+
+
+def tune_knobs(wanted: list[str]) -> list[tuple[str, tuple]]:
+    """[(knob, its choices)] in sweep order: the caps, then each kernel's warps and stages; `wanted` names knobs
+    (a cap, a launch option for every kernel, or one "option:kernel"); empty: all."""
+    from model.kernels import ssd
+
+    knobs = [(cap, CAP_CHOICES[cap]) for cap in ssd.CAPS]
+    for kernel, options in ssd.LAUNCH.items():
+        knobs += [(f"{option}:{kernel}", LAUNCH_CHOICES[option]) for option in options]
+    if not wanted:
+        return knobs
+    unknown = [w for w in wanted if not any(k == w or k.split(":")[0] == w for k, _ in knobs)]
+    if unknown:
+        raise SystemExit(f"ssd-op --tune: unknown knob(s) {unknown}; choose from {[k for k, _ in knobs]}")
+    return [(k, c) for k, c in knobs if k in wanted or k.split(":")[0] in wanted]
+
+
+def _setting(knob: str):
+    from model.kernels import ssd
+
+    option, _, kernel = knob.partition(":")
+    return (ssd.LAUNCH[kernel], option) if kernel else (ssd.CAPS, knob)
+
+
+def tune(cfg, seq: int, args) -> dict:
+    """Coordinate descent over the knobs at one length: each knob's choices timed with the others at their best so
+    far; a choice that does not compile or launch (shared memory, registers) is recorded and skipped. The
+    settings are restored after; the record says what to put in model/kernels/ssd.py."""
+    from model.kernels import ssd
+
+    start = {"launch": {k: dict(v) for k, v in ssd.LAUNCH.items()}, "caps": dict(ssd.CAPS)}
+    inputs = make_inputs(cfg, seq, args)
+    _, forward_backward = steps(scan_for("triton"), inputs, cfg.mamba_chunk_size)
+
+    def timed() -> float:
+        forward_backward()  # compiles the kernels a setting changed
+        if args.device == "cuda" and args.graphs:
+            return round(common.time_us(common.graphed(forward_backward), args.iters), 1)
+        return time_us(forward_backward, args)
+
+    y0, grads0 = forward_backward()
+    start_us = best_us = timed()
+    trials = []
+    try:
+        for knob, choices in tune_knobs(args.tune):
+            table, key = _setting(knob)
+            kept = table[key]
+            for choice in choices:
+                if choice == kept:
+                    continue
+                table[key] = choice
+                try:
+                    us = timed()
+                except Exception as err:  # noqa: BLE001 - a setting the card cannot run is a result
+                    trials.append(dict(knob=knob, value=choice, error=repr(err)[:160]))
+                    table[key] = kept
+                    continue
+                trials.append(dict(knob=knob, value=choice, us=us))
+                print(json.dumps(trials[-1]), flush=True)
+                if us < best_us * 0.98:  # a clear gain, not the timing's noise
+                    best_us, kept = us, choice
+                table[key] = kept
+        best = {"launch": {k: dict(v) for k, v in ssd.LAUNCH.items()}, "caps": dict(ssd.CAPS)}
+        y, grads = forward_backward()
+    finally:
+        ssd.LAUNCH.clear()
+        ssd.LAUNCH.update(start["launch"])
+        ssd.CAPS.clear()
+        ssd.CAPS.update(start["caps"])
+    against = dict(y=rel_diff(y.float(), y0.float()), dx=rel_diff(grads[0].float(), grads0[0].float()))
+    return dict(seq=seq, start=start, start_us=start_us, best=best, best_us=best_us, trials=trials,
+                best_against_start=against)  # fmt: skip
+
+
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
 
@@ -152,6 +235,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="bfloat16", help="of x, B, C and the raw dt (A, D, dt_bias stay fp32)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph replay")
     ap.add_argument("--kernels", action="store_true", help="each row's longest kernels in one forward + backward")
+    ap.add_argument(
+        "--tune", nargs="*", default=None, help="sweep our kernels' launch options and tile caps (optionally: knobs)"
+    )
     return ap
 
 
@@ -173,8 +259,16 @@ def main(argv: list[str]) -> dict:
                  chunk=cfg.mamba_chunk_size, dtype=args.dtype, doc_tokens=args.doc_tokens)  # fmt: skip
     record = common.envelope(f"one layer's SSD scan forward + backward, {args.preset}", "ssd-op", argv, args)
     record.update(preset=args.preset, shape=shape, rows=rows, agreement=agreement, speedup=speedups(rows))
+    if args.tune is not None:
+        record["tune"] = tune(cfg, args.seqs[0], args)
     common.write_result(args.out, record)
     header = ["provider", "seq", "forward_us", "forward_backward_us", "graphed_forward_backward_us", "peak_gib"]
     common.print_table(f"µs per layer, {record['card']}", header, [[r.get(k) for k in header] for r in rows])
     print(f"speedup (mamba-ssm / ours): {record['speedup']}")
+    if args.tune is not None:
+        tuned = record["tune"]
+        gains = [t for t in tuned["trials"] if t.get("us", float("inf")) < tuned["start_us"]]
+        gains.sort(key=lambda t: t["us"])
+        title = f"tuning at {tuned['seq']} tokens: {tuned['start_us']} → {tuned['best_us']} µs; the trials faster"
+        common.print_table(title, ["knob", "value", "us"], [[t["knob"], t["value"], t["us"]] for t in gains[:12]])
     return record

@@ -55,7 +55,7 @@ F32_DOTS = tl.constexpr("ieee" if torch.version.hip else "tf32x3") if tl is not 
 CAPS = dict(rows=64, cols=32, dx_cols=16, n=128, p=64)
 # warps and software-pipelining stages per kernel. First choices, from compiling for sm_90 without a card (registers,
 # spills and shared memory: the per-head backward kernel fits Hopper's 227 KB up to P 128, N 256 and in fp32 only
-# without pipelining); to be tuned on the card (`python -m bench ssd-op`)
+# without pipelining); to be tuned on the card: `python -m bench ssd-op --tune` sweeps these and CAPS
 # the dB and dC kernels split a group's heads over more programs until about this many run (4 an SM on an H100)
 GROUP_PROGRAMS = 512
 LAUNCH = dict(

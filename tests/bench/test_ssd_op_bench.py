@@ -52,3 +52,37 @@ def test_ssd_op_bench_runs_ours_in_the_interpreter(tmp_path):
     (agreement,) = record["agreement"]
     assert agreement["provider"] == "reference" and agreement["against"] == "triton"
     assert agreement["y"] < 1e-5 and agreement["dx"] < 1e-5
+
+
+def test_tune_knobs_are_the_kernels_settings_and_unknown_ones_are_named():
+    from model.kernels import ssd
+
+    knobs = dict(ssd_op.tune_knobs([]))
+    assert set(ssd.CAPS) <= set(knobs) and all(f"num_warps:{k}" in knobs for k in ssd.LAUNCH)
+    assert [k for k, _ in ssd_op.tune_knobs(["num_stages"])] == [
+        f"num_stages:{k}" for k, v in ssd.LAUNCH.items() if "num_stages" in v
+    ]
+    with pytest.raises(SystemExit, match=r"unknown knob\(s\) \['warps'\]; choose from \['rows'"):
+        ssd_op.tune_knobs(["warps"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed: no interpreter")
+def test_tune_sweeps_a_knob_and_keeps_what_computes_the_same(tmp_path):
+    """`--tune rows` in the interpreter: each other choice of the cap timed, the best kept, its y and dx equal to the
+    starting settings' (fp32), and the module's settings as they were (the record's start)."""
+    from model.kernels import ssd
+
+    out = tmp_path / "tune.json"
+    site = str(Path(importlib.util.find_spec("triton").origin).parents[1])
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([site, str(ROOT)]))
+    argv = ["ssd-op", *SMOKE, "--providers", "triton", "--tune", "rows", "--out", str(out)]
+    run = f"from tests.model.triton_interpreter import patch; patch(); from bench.__main__ import main; main({argv!r})"
+    done = subprocess.run([sys.executable, "-c", run], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    tuned = json.loads(out.read_text())["tune"]
+    assert tuned["seq"] == 200 and tuned["start"] == {"launch": ssd.LAUNCH, "caps": ssd.CAPS}
+    others = [c for c in ssd_op.CAP_CHOICES["rows"] if c != ssd.CAPS["rows"]]
+    assert [(t["knob"], t["value"]) for t in tuned["trials"]] == [("rows", c) for c in others]
+    assert all(t["us"] > 0 for t in tuned["trials"]) and tuned["best_us"] <= tuned["start_us"]
+    assert tuned["best"]["launch"] == ssd.LAUNCH and tuned["best"]["caps"]["rows"] in ssd_op.CAP_CHOICES["rows"]
+    assert tuned["best_against_start"]["y"] < 1e-6 and tuned["best_against_start"]["dx"] < 1e-6

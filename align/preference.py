@@ -195,7 +195,7 @@ class FalconDPOTrainer(DeviceMetrics, DPOTrainer):
                 per_pair = -F.logsigmoid(self.beta * (chosen_ratio - rejected_ratio))
             elif name == "sigmoid_norm":
                 per_pair = -F.logsigmoid(self.beta * (chosen_ratio / lengths[0] - rejected_ratio / lengths[1]))
-            else:  # sft: the mean NLL of the chosen completions' tokens
+            else:  # sft: the mean NLL of the chosen completions' tokens (0 where none is scored; TRL's mean: NaN)
                 chosen_scored = scored.chunk(2)[0]
                 nll = -(per_token.chunk(2)[0] * chosen_scored).sum() / chosen_scored.sum().clamp(min=1)
                 per_pair = nll.expand(chosen.size(0))

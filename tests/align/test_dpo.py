@@ -56,7 +56,7 @@ def _tokenizer(base):
     return tok
 
 
-def make_trainer(base, out, rows=None, model=None, cache=None, **config):
+def make_trainer(base, out, rows=None, model=None, cache=None, sync_free=None, **config):
     settings = dict(
         output_dir=str(out),
         use_cpu=True,
@@ -79,6 +79,7 @@ def make_trainer(base, out, rows=None, model=None, cache=None, **config):
         train_dataset=_dataset(rows or _rows(base)),
         processing_class=_tokenizer(base),
         ref_logps_cache_dir=cache,
+        sync_free=sync_free,
     )
 
 

@@ -7,8 +7,9 @@ import pytest
 
 from align import dpo
 from align.preference import FalconDPOTrainer
-from tests.align.test_dpo import base, run_dpo  # noqa: F401  (base: the module's tiny checkpoint and pairs)
+from tests.align.test_dpo import base, make_trainer, run_dpo  # noqa: F401  (base: the module's tiny checkpoint, pairs)
 from tests.conftest import rel_err
+from tests.model.test_host_reads import HostReads, _varlen
 
 STEPS = ("--max_steps", "4", "--learning_rate", "3e-3", "--gradient_accumulation_steps", "2")
 STEPS += ("--per_device_train_batch_size", "4", "--padding_free", "True", "--precompute_ref_log_probs", "True")
@@ -72,4 +73,28 @@ def test_what_the_sync_free_step_does_not_cover_takes_trls(base, tmp_path, monke
     monkeypatch.setattr(dpo, "FalconDPOTrainer", partial(FalconDPOTrainer, sync_free=True))
     trainer = run_dpo(base, tmp_path / "run", "--max_steps", "1", "--learning_rate", "1e-3", *flags)
     assert not trainer.own_step and trainer.args.logging_nan_inf_filter
-    assert all(isinstance(v, float) for values in trainer._metrics["train"].values() for v in values)
+    batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(4)]))
+    trainer._metrics["train"].clear()
+    trainer.compute_loss(trainer.model.train(), batch)  # TRL's step: its metrics are floats as they are appended
+    held = {name: values for name, values in trainer._metrics["train"].items() if name != "num_tokens"}
+    assert len(held) >= 10 and all(isinstance(v, float) for values in held.values() for v in values), held
+
+
+def test_sync_free_step_reads_nothing_back(base, tmp_path, monkeypatch):  # noqa: F811
+    """A padding-free micro-batch of 8 pairs through `compute_loss` and the backward, with the varlen attention the
+    CUDA path takes: TRL's step reads the device back (its metrics' `.item()`s, boolean-mask indexing), ours reads
+    nothing, for the same loss. (On CUDA, TRL's fused LM head still compacts the scored positions by boolean
+    indexing; on CPU it scores every position.)"""
+    _varlen(monkeypatch)
+    seen, losses = {}, {}
+    for sync_free in (False, True):
+        trainer = make_trainer(base, tmp_path / f"sync_free_{sync_free}", sync_free=sync_free)
+        assert trainer.own_step == sync_free
+        model = trainer.model.train()
+        batch = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in range(8)]))
+        with HostReads() as reads:
+            loss = trainer.compute_loss(model, batch)
+            loss.backward()
+        seen[sync_free], losses[sync_free] = dict(reads.seen), loss.detach()
+    assert seen[False].get("aten::_local_scalar_dense", 0) >= 13 and not seen[True], seen
+    assert rel_err(losses[True], losses[False]) < 1e-6

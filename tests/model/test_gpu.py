@@ -59,6 +59,16 @@ def fast_ops(*needed: str) -> Ops:
     return ops
 
 
+def our_scan(configured) -> Ops:
+    """The tests of the training machinery (graphs, compiled layers, streams) run our Triton scan whatever else is
+    installed. mamba-ssm autotunes its ~200 kernel configurations on first use, per chunk, head and state size and
+    dtype, in each process (TRL's DPO step over mamba-ssm took 71 s for its first step on an H100), and none of these
+    tests finished within a GPU-test budget with it. The scan's providers are held to each other and to the
+    reference by the tests above."""
+    configured(kernels="triton")
+    return fast_ops("ssd_scan")
+
+
 def _loss_and_grads(model, ids, **kw):
     """One training forward and backward → (loss, {name: gradient}), both fp32."""
     model.zero_grad()
@@ -345,7 +355,7 @@ def test_training_graphs_match_eager(configured, packed, compile):
     of the largest embedding gradient entry (H200), and in fp32 by 7.8e-5."""
     from model.graphs import disable_training_graphs, enable_training_graphs
 
-    fast_ops("ssd_scan")
+    our_scan(configured)
     configured(fused_projections=False, mixer_streams=True)
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(model).float()
@@ -377,7 +387,7 @@ def test_training_graphs_accumulate_gradients_over_a_ladder(configured):
     loss and every gradient as accurate as eager's against fp32."""
     from model.graphs import disable_training_graphs, enable_training_graphs
 
-    fast_ops("ssd_scan")
+    our_scan(configured)
     configured(fused_projections=False, mixer_streams=True)
     model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(model).float()
@@ -404,11 +414,11 @@ def test_training_graphs_accumulate_gradients_over_a_ladder(configured):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-def test_compile_layers_match_eager_on_gpu(packed):
+def test_compile_layers_match_eager_on_gpu(configured, packed):
     """`compile_layers` (inductor) on the fast ops: the scan as one custom op, the conv as taps, the gated norm
     traced; two lengths (the second through the dynamic recompile). bf16 loss and every gradient within twice
     eager's bf16 error, both against eager fp32 on the same weights (inductor rounds less often than eager)."""
-    fast_ops("ssd_scan")
+    our_scan(configured)
     eager_model = tiny_model(seed=4, mamba_chunk_size=16).to("cuda", torch.bfloat16).train()
     truth_model = copy.deepcopy(eager_model).float()
     compiled_model = copy.deepcopy(eager_model).compile_layers()
@@ -434,15 +444,15 @@ def test_mixer_streams_match_one_stream(monkeypatch, configured, mode, dtype, pa
     """Attention on a side stream beside the SSM branch (settings' mixer_streams), forward and backward: eagerly,
     through `compile_layers` (each branch its own graph) and captured in compiled training graphs, the loss and every
     gradient equal one stream's, and the side stream really ran. fp32: same kernels either way, only the split of the
-    compiled layer into per-branch graphs (and mamba-ssm's atomic adds) moves roundings: H200, 1.4e-4 of the largest
-    `dt_bias` gradient entry (graphs against eager on one stream: 7.8e-5, from the unfused projections), hence 1e-3;
-    a stream race is off by O(1). bf16: that split
-    rounds at the graph boundaries (H200: 2.7% of the largest embedding gradient entry between the two), so the
-    two-stream run is held to one stream's accuracy against fp32 (`assert_as_accurate`)."""
+    compiled layer into per-branch graphs (and mamba-ssm's atomic adds, where it ran the scan) moves roundings: H200,
+    1.4e-4 of the largest `dt_bias` gradient entry (graphs against eager on one stream: 7.8e-5, from the unfused
+    projections), hence 1e-3; a stream race is off by O(1). bf16: that split rounds at the graph boundaries (H200:
+    2.7% of the largest embedding gradient entry between the two), so the two-stream run is held to one stream's
+    accuracy against fp32 (`assert_as_accurate`)."""
     import model.modeling as modeling
     from model.graphs import disable_training_graphs, enable_training_graphs
 
-    fast_ops("ssd_scan")
+    our_scan(configured)
     calls = []
     two_streams = modeling.on_two_streams
     monkeypatch.setattr(modeling, "on_two_streams", lambda *args: calls.append(1) or two_streams(*args))

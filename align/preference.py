@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -207,7 +208,7 @@ class FalconDPOTrainer(DeviceMetrics, DPOTrainer):
         """TRL's per-micro-batch DPO metrics as 0-d device tensors (0 where a ratio has no tokens), gathered over
         ranks as TRL gathers each."""
         gather, gather_all = self.accelerator.gather_for_metrics, self.accelerator.gather
-        metrics = self._metrics[mode]
+        hold = partial(self._hold, mode)
         width = scored.size(1)
 
         def ratio(total, count):
@@ -215,22 +216,22 @@ class FalconDPOTrainer(DeviceMetrics, DPOTrainer):
             return torch.where(count > 0, total / count.clamp(min=1), 0.0)
 
         weights = scored.to(out.entropy.dtype)
-        metrics["entropy"].append(ratio((out.entropy[:, -width:].detach() * weights).sum(), scored.sum()))
+        hold("entropy", ratio((out.entropy[:, -width:].detach() * weights).sum(), scored.sum()))
         if mode == "train":
             self._count_tokens(gather(inputs["attention_mask"].sum()).sum() // self._tp_size)
         sides = zip(("chosen", "rejected"), out.mean_logits[:, -width:].chunk(2), scored.chunk(2))
         for side, mean_logits, mask in sides:
-            metrics[f"logits/{side}"].append(ratio(torch.where(mask.bool(), mean_logits, 0).sum(), mask.sum()))
+            hold(f"logits/{side}", ratio(torch.where(mask.bool(), mean_logits, 0).sum(), mask.sum()))
         chosen_scored = scored.chunk(2)[0]
         top1 = out.is_top1[:, -width:].chunk(2)[0] & chosen_scored.bool()
-        metrics["mean_token_accuracy"].append(ratio(top1.sum(), chosen_scored.sum()))
+        hold("mean_token_accuracy", ratio(top1.sum(), chosen_scored.sum()))
         chosen_reward, rejected_reward = (self.beta * r.detach() for r in ratios)
-        metrics["rewards/chosen"].append(gather_all(chosen_reward).mean())
-        metrics["rewards/rejected"].append(gather_all(rejected_reward).mean())
-        metrics["rewards/accuracies"].append(gather_all((chosen_reward > rejected_reward).float()).mean())
-        metrics["rewards/margins"].append(gather_all(chosen_reward - rejected_reward).mean())
-        metrics["logps/chosen"].append(gather_all(logps[0].detach()).mean())
-        metrics["logps/rejected"].append(gather_all(logps[1].detach()).mean())
+        hold("rewards/chosen", gather_all(chosen_reward).mean())
+        hold("rewards/rejected", gather_all(rejected_reward).mean())
+        hold("rewards/accuracies", gather_all((chosen_reward > rejected_reward).float()).mean())
+        hold("rewards/margins", gather_all(chosen_reward - rejected_reward).mean())
+        hold("logps/chosen", gather_all(logps[0].detach()).mean())
+        hold("logps/rejected", gather_all(logps[1].detach()).mean())
 
     # ------------------------------------------------------------------ counted drops
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):

@@ -92,7 +92,7 @@ class FalconSFTTrainer(DeviceMetrics, SFTTrainer):
         nonzero = scored.clamp(min=1)
         for name, total in zip(_DEVICE_METRICS, (metrics.entropy, metrics.hits)):
             value = torch.where(scored > 0, gather(total.detach()).sum() / nonzero, 0.0)
-            self._metrics[mode][name].append(value)
+            self._hold(mode, name, value)
         if mode != "train":
             return
         if "attention_mask" in inputs:

@@ -64,6 +64,8 @@ def trainer_loss(loss_type, chosen, rejected, ref_chosen, ref_rejected, tmp_path
     from collections import defaultdict
 
     trainer._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+    if own_step:
+        trainer._keep_metrics_on_device()
     width = 1 + max(len(chosen), len(rejected))
     completion = torch.zeros(2, width, dtype=torch.long)
     log_probs = torch.zeros(2, width - 1)

@@ -4,6 +4,7 @@ TRL's own step does (taken here on CPU, where the default is TRL's)."""
 from functools import partial
 
 import pytest
+import torch
 
 from align import dpo
 from align.preference import FalconDPOTrainer
@@ -37,14 +38,24 @@ def _close(got, want, key):
     assert all(abs(a - b) <= 1e-5 * max(abs(b), 1e-3) for a, b in zip(got, want)), (key, got, want)
 
 
-@pytest.mark.parametrize("losses", [["dpo_norm", "sft"], ["sigmoid"]], ids=["dpo_norm+sft", "sigmoid"])
-def test_sync_free_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, losses):  # noqa: F811
+@pytest.mark.parametrize(
+    "losses, held_limit",
+    [(["dpo_norm", "sft"], None), (["sigmoid"], None), (["dpo_norm", "sft"], 7)],
+    ids=["dpo_norm+sft", "sigmoid", "dpo_norm+sft-read-between-logs"],
+)
+def test_sync_free_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, losses, held_limit):  # noqa: F811
     """4 steps of 2 micro-batches and 2 evaluations: the same loss, gradient norm and DPO metrics at every log
-    (training and evaluation), the same token count, and the same weights after."""
+    (training and evaluation), the same token count, and the same weights after; also where the held metrics (11 a
+    micro-batch) are read before a log, as they are past `held_limit` (say, with logging off)."""
     args = (*STEPS, "--loss_type", *losses)
     theirs = run_dpo(base, tmp_path / "trl", *args)
     assert not theirs.own_step  # on CPU: TRL's step
     monkeypatch.setattr(dpo, "FalconDPOTrainer", partial(FalconDPOTrainer, sync_free=True))
+    held = []  # device tensors held after each metric of a micro-batch
+    if held_limit:
+        monkeypatch.setattr(FalconDPOTrainer, "held_limit", held_limit)
+        hold = FalconDPOTrainer._hold
+        monkeypatch.setattr(FalconDPOTrainer, "_hold", lambda self, *a: hold(self, *a) or held.append(dict(self._held)))
     ours = run_dpo(base, tmp_path / "ours", *args)
     assert ours.own_step and ours._nan_filter and not ours.args.logging_nan_inf_filter
     for key in METRICS:
@@ -52,6 +63,9 @@ def test_sync_free_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, los
         if key != "grad_norm":
             _close(_logged(ours, f"eval_{key}"), _logged(theirs, f"eval_{key}"), f"eval_{key}")
     assert len(_logged(ours, "loss")) == 4 and len(_logged(ours, "eval_loss")) == 2
+    assert not any(torch.is_tensor(v) for log in ours.state.log_history for v in log.values())  # read at the logs
+    if held_limit:  # 11 metrics a micro-batch, never more than 7 held: read between the logs too
+        assert len(held) >= 8 * 11 and max(max(h.values()) for h in held) < held_limit
     assert _logged(ours, "num_tokens") == _logged(theirs, "num_tokens")
     assert _logged(ours, "num_tokens")[-1] > 100 and 0 < _logged(ours, "mean_token_accuracy")[-1] < 1
     mine = dict(ours.model.named_parameters())

@@ -4,7 +4,7 @@
 TRL 1.16 reads every logged metric back with `.item()` each micro-batch, and the Trainer reads each loss back to
 filter NaNs. Each read stalls the host until the GPU has drained; the GPU then idles until the host has launched the
 next kernels. Here the metrics stay on the device, as 0-d tensors in the trainer's `_metrics` lists, and become floats
-in one read when a log needs them; the NaN filter runs on the device.
+in one read when a log needs them, or when more than `held_limit` wait; the NaN filter runs on the device.
 """
 
 from __future__ import annotations

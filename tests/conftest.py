@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 
 import pytest
@@ -110,6 +111,13 @@ def hf_twin(ours: FalconH1ForCausalLM):
     hf = HFModel(cfg).to(next(ours.parameters()).dtype)
     hf.load_state_dict(ours.state_dict(), strict=True)
     return hf.eval()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous or a server the test starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

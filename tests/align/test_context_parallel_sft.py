@@ -4,7 +4,6 @@ data parallelism on 2 processes — the same losses step by step and the same we
 
 import json
 import os
-import socket
 from functools import partial
 
 import torch
@@ -15,7 +14,7 @@ from align.sft_trainer import FalconSFTTrainer
 from align.stage import finish
 from model import FalconH1ForCausalLM
 from tests.align.test_sft import COMMON, base  # noqa: F401  (the tiny base checkpoint + jsonl mix)
-from tests.conftest import rel_err
+from tests.conftest import free_port, rel_err
 
 STEPS = ["--max_steps", "3", "--learning_rate", "1e-2", "--packing", "True", "--per_device_train_batch_size", "4"]
 
@@ -61,15 +60,9 @@ def _worker(rank, world, port, argv, result_path):
     finish(trainer)  # as align/sft.py's __main__ does
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(argv, world, tmp_path, name):
     path = tmp_path / f"{name}.json"
-    mp.start_processes(_worker, args=(world, _free_port(), argv, path), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), argv, path), nprocs=world, start_method="spawn")
     return json.loads(path.read_text())
 
 

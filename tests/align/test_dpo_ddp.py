@@ -3,7 +3,6 @@ equals one process on TRL's step: the metrics each rank gathers before its log a
 
 import json
 import os
-import socket
 from functools import partial
 
 import torch
@@ -14,7 +13,7 @@ from align.preference import FalconDPOTrainer
 from align.stage import finish
 from model import FalconH1ForCausalLM
 from tests.align.test_dpo import base, run_dpo  # noqa: F401  (base: the module's tiny checkpoint and pairs)
-from tests.conftest import rel_err
+from tests.conftest import free_port, rel_err
 
 STEPS = ("--max_steps", "3", "--learning_rate", "3e-3", "--padding_free", "True", "--precompute_ref_log_probs", "True")
 LOGGED = ("loss", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen")
@@ -38,19 +37,13 @@ def _worker(rank, world, port, base, out, result_path):  # noqa: F811
     finish(trainer)  # as align/dpo.py's __main__ does
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sync_free_dpo_on_two_ranks_equals_trls_step_in_one_process(base, tmp_path):  # noqa: F811
     """2 processes × 4 pairs a step against 1 × 8, fp32, 3 steps: the same loss and DPO metrics at each log (each
     rank's sums gathered before the ratios, as TRL's step gathers them) and the same weights after."""
     single = run_dpo(base, tmp_path / "single", *STEPS, "--per_device_train_batch_size", "8")
     assert not single.own_step
     path = tmp_path / "ddp.json"
-    mp.start_processes(_worker, args=(2, _free_port(), base, tmp_path / "ddp", path), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, free_port(), base, tmp_path / "ddp", path), nprocs=2, start_method="spawn")
     ddp, history = json.loads(path.read_text()), single.state.log_history
     for key in LOGGED:
         got, want = _logged(ddp, key), _logged(history, key)

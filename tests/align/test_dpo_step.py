@@ -8,7 +8,7 @@ import torch
 
 from align import dpo
 from align.preference import FalconDPOTrainer
-from tests.align.test_dpo import base, make_trainer, run_dpo  # noqa: F401  (base: the module's tiny checkpoint, pairs)
+from tests.align.test_dpo import _history, base, make_trainer, run_dpo  # noqa: F401  (base: a fixture)
 from tests.conftest import rel_err
 from tests.model.test_host_reads import HostReads, _varlen
 
@@ -27,10 +27,6 @@ STEPS += (
 METRICS = ("loss", "grad_norm", "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
 METRICS += ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen")
 METRICS += ("logps/rejected",)
-
-
-def _logged(trainer, key):
-    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
 
 
 def _close(got, want, key):
@@ -59,15 +55,15 @@ def test_sync_free_step_trains_and_logs_as_trls(base, tmp_path, monkeypatch, los
     ours = run_dpo(base, tmp_path / "ours", *args)
     assert ours.own_step and ours._nan_filter and not ours.args.logging_nan_inf_filter
     for key in METRICS:
-        _close(_logged(ours, key), _logged(theirs, key), key)
+        _close(_history(ours, key), _history(theirs, key), key)
         if key != "grad_norm":
-            _close(_logged(ours, f"eval_{key}"), _logged(theirs, f"eval_{key}"), f"eval_{key}")
-    assert len(_logged(ours, "loss")) == 4 and len(_logged(ours, "eval_loss")) == 2
+            _close(_history(ours, f"eval_{key}"), _history(theirs, f"eval_{key}"), f"eval_{key}")
+    assert len(_history(ours, "loss")) == 4 and len(_history(ours, "eval_loss")) == 2
     assert not any(torch.is_tensor(v) for log in ours.state.log_history for v in log.values())  # read at the logs
     if held_limit:  # 11 metrics a micro-batch, never more than 7 held: read between the logs too
         assert len(held) >= 8 * 11 and max(max(h.values()) for h in held) < held_limit
-    assert _logged(ours, "num_tokens") == _logged(theirs, "num_tokens")
-    assert _logged(ours, "num_tokens")[-1] > 100 and 0 < _logged(ours, "mean_token_accuracy")[-1] < 1
+    assert _history(ours, "num_tokens") == _history(theirs, "num_tokens")
+    assert _history(ours, "num_tokens")[-1] > 100 and 0 < _history(ours, "mean_token_accuracy")[-1] < 1
     mine = dict(ours.model.named_parameters())
     for name, p in theirs.model.named_parameters():
         assert rel_err(mine[name].detach(), p.detach()) < 1e-4, name

@@ -4,7 +4,6 @@ with bad input. The server runs as a subprocess on 127.0.0.1 with tiny checkpoin
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +19,7 @@ from align.offline.tasks import pretraining_documents
 from demo.app import content_text
 from demo.engine import ChatModel, CountingStreamer, PromptError, Settings, clean_prompt
 from model import FalconH1ForCausalLM
-from tests.conftest import tiny_config_for
+from tests.conftest import free_port, tiny_config_for
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -35,12 +34,6 @@ CHROME_ARGS = [
     "--no-first-run",
     "--disable-quic",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_checkpoint(path: Path, tok, reply_text: str, steps: int = 80):
@@ -70,7 +63,7 @@ def server(tmp_path_factory):
             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": INSTRUCT_REPLY}], tokenize=False
         ),
     )
-    port = _free_port()
+    port = free_port()
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(
         [
@@ -438,7 +431,7 @@ def test_the_demo_never_reaches_the_network(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", recording)
     ui = build_ui(_Echo(), _Echo())
     ui.queue()
-    port = _free_port()
+    port = free_port()
     ui.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).read()

@@ -3,7 +3,6 @@ logits, loss and every gradient — with packed documents crossing rank boundari
 a boundary, a short document inside the conv halo, and one document spanning all ranks."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 import model.context_parallel as context_parallel
 import model.mixers as mixers
 from model.context_parallel import disable_context_parallel, enable_context_parallel, local_index, shard
-from tests.conftest import rel_err, tiny_model
+from tests.conftest import free_port, rel_err, tiny_model
 
 CASES = {  # world size → document lengths of one packed row (length divisible by the world size)
     2: [[10, 20, 18], [24, 24], [48], [22, 3, 23]],
@@ -79,17 +78,11 @@ def _worker(rank, world, port, cases, errors, backend="gloo"):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_context_parallel_equals_one_process(world):
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(world, _free_port(), CASES[world], errors), nprocs=world, start_method="spawn")
+    mp.start_processes(_worker, args=(world, free_port(), CASES[world], errors), nprocs=world, start_method="spawn")
     assert errors.empty()
 
 
@@ -99,7 +92,7 @@ def test_context_parallel_on_two_gpus():
     """The same cases through NCCL and the CUDA kernels (Triton scan with initial states, flash attention)."""
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    args = (2, _free_port(), CASES[2], errors, "nccl")
+    args = (2, free_port(), CASES[2], errors, "nccl")
     mp.start_processes(_worker, args=args, nprocs=2, start_method="spawn")
     assert errors.empty()
 
@@ -123,7 +116,7 @@ def test_long_context_bench_runs_on_cpu(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     script = ["-m", "bench", "long", "--tiny"]
     one = [sys.executable, *script, "--seqs", "64,128", "--offload", "--out", str(tmp_path / "a.json")]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     two += [*script, "--seqs", "64", "--method", "lora", "--out", str(tmp_path / "b.json")]
     for command in (one, two):
         done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
